@@ -1,0 +1,100 @@
+"""Sample a prompt grid every N steps and at the end; PNG in the run folder, images to W&B."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+from callbacks.ema import find_ema
+from sdtrain.sampling import build_pipeline, generate, grid
+
+log = logging.getLogger(__name__)
+
+
+class SampleImages(L.Callback):
+    """Generates one image per prompt with fixed seeds (EMA weights when an EMA callback runs).
+
+    Every rank runs the model (a rank-0-only forward would hang under FSDP); rank 0 writes
+    `<out_dir>/step_XXXXXXX.png` and logs the captioned images to each W&B logger.
+
+    Args:
+        prompts: one image per prompt.
+        every_n_steps: sample after every this many optimizer steps (0: only at the end).
+        num_inference_steps: sampler steps.
+        guidance_scale: classifier-free guidance scale (1 turns guidance off).
+        seed: prompt i uses seed + i.
+        height: image height in pixels (None: the model's default).
+        width: image width in pixels (None: the model's default).
+        sampler: "ddim", "euler" or "dpm++".
+        use_ema: sample with the EMA weights when available.
+        out_dir: where PNG grids go (None: `<trainer.default_root_dir>/samples`).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        every_n_steps: int = 500,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        sampler: str = "ddim",
+        use_ema: bool = True,
+        out_dir: str | None = None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("callbacks.sample_images.prompts is empty")
+        self.prompts = list(prompts)
+        self.every_n_steps = every_n_steps
+        self.kwargs = dict(
+            seed=seed, steps=num_inference_steps, guidance_scale=guidance_scale,
+            height=height, width=width,
+        )
+        self.sampler = sampler
+        self.use_ema = use_ema
+        self.out_dir = out_dir
+        self._last_sampled = -1
+        self.saved: list[Path] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_sampled:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_sampled:
+            self.sample(trainer, pl_module)
+
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = self._last_sampled = trainer.global_step
+        m = pl_module
+        pipe = build_pipeline(m.vae, m.text_encoder, m.tokenizer, m.unet, m.noise_scheduler,
+                              self.sampler)
+        ema = find_ema(trainer) if self.use_ema else None
+        was_training = m.unet.training
+        m.unet.eval()
+        try:
+            if ema is not None and ema.shadow is not None:
+                with ema.swapped_in(m.unet):
+                    images = generate(pipe, self.prompts, **self.kwargs)
+            else:
+                images = generate(pipe, self.prompts, **self.kwargs)
+        finally:
+            m.unet.train(was_training)
+        if trainer.is_global_zero:
+            self._publish(trainer, images, step)
+
+    def _publish(self, trainer: L.Trainer, images, step: int) -> None:
+        out = Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"step_{step:07d}.png"
+        grid(images, self.prompts).save(path)
+        self.saved.append(path)
+        log.info("samples at step %d -> %s", step, path)
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.log_image(key="samples", images=images, caption=self.prompts, step=step)

@@ -1,0 +1,3 @@
+"""sdtrain: distributed Stable Diffusion training (Hydra + Lightning + WebDataset + diffusers)."""
+
+__version__ = "0.1.0"

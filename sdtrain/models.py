@@ -1,0 +1,66 @@
+"""Load the parts of a Stable Diffusion from a local diffusers folder, or build the U-Net from config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_model_folder(path: str | Path, need_unet: bool = True) -> Path:
+    """Fail early, naming the folder and what is missing, if `path` is no diffusers SD folder."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model.pretrained: {path} is not a folder. Point it at a diffusers-format Stable "
+            "Diffusion folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), or make a tiny one "
+            "with `sdtrain-tiny-model OUT`."
+        )
+    needed = [p for p in REQUIRED if need_unet or p != "unet"]
+    missing = [p for p in needed if not (path / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model.pretrained: {path} lacks the subfolder(s) {missing}")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import CLIPTokenizer
+
+    path = Path(path).expanduser()
+    sub = path / "tokenizer"
+    return CLIPTokenizer.from_pretrained(sub if sub.is_dir() else path)
+
+
+def load_frozen(path: str | Path):
+    """VAE, text encoder, tokenizer and training noise scheduler from a diffusers folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel
+
+    path = check_model_folder(path, need_unet=False)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", low_cpu_mem_usage=False)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    return vae, text_encoder, load_tokenizer(path), scheduler
+
+
+def load_unet(path: str | Path, config: str | dict[str, Any] | None = None):
+    """The U-Net: pretrained weights from `path`/unet, or fresh weights from `config`.
+
+    Args:
+        path: the diffusers model folder.
+        config: None to load the pretrained U-Net; a dict of UNet2DConditionModel arguments or the
+            path of a U-Net `config.json` to build one from scratch (pretraining).
+    """
+    from diffusers import UNet2DConditionModel
+
+    if config is None:
+        path = check_model_folder(path)
+        return UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
+    if isinstance(config, str | Path):
+        cfg_file = Path(config).expanduser()
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"model.unet_config: {cfg_file} is not a file")
+        config = json.loads(cfg_file.read_text())
+    return UNet2DConditionModel.from_config(dict(config))

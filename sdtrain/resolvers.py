@@ -1,0 +1,61 @@
+"""OmegaConf resolvers that make the built-in demo's model and data on first use (then reuse them).
+
+    model.pretrained: ${sdtrain.demo_model:${paths.cache_dir}/tiny-sd-32,32}
+    data.train_shards: ${sdtrain.demo_shards:${paths.cache_dir}/demo-shards-32,32,960}
+
+Both build in a temporary folder under a file lock and rename it into place, so concurrent ranks
+and interrupted runs never see a half-written folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def _build_once(path: str | Path, build: Callable[[Path], None]) -> Path:
+    from filelock import FileLock
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+            try:
+                build(tmp)
+                tmp.rename(path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def demo_model(path: str, resolution: int = 32) -> str:
+    """Path of the tiny demo model, made there first if missing."""
+    from sdtrain.tiny import make_tiny_model
+
+    return str(_build_once(path, lambda tmp: make_tiny_model(tmp, resolution=int(resolution))))
+
+
+def demo_shards(path: str, resolution: int = 32, count: int = 960) -> str:
+    """Brace pattern of the demo shards, made there first if missing (4 shards)."""
+    from sdtrain import demo
+    from sdtrain.shards import write_shards
+
+    def build(tmp: Path) -> None:
+        folder = demo.write_folder(tmp / "images", int(count), int(resolution))
+        write_shards(folder, tmp, samples_per_shard=-(-int(count) // 4))
+        shutil.rmtree(folder)
+
+    out = _build_once(path, build)
+    n = len(list(out.glob("*.tar")))
+    return f"{out}/{{00000..{n - 1:05d}}}.tar"
+
+
+def register() -> None:
+    for name, fn in (("sdtrain.demo_model", demo_model), ("sdtrain.demo_shards", demo_shards)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

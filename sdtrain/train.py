@@ -1,0 +1,58 @@
+"""Train a Stable Diffusion U-Net. With no arguments: the built-in demo, on whatever device exists.
+
+Single device:     sdtrain-train                       (or python -m sdtrain.train)
+Your data/model:   sdtrain-train model.pretrained=/models/sd15 data.train_shards='/data/{00000..00999}.tar'
+GPUs on one node:  sdtrain-train trainer=gpu trainer.devices=8 trainer.strategy=ddp
+torchrun:          torchrun --nproc_per_node 8 -m sdtrain.train trainer=gpu trainer.devices=8 trainer.strategy=ddp
+SLURM:             sbatch scripts/slurm.sh  (srun sdtrain-train trainer.num_nodes=N ...)
+Resume:            sdtrain-train hydra.run.dir=<previous run folder> ckpt_path=last
+Sweep:             sdtrain-train -m model.optimizer.lr=1e-4,3e-4
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from sdtrain.resolvers import register
+
+log = logging.getLogger(__name__)
+register()
+
+
+def instantiate_map(group: DictConfig | None) -> list[Any]:
+    """Build every `_target_` entry of a config map (callbacks, loggers); None builds nothing."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Build datamodule, module, callbacks, loggers and trainer from `cfg`, fit, return the metric."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_map(cfg.get("callbacks"))
+    loggers = instantiate_map(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
+                                                 logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "train/loss")
+    return None if metric is None else float(metric)
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).parents[1] / "conf"),
+            config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
