@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 
 import lightning as L
+import torch
 import webdataset as wds
 
 from datamodules.transforms import ImageTextTransform, SkipSample, collate
@@ -25,19 +26,28 @@ def expand_shards(urls: str | list[str]) -> list[str]:
     return out
 
 
-def decode_samples(src: Iterator[dict], transform: ImageTextTransform) -> Iterator[dict]:
-    """Apply `transform`, skipping unusable samples; each example carries the skips before it."""
-    skipped = 0
-    for sample in src:
-        try:
-            example = transform(sample)
-        except SkipSample as why:
-            skipped += 1
-            log.warning("skipped %s in %s: %s", sample.get("__key__"), sample.get("__url__"), why)
-            continue
-        example["skipped"] = skipped
-        skipped = 0
-        yield example
+class DecodeStage:
+    """Pipeline stage: apply `transform`, skipping unusable samples.
+
+    Each example carries the number of samples skipped since the previous one; the count lives
+    on the stage, so skips at the end of one pass over the shards reach the next pass's examples.
+    """
+
+    def __init__(self, transform: ImageTextTransform) -> None:
+        self.transform = transform
+        self.pending_skips = 0
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            try:
+                example = self.transform(sample)
+            except SkipSample as why:
+                self.pending_skips += 1
+                log.warning("skipped %s in %s: %s", sample.get("__key__"), sample.get("__url__"),
+                            why)
+                continue
+            example["skipped"], self.pending_skips = self.pending_skips, 0
+            yield example
 
 
 class WebDataModule(L.LightningDataModule):
@@ -100,7 +110,7 @@ class WebDataModule(L.LightningDataModule):
             *shards,
             wds.tarfile_to_samples(handler=wds.warn_and_continue),
             wds.shuffle(h.shuffle_buffer),
-            lambda src: decode_samples(src, transform),
+            DecodeStage(transform),
             wds.batched(h.batch_size, collation_fn=collate, partial=False),
         ]
         pipe = wds.DataPipeline(*stages)
@@ -110,5 +120,5 @@ class WebDataModule(L.LightningDataModule):
         workers = self.hparams.num_workers
         return wds.WebLoader(
             self.pipeline(), batch_size=None, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=True,
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny model, tiny shards, composed configs, and one real demo run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_env(tmp_path_factory):
+    """No W&B credentials, no prompts, and a cache of our own."""
+    mp = pytest.MonkeyPatch()
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        mp.delenv(var, raising=False)
+    mp.setenv("WANDB_SILENT", "true")
+    mp.setenv("NETRC", str(tmp_path_factory.mktemp("netrc") / "none"))
+    mp.setenv("SDTRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny SD folder; a short VAE fit is enough for tests that do not judge images."""
+    from sdtrain.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-sd", vae_steps=20)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    """96 demo samples in 4 shards written by sdtrain-shards; returns the brace pattern."""
+    from sdtrain import demo
+    from sdtrain.shards import main as shards_main
+
+    base = tmp_path_factory.mktemp("shards")
+    demo.write_folder(base / "images", 96, 32)
+    shards_main([str(base / "images"), str(base / "tars"), "--samples-per-shard", "24"])
+    return str(base / "tars" / "{00000..00003}.tar")
+
+
+def compose_cfg(tmp: Path, overrides: list[str] | None = None) -> DictConfig:
+    """The train config as `sdtrain-train` would see it, with hydra's run info filled in."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides or [], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def tiny_overrides(model: Path, shards: str, steps: int = 4) -> list[str]:
+    """Train on the tiny model and test shards, CPU, few steps, no worker processes."""
+    return [
+        f"model.pretrained={model}",
+        f"data.train_shards='{shards}'",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "trainer.accelerator=cpu",
+        f"trainer.max_steps={steps}",
+        "trainer.enable_progress_bar=false",
+        "callbacks.sample_images.num_inference_steps=2",
+        f"callbacks.sample_images.every_n_steps={steps}",
+        f"callbacks.model_checkpoint.every_n_train_steps={max(1, steps // 2)}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The README's demo command, exactly: `sdtrain-train` with no overrides but the run folder.
+
+    Made from nothing (empty cache), so it covers first use; ~2 min on a 2-core CPU.
+    """
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    env = dict(os.environ, SDTRAIN_CACHE=str(tmp_path_factory.mktemp("demo-cache")))
+    cmd = [sys.executable, "-m", "sdtrain.train", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir

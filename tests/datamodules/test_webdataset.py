@@ -1,0 +1,122 @@
+"""The datamodule on real shards: sdtrain-shards output, img2dataset's layout, broken samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.webdataset import WebDataModule
+from sdtrain import demo
+
+
+def batches(dm: WebDataModule, n: int) -> list[dict]:
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(n)]
+
+
+def colour_of(pixels: torch.Tensor) -> str:
+    """Palette name of a (3, H, W) tensor in [-1, 1]."""
+    arr = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    return demo.dominant_colour(arr)
+
+
+def test_reads_sdtrain_shards_with_matching_captions(shards: str, tiny_model: Path):
+    dm = WebDataModule(shards, str(tiny_model), resolution=32, batch_size=8, num_workers=0,
+                       shuffle_buffer=16)
+    for b in batches(dm, 4):
+        assert b["pixel_values"].shape == (8, 3, 32, 32)
+        assert b["pixel_values"].min() >= -1 and b["pixel_values"].max() <= 1
+        assert b["input_ids"].shape == (8, 77) and b["input_ids"].dtype == torch.long
+        assert b["skipped"] == 0
+        for px, cap in zip(b["pixel_values"], b["caption"], strict=True):
+            assert colour_of(px) == cap.split()[1], cap  # image and caption stay together
+        decoded = dm.tokenizer.batch_decode(b["input_ids"], skip_special_tokens=True)
+        assert [d.strip() for d in decoded] == b["caption"]
+
+
+def test_resize_and_crop_to_resolution(shards: str, tiny_model: Path):
+    dm = WebDataModule(shards, str(tiny_model), resolution=16, center_crop=True,
+                       random_flip=False, batch_size=4, num_workers=0)
+    assert batches(dm, 1)[0]["pixel_values"].shape == (4, 3, 16, 16)
+
+
+def _jpeg(colour: str, size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, demo.COLOURS[colour]).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_img2dataset_shard(path: Path, broken: bool = False) -> None:
+    """What img2dataset writes: KEY.jpg, KEY.txt, KEY.json (caption, url, sizes, status)."""
+    with tarfile.open(path, "w") as tar:
+        for i, colour in enumerate(["red", "green", "blue", "yellow"] * 2):
+            key = f"{path.stem}{i:04d}"
+            meta = {"url": f"http://example.invalid/{key}.jpg", "caption": f"a {colour} thing",
+                    "key": key, "status": "success", "width": 40, "height": 30}
+            _add(tar, f"{key}.jpg", _jpeg(colour))
+            if i % 2:  # half carry the caption in .txt too; the others only in .json
+                _add(tar, f"{key}.txt", meta["caption"].encode())
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+        if broken:
+            _add(tar, "broken0001.jpg", b"\xff\xd8 not really a jpeg")
+            _add(tar, "broken0001.txt", b"a red thing")
+            _add(tar, "nocaption0001.jpg", _jpeg("red"))
+            _add(tar, "nocaption0001.json", json.dumps({"url": "x", "caption": None}).encode())
+
+
+def test_reads_img2dataset_layout(tmp_path: Path, tiny_model: Path):
+    for n in range(2):
+        write_img2dataset_shard(tmp_path / f"{n:05d}.tar")
+    dm = WebDataModule(str(tmp_path / "{00000..00001}.tar"), str(tiny_model), resolution=32,
+                       batch_size=16, num_workers=0, resampled=False, shuffle_buffer=1)
+    (b,) = batches(dm, 1)
+    assert sorted(b["caption"]) == sorted([f"a {c} thing" for c in demo.COLOURS] * 4)
+    for px, cap in zip(b["pixel_values"], b["caption"], strict=True):
+        assert colour_of(px) == cap.split()[1]
+
+
+def test_broken_image_and_missing_caption_are_skipped_and_counted(tmp_path: Path,
+                                                                   tiny_model: Path):
+    write_img2dataset_shard(tmp_path / "00000.tar", broken=True)
+    dm = WebDataModule(str(tmp_path / "00000.tar"), str(tiny_model), resolution=32,
+                       batch_size=8, num_workers=0, resampled=False, shuffle_buffer=1)
+    got = batches(dm, 3)  # the shard repeats: 3 passes' worth of batches
+    assert all(len(b["caption"]) == 8 for b in got)
+    assert sum(b["skipped"] for b in got) >= 2 * 2  # two bad samples per pass, >= 2 passes seen
+
+
+def test_too_few_shards_to_split_is_a_clear_error(shards: str, tiny_model: Path):
+    dm = WebDataModule(shards, str(tiny_model), num_workers=8, resampled=False)
+    with pytest.raises(ValueError, match="4 shard"):
+        dm.setup("fit")
+
+
+def test_training_runs_on_past_broken_samples_and_logs_the_count(tmp_path: Path,
+                                                                   tiny_model: Path):
+    from functools import partial
+
+    from sdtrain.module import StableDiffusionModule
+
+    write_img2dataset_shard(tmp_path / "00000.tar", broken=True)
+    dm = WebDataModule(str(tmp_path / "00000.tar"), str(tiny_model), resolution=32,
+                       batch_size=4, num_workers=0, resampled=False, shuffle_buffer=1)
+    model = StableDiffusionModule(str(tiny_model), optimizer=partial(torch.optim.AdamW, lr=1e-4))
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 6
+    assert trainer.callback_metrics["data/skipped"] >= 2
