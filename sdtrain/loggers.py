@@ -10,12 +10,15 @@ from lightning.pytorch.loggers import WandbLogger
 
 
 def wandb_has_credentials() -> bool:
-    """True when W&B could log in without asking: WANDB_API_KEY or a netrc entry for its host."""
+    """True when W&B could log in without asking: WANDB_API_KEY or a netrc entry for its host.
+
+    The netrc file is $NETRC when set (as W&B reads it), else ~/.netrc.
+    """
     if os.environ.get("WANDB_API_KEY"):
         return True
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
     try:
-        return netrc.netrc().authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -134,7 +135,8 @@ class StableDiffusionModule(L.LightningModule):
             del sd[key]
         checkpoint["sdtrain"] = {
             "pretrained": str(self.hparams.pretrained),
-            "unet_config": dict(self.unet.config),
+            # plain JSON types only, so the checkpoint loads with torch.load(weights_only=True)
+            "unet_config": json.loads(json.dumps(dict(self.unet.config), default=str)),
             "prediction_type": self.noise_scheduler.config.prediction_type,
             "skipped_total": self.skipped_total,
         }

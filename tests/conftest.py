@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -55,7 +55,7 @@ def compose_cfg(tmp: Path, overrides: list[str] | None = None) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides or [], return_hydra_config=True)
-    with open_dict(cfg):
+    with read_write(cfg), open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp)
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)

@@ -1,0 +1,53 @@
+"""Every config file composes, and everything in it instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+
+from sdtrain.train import instantiate_map
+from tests.conftest import CONF, compose_cfg, tiny_overrides
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+CASES = [f"{g}={o}" for g in ("data", "model", "callbacks", "logger", "trainer", "experiment",
+                              "hparams_search", "debug", "paths") for o in options(g)]
+
+
+@pytest.mark.parametrize("choice", CASES)
+def test_config_composes_and_instantiates(choice: str, tiny_model: Path, shards: str,
+                                          tmp_path: Path):
+    group = choice.split("=")[0]
+    # the tiny model and shards stand in for the user's own; group choice first so it applies
+    overrides = [choice] + [o for o in tiny_overrides(tiny_model, shards)
+                            if not o.startswith("callbacks.") or group != "callbacks"]
+    if choice.startswith("trainer=gpu"):
+        overrides.remove("trainer.accelerator=cpu")
+    cfg = compose_cfg(tmp_path, overrides + ["trainer.accelerator=cpu"])
+    # every interpolation resolves
+    OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                           resolve=True)
+    hydra.utils.instantiate(cfg.data)
+    if group in ("model", "experiment"):
+        model = hydra.utils.instantiate(cfg.model)
+        model.configure_optimizers()
+    callbacks = instantiate_map(cfg.get("callbacks"))
+    loggers = instantiate_map(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    assert trainer.max_steps == (1 if cfg.trainer.get("fast_dev_run") else cfg.trainer.max_steps)
+    if choice in ("callbacks=none", "logger=none"):
+        assert not (callbacks if group == "callbacks" else loggers)
+
+
+def test_defaults_are_the_demo(tmp_path: Path):
+    cfg = compose_cfg(tmp_path)
+    assert cfg.hydra.runtime.choices.data == "demo"
+    assert cfg.hydra.runtime.choices.model == "tiny"
+    assert set(cfg.callbacks) == {"ema", "sample_images", "model_checkpoint"}
+    assert "wandb" in cfg.logger

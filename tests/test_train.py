@@ -1,0 +1,132 @@
+"""The entry point end to end on the tiny model: fast_dev_run, a short run, resume, DDP, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+
+from sdtrain.loggers import wandb_has_credentials
+from sdtrain.train import train
+from tests.conftest import ROOT, compose_cfg, tiny_overrides
+
+
+def test_fast_dev_run(tiny_model: Path, shards: str, tmp_path: Path):
+    cfg = compose_cfg(tmp_path, tiny_overrides(tiny_model, shards) + ["debug=fast", "logger=none"])
+    assert train(cfg) is not None
+
+
+def test_short_run_logs_loss_lr_and_skips(tiny_model: Path, shards: str, tmp_path: Path):
+    cfg = compose_cfg(tmp_path, tiny_overrides(tiny_model, shards, steps=6) + [
+        "logger=csv", "trainer.log_every_n_steps=1"])
+    loss = train(cfg)
+    assert loss is not None and torch.isfinite(torch.tensor(loss))
+    (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(6))
+    lrs = [float(r["train/lr"]) for r in rows if r["train/lr"]]
+    assert lrs == sorted(lrs) and lrs[0] < lrs[-1]  # warming up
+    assert all(float(r["data/skipped"]) == 0 for r in rows if r["data/skipped"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == [
+        "last.ckpt", "step_0000003.ckpt", "step_0000006.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step_0000006.png"]
+
+
+class Probe(L.Callback):
+    """Records what the run starts from and ends with; built from config like any callback."""
+
+    instances: list[Probe] = []
+
+    def __init__(self):
+        Probe.instances.append(self)
+
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        ema = next(c for c in trainer.callbacks if type(c).__name__ == "EMA")
+        self.start = {
+            "step": trainer.global_step,
+            "opt_step": int(next(iter(opt.state.values()))["step"]) if opt.state else 0,
+            "sched_epoch": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+            "ema_updates": ema.num_updates,
+            "unet": {k: v.clone() for k, v in pl_module.unet.state_dict().items()},
+        }
+
+    def on_train_end(self, trainer, pl_module):
+        self.end = {"step": trainer.global_step, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+
+
+def run_with_probe(cfg) -> Probe:
+    with open_dict(cfg):
+        cfg.callbacks.probe = {"_target_": "tests.test_train.Probe"}
+    train(cfg)
+    return Probe.instances[-1]
+
+
+def test_resume_from_checkpoint_continues(tiny_model: Path, shards: str, tmp_path: Path):
+    full = run_with_probe(compose_cfg(tmp_path / "full", tiny_overrides(tiny_model, shards, 6)
+                                      + ["logger=none"]))
+    mid = tmp_path / "full" / "checkpoints" / "step_0000003.ckpt"
+    saved = torch.load(mid, map_location="cpu", weights_only=False)
+    resumed = run_with_probe(compose_cfg(tmp_path / "resumed", tiny_overrides(
+        tiny_model, shards, 6) + ["logger=none", f"ckpt_path={mid}"]))
+    s = resumed.start
+    assert (s["step"], s["opt_step"], s["sched_epoch"], s["ema_updates"]) == (3, 3, 3, 3)
+    assert all(torch.equal(v, saved["state_dict"][f"unet.{k}"]) for k, v in s["unet"].items())
+    assert resumed.end["step"] == full.end["step"] == 6
+    assert resumed.end["lr"] == pytest.approx(full.end["lr"])  # same point on the LR schedule
+    last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6 and last["callbacks"]["EMA"]["num_updates"] == 6
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in last["state_dict"])
+
+
+def test_resume_last_in_same_run_folder(tiny_model: Path, shards: str, tmp_path: Path):
+    base = tiny_overrides(tiny_model, shards, 4) + ["logger=none"]
+    train(compose_cfg(tmp_path, base))
+    probe = run_with_probe(compose_cfg(tmp_path, base + ["trainer.max_steps=6", "ckpt_path=last"]))
+    assert probe.start["step"] == 4 and probe.end["step"] == 6
+
+
+def test_wandb_offline_without_credentials(tmp_path: Path, monkeypatch):
+    assert not wandb_has_credentials()
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai login user password abc\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_has_credentials()
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_has_credentials()
+
+
+def _cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "sdtrain.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path):
+    args = tiny_overrides(tiny_model, shards, 4) + [
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv",
+        f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 4
+    assert (tmp_path / "run" / "samples" / "step_0000004.png").is_file()
+
+
+def test_hparams_sweep_multirun(tiny_model: Path, shards: str, tmp_path: Path):
+    keep = [o for o in tiny_overrides(tiny_model, shards, 2) if not o.startswith("callbacks.")]
+    args = ["-m", *keep, "hparams_search=lr_sweep", "logger=none", "callbacks=none",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == [
+        "0", "1", "2", "3"]
