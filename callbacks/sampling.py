@@ -51,8 +51,11 @@ class SampleImages(L.Callback):
         self.prompts = list(prompts)
         self.every_n_steps = every_n_steps
         self.kwargs = dict(
-            seed=seed, steps=num_inference_steps, guidance_scale=guidance_scale,
-            height=height, width=width,
+            seed=seed,
+            steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
         )
         self.sampler = sampler
         self.use_ema = use_ema
@@ -72,8 +75,9 @@ class SampleImages(L.Callback):
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = self._last_sampled = trainer.global_step
         m = pl_module
-        pipe = build_pipeline(m.vae, m.text_encoder, m.tokenizer, m.unet, m.noise_scheduler,
-                              self.sampler)
+        pipe = build_pipeline(
+            m.vae, m.text_encoder, m.tokenizer, m.unet, m.noise_scheduler, self.sampler
+        )
         ema = find_ema(trainer) if self.use_ema else None
         was_training = m.unet.training
         m.unet.eval()

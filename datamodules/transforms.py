@@ -86,8 +86,11 @@ class ImageTextTransform:
         if self.random_flip and random.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         ids = self.tokenizer(
-            caption, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            caption,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids[0]
         return {"pixel_values": to_tensor(img), "input_ids": ids, "caption": caption}
 

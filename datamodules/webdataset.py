@@ -43,8 +43,9 @@ class DecodeStage:
                 example = self.transform(sample)
             except SkipSample as why:
                 self.pending_skips += 1
-                log.warning("skipped %s in %s: %s", sample.get("__key__"), sample.get("__url__"),
-                            why)
+                log.warning(
+                    "skipped %s in %s: %s", sample.get("__key__"), sample.get("__url__"), why
+                )
                 continue
             example["skipped"], self.pending_skips = self.pending_skips, 0
             yield example
@@ -104,8 +105,11 @@ class WebDataModule(L.LightningDataModule):
         if h.resampled:
             shards = [wds.ResampledShards(self.urls, seed=h.seed, deterministic=True)]
         else:
-            shards = [wds.SimpleShardList(self.urls, seed=h.seed), wds.split_by_node,
-                      wds.split_by_worker]
+            shards = [
+                wds.SimpleShardList(self.urls, seed=h.seed),
+                wds.split_by_node,
+                wds.split_by_worker,
+            ]
         stages = [
             *shards,
             wds.tarfile_to_samples(handler=wds.warn_and_continue),
@@ -119,6 +123,9 @@ class WebDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         workers = self.hparams.num_workers
         return wds.WebLoader(
-            self.pipeline(), batch_size=None, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            self.pipeline(),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )

@@ -22,14 +22,17 @@ def unet_weights(ckpt: dict, ema: bool, ckpt_path: str | Path) -> dict[str, torc
     if ema:
         state = ckpt.get("callbacks", {}).get(EMA.__qualname__)
         if not state or state.get("shadow") is None:
-            raise KeyError(f"{ckpt_path} holds no EMA weights (trained without the EMA "
-                           "callback?); pass --no-ema to export the raw U-Net")
+            raise KeyError(
+                f"{ckpt_path} holds no EMA weights (trained without the EMA "
+                "callback?); pass --no-ema to export the raw U-Net"
+            )
         return dict(state["shadow"])
-    return {k[len("unet."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+    return {k[len("unet.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
 
 
-def export(ckpt_path: str | Path, out: str | Path, ema: bool = True,
-           pretrained: str | Path | None = None) -> Path:
+def export(
+    ckpt_path: str | Path, out: str | Path, ema: bool = True, pretrained: str | Path | None = None
+) -> Path:
     """Write the diffusers folder `out` from the checkpoint at `ckpt_path`; return `out`."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -51,11 +54,19 @@ def export(ckpt_path: str | Path, out: str | Path, ema: bool = True,
     missing, unexpected = unet.load_state_dict(unet_weights(ckpt, ema, ckpt_path), strict=False)
     params = {k for k, _ in unet.named_parameters()}
     if unexpected or params & set(missing):
-        raise KeyError(f"{ckpt_path}: U-Net weights do not match its config "
-                       f"(missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})")
+        raise KeyError(
+            f"{ckpt_path}: U-Net weights do not match its config "
+            f"(missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})"
+        )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     out = Path(out)
     pipe.save_pretrained(out)

@@ -87,8 +87,11 @@ class StableDiffusionModule(L.LightningModule):
     def empty_context(self, batch_size: int) -> torch.Tensor:
         """CLIP embedding of the empty caption, (B, 77, D): the unconditional input for CFG."""
         ids = self.tokenizer(
-            [""], padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            [""],
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
         return self.encode_text(ids).expand(batch_size, -1, -1)
 
@@ -104,7 +107,9 @@ class StableDiffusionModule(L.LightningModule):
             drop = torch.rand(b, device=self.device) < self.hparams.caption_dropout
             context = torch.where(drop[:, None, None], self.empty_context(b), context)
         noise = diffusion.sample_noise(latents, self.hparams.noise_offset)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), device=self.device)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (b,), device=self.device
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = diffusion.target_for(self.noise_scheduler, latents, noise, t)
         weights = None

@@ -51,13 +51,20 @@ def generate(
     """One image per prompt; prompt i always uses seed + i, so grids compare across steps."""
     gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     out = pipe(
-        prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-        height=height, width=width, output_type="pil",
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=gens,
+        height=height,
+        width=width,
+        output_type="pil",
     )
     return out.images
 
 
-def grid(images: list[Image.Image], captions: list[str] | None = None, cell: int = 128) -> Image.Image:
+def grid(
+    images: list[Image.Image], captions: list[str] | None = None, cell: int = 128
+) -> Image.Image:
     """Tile images (upscaled to at least `cell` px) in a near-square grid, captions under each."""
     n = len(images)
     cols = math.ceil(math.sqrt(n))

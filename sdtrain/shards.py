@@ -92,14 +92,19 @@ def write_shards(
     if any(out.glob("*.tar")):
         raise FileExistsError(f"OUT {out} already holds .tar shards; choose an empty folder")
     with wds.ShardWriter(
-        str(out / "%05d.tar"), maxcount=samples_per_shard, maxsize=int(max_shard_mb * 1e6),
+        str(out / "%05d.tar"),
+        maxcount=samples_per_shard,
+        maxsize=int(max_shard_mb * 1e6),
         verbose=0,
     ) as sink:
         for i, (img, caption) in enumerate(captioned_images(src, allow_missing)):
             key = f"{i:09d}_{re.sub(r'[^A-Za-z0-9_-]', '_', img.stem)}"  # no dots in keys
             ext = img.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            sample = {"__key__": key, ext: img.read_bytes(),
-                      "json": json.dumps({"caption": caption, "file_name": str(img)}).encode()}
+            sample = {
+                "__key__": key,
+                ext: img.read_bytes(),
+                "json": json.dumps({"caption": caption, "file_name": str(img)}).encode(),
+            }
             if caption:
                 sample["txt"] = caption.encode("utf-8")
             sink.write(sample)
@@ -112,12 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", help="folder for the .tar shards (created)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--max-shard-mb", type=float, default=1000.0)
-    p.add_argument("--allow-missing-captions", action="store_true",
-                   help="write uncaptioned images (training skips them) instead of failing")
+    p.add_argument(
+        "--allow-missing-captions",
+        action="store_true",
+        help="write uncaptioned images (training skips them) instead of failing",
+    )
     a = p.parse_args(argv)
     try:
-        shards = write_shards(a.src, a.out, a.samples_per_shard, a.max_shard_mb,
-                              a.allow_missing_captions)
+        shards = write_shards(
+            a.src, a.out, a.samples_per_shard, a.max_shard_mb, a.allow_missing_captions
+        )
     except (OSError, ValueError) as e:
         raise SystemExit(f"sdtrain-shards: {e}") from e
     n = len(shards)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from sdtrain import demo
 
@@ -53,12 +53,16 @@ def build_tokenizer(words: list[str] = WORDS, max_length: int = 77):
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(
-        vocab_size=100_000, initial_alphabet=alphabet, end_of_word_suffix="</w>",
+        vocab_size=100_000,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
         show_progress=False,
     )
     bpe.train_from_iterator([" ".join(words)] * 4, trainer)
-    merges = [" ".join(m) if isinstance(m, list) else m
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = [
+        " ".join(m) if isinstance(m, list) else m
+        for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
     vocab_list = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}

@@ -39,8 +39,9 @@ def train(cfg: DictConfig) -> float | None:
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_map(cfg.get("callbacks"))
     loggers = instantiate_map(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
-                                                 logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -48,8 +49,9 @@ def train(cfg: DictConfig) -> float | None:
     return None if metric is None else float(metric)
 
 
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).parents[1] / "conf"),
-            config_name="train")
+@hydra.main(
+    version_base="1.3", config_path=str(Path(__file__).parents[1] / "conf"), config_name="train"
+)
 def main(cfg: DictConfig) -> float | None:
     return train(cfg)
 

@@ -16,23 +16,41 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-CASES = [f"{g}={o}" for g in ("data", "model", "callbacks", "logger", "trainer", "experiment",
-                              "hparams_search", "debug", "paths") for o in options(g)]
+CASES = [
+    f"{g}={o}"
+    for g in (
+        "data",
+        "model",
+        "callbacks",
+        "logger",
+        "trainer",
+        "experiment",
+        "hparams_search",
+        "debug",
+        "paths",
+    )
+    for o in options(g)
+]
 
 
 @pytest.mark.parametrize("choice", CASES)
-def test_config_composes_and_instantiates(choice: str, tiny_model: Path, shards: str,
-                                          tmp_path: Path):
+def test_config_composes_and_instantiates(
+    choice: str, tiny_model: Path, shards: str, tmp_path: Path
+):
     group = choice.split("=")[0]
     # the tiny model and shards stand in for the user's own; group choice first so it applies
-    overrides = [choice] + [o for o in tiny_overrides(tiny_model, shards)
-                            if not o.startswith("callbacks.") or group != "callbacks"]
+    overrides = [choice] + [
+        o
+        for o in tiny_overrides(tiny_model, shards)
+        if not o.startswith("callbacks.") or group != "callbacks"
+    ]
     if choice.startswith("trainer=gpu"):
         overrides.remove("trainer.accelerator=cpu")
     cfg = compose_cfg(tmp_path, overrides + ["trainer.accelerator=cpu"])
     # every interpolation resolves
-    OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
-                           resolve=True)
+    OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )
     hydra.utils.instantiate(cfg.data)
     if group in ("model", "experiment"):
         model = hydra.utils.instantiate(cfg.model)

@@ -16,7 +16,7 @@ from tests.wandb_files import history, offline_run
 
 def test_demo_leaves_checkpoints_and_a_grid_per_round(demo_run: Path):
     ckpts = sorted(p.name for p in (demo_run / "checkpoints").glob("*.ckpt"))
-    assert ckpts == ["last.ckpt", "step=0000300.ckpt", "step=0000400.ckpt"]  # newest 2 + last
+    assert ckpts == ["last.ckpt", "step_0000300.ckpt", "step_0000400.ckpt"]  # newest 2 + last
     grids = sorted(p.name for p in (demo_run / "samples").glob("step_*.png"))
     assert grids == [f"step_{s:07d}.png" for s in (100, 200, 300, 400)]
     assert Image.open(demo_run / "samples" / grids[-1]).size[0] >= 128
@@ -27,8 +27,12 @@ def test_demo_samples_reach_wandb_offline_run_with_captions(demo_run: Path):
     rounds = [r for r in history(run) if "samples/filenames" in r]
     assert [r["trainer/global_step"] for r in rounds] == [100, 200, 300, 400]
     last = rounds[-1]
-    assert last["samples/captions"] == ["a red circle", "a green square", "a blue triangle",
-                                        "a yellow circle"]
+    assert last["samples/captions"] == [
+        "a red circle",
+        "a green square",
+        "a blue triangle",
+        "a yellow circle",
+    ]
     for name in last["samples/filenames"]:
         assert Image.open(run / "files" / name).size == (32, 32)
     losses = [r["train/loss"] for r in history(run) if "train/loss" in r]
@@ -67,8 +71,9 @@ assert ema.keys() == raw.keys()
 assert any(not torch.equal(ema[k], raw[k]) for k in ema), "EMA export equals the raw weights"
 print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 

@@ -24,8 +24,10 @@ def test_fast_dev_run(tiny_model: Path, shards: str, tmp_path: Path):
 
 
 def test_short_run_logs_loss_lr_and_skips(tiny_model: Path, shards: str, tmp_path: Path):
-    cfg = compose_cfg(tmp_path, tiny_overrides(tiny_model, shards, steps=6) + [
-        "logger=csv", "trainer.log_every_n_steps=1"])
+    cfg = compose_cfg(
+        tmp_path,
+        tiny_overrides(tiny_model, shards, steps=6) + ["logger=csv", "trainer.log_every_n_steps=1"],
+    )
     loss = train(cfg)
     assert loss is not None and torch.isfinite(torch.tensor(loss))
     (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
@@ -35,7 +37,10 @@ def test_short_run_logs_loss_lr_and_skips(tiny_model: Path, shards: str, tmp_pat
     assert lrs == sorted(lrs) and lrs[0] < lrs[-1]  # warming up
     assert all(float(r["data/skipped"]) == 0 for r in rows if r["data/skipped"])
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == [
-        "last.ckpt", "step_0000003.ckpt", "step_0000006.ckpt"]
+        "last.ckpt",
+        "step_0000003.ckpt",
+        "step_0000006.ckpt",
+    ]
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step_0000006.png"]
 
 
@@ -70,12 +75,17 @@ def run_with_probe(cfg) -> Probe:
 
 
 def test_resume_from_checkpoint_continues(tiny_model: Path, shards: str, tmp_path: Path):
-    full = run_with_probe(compose_cfg(tmp_path / "full", tiny_overrides(tiny_model, shards, 6)
-                                      + ["logger=none"]))
+    full = run_with_probe(
+        compose_cfg(tmp_path / "full", tiny_overrides(tiny_model, shards, 6) + ["logger=none"])
+    )
     mid = tmp_path / "full" / "checkpoints" / "step_0000003.ckpt"
     saved = torch.load(mid, map_location="cpu", weights_only=False)
-    resumed = run_with_probe(compose_cfg(tmp_path / "resumed", tiny_overrides(
-        tiny_model, shards, 6) + ["logger=none", f"ckpt_path={mid}"]))
+    resumed = run_with_probe(
+        compose_cfg(
+            tmp_path / "resumed",
+            tiny_overrides(tiny_model, shards, 6) + ["logger=none", f"ckpt_path={mid}"],
+        )
+    )
     s = resumed.start
     assert (s["step"], s["opt_step"], s["sched_epoch"], s["ema_updates"]) == (3, 3, 3, 3)
     assert all(torch.equal(v, saved["state_dict"][f"unet.{k}"]) for k, v in s["unet"].items())
@@ -107,14 +117,24 @@ def test_wandb_offline_without_credentials(tmp_path: Path, monkeypatch):
 
 def _cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "sdtrain.train", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "sdtrain.train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path):
     args = tiny_overrides(tiny_model, shards, 4) + [
-        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv",
-        f"hydra.run.dir={tmp_path / 'run'}"]
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = _cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -124,9 +144,19 @@ def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path)
 
 def test_hparams_sweep_multirun(tiny_model: Path, shards: str, tmp_path: Path):
     keep = [o for o in tiny_overrides(tiny_model, shards, 2) if not o.startswith("callbacks.")]
-    args = ["-m", *keep, "hparams_search=lr_sweep", "logger=none", "callbacks=none",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        "-m",
+        *keep,
+        "hparams_search=lr_sweep",
+        "logger=none",
+        "callbacks=none",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     proc = _cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == [
-        "0", "1", "2", "3"]
+        "0",
+        "1",
+        "2",
+        "3",
+    ]

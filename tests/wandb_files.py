@@ -46,10 +46,12 @@ def history(run_dir: Path) -> list[dict]:
     rows = []
     for rec in records(run_file):
         if rec.WhichOneof("record_type") == "history":
-            rows.append({
-                (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                for i in rec.history.item
-            })
+            rows.append(
+                {
+                    (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                    for i in rec.history.item
+                }
+            )
     return rows
 
 

@@ -29,8 +29,9 @@ def colour_of(pixels: torch.Tensor) -> str:
 
 
 def test_reads_sdtrain_shards_with_matching_captions(shards: str, tiny_model: Path):
-    dm = WebDataModule(shards, str(tiny_model), resolution=32, batch_size=8, num_workers=0,
-                       shuffle_buffer=16)
+    dm = WebDataModule(
+        shards, str(tiny_model), resolution=32, batch_size=8, num_workers=0, shuffle_buffer=16
+    )
     for b in batches(dm, 4):
         assert b["pixel_values"].shape == (8, 3, 32, 32)
         assert b["pixel_values"].min() >= -1 and b["pixel_values"].max() <= 1
@@ -43,8 +44,15 @@ def test_reads_sdtrain_shards_with_matching_captions(shards: str, tiny_model: Pa
 
 
 def test_resize_and_crop_to_resolution(shards: str, tiny_model: Path):
-    dm = WebDataModule(shards, str(tiny_model), resolution=16, center_crop=True,
-                       random_flip=False, batch_size=4, num_workers=0)
+    dm = WebDataModule(
+        shards,
+        str(tiny_model),
+        resolution=16,
+        center_crop=True,
+        random_flip=False,
+        batch_size=4,
+        num_workers=0,
+    )
     assert batches(dm, 1)[0]["pixel_values"].shape == (4, 3, 16, 16)
 
 
@@ -65,8 +73,14 @@ def write_img2dataset_shard(path: Path, broken: bool = False) -> None:
     with tarfile.open(path, "w") as tar:
         for i, colour in enumerate(["red", "green", "blue", "yellow"] * 2):
             key = f"{path.stem}{i:04d}"
-            meta = {"url": f"http://example.invalid/{key}.jpg", "caption": f"a {colour} thing",
-                    "key": key, "status": "success", "width": 40, "height": 30}
+            meta = {
+                "url": f"http://example.invalid/{key}.jpg",
+                "caption": f"a {colour} thing",
+                "key": key,
+                "status": "success",
+                "width": 40,
+                "height": 30,
+            }
             _add(tar, f"{key}.jpg", _jpeg(colour))
             if i % 2:  # half carry the caption in .txt too; the others only in .json
                 _add(tar, f"{key}.txt", meta["caption"].encode())
@@ -81,19 +95,32 @@ def write_img2dataset_shard(path: Path, broken: bool = False) -> None:
 def test_reads_img2dataset_layout(tmp_path: Path, tiny_model: Path):
     for n in range(2):
         write_img2dataset_shard(tmp_path / f"{n:05d}.tar")
-    dm = WebDataModule(str(tmp_path / "{00000..00001}.tar"), str(tiny_model), resolution=32,
-                       batch_size=16, num_workers=0, resampled=False, shuffle_buffer=1)
+    dm = WebDataModule(
+        str(tmp_path / "{00000..00001}.tar"),
+        str(tiny_model),
+        resolution=32,
+        batch_size=16,
+        num_workers=0,
+        resampled=False,
+        shuffle_buffer=1,
+    )
     (b,) = batches(dm, 1)
     assert sorted(b["caption"]) == sorted([f"a {c} thing" for c in demo.COLOURS] * 4)
     for px, cap in zip(b["pixel_values"], b["caption"], strict=True):
         assert colour_of(px) == cap.split()[1]
 
 
-def test_broken_image_and_missing_caption_are_skipped_and_counted(tmp_path: Path,
-                                                                   tiny_model: Path):
+def test_broken_image_and_missing_caption_are_skipped_and_counted(tmp_path: Path, tiny_model: Path):
     write_img2dataset_shard(tmp_path / "00000.tar", broken=True)
-    dm = WebDataModule(str(tmp_path / "00000.tar"), str(tiny_model), resolution=32,
-                       batch_size=8, num_workers=0, resampled=False, shuffle_buffer=1)
+    dm = WebDataModule(
+        str(tmp_path / "00000.tar"),
+        str(tiny_model),
+        resolution=32,
+        batch_size=8,
+        num_workers=0,
+        resampled=False,
+        shuffle_buffer=1,
+    )
     got = batches(dm, 3)  # the shard repeats: 3 passes' worth of batches
     assert all(len(b["caption"]) == 8 for b in got)
     assert sum(b["skipped"] for b in got) >= 2 * 2  # two bad samples per pass, >= 2 passes seen
@@ -105,18 +132,30 @@ def test_too_few_shards_to_split_is_a_clear_error(shards: str, tiny_model: Path)
         dm.setup("fit")
 
 
-def test_training_runs_on_past_broken_samples_and_logs_the_count(tmp_path: Path,
-                                                                   tiny_model: Path):
+def test_training_runs_on_past_broken_samples_and_logs_the_count(tmp_path: Path, tiny_model: Path):
     from functools import partial
 
     from sdtrain.module import StableDiffusionModule
 
     write_img2dataset_shard(tmp_path / "00000.tar", broken=True)
-    dm = WebDataModule(str(tmp_path / "00000.tar"), str(tiny_model), resolution=32,
-                       batch_size=4, num_workers=0, resampled=False, shuffle_buffer=1)
+    dm = WebDataModule(
+        str(tmp_path / "00000.tar"),
+        str(tiny_model),
+        resolution=32,
+        batch_size=4,
+        num_workers=0,
+        resampled=False,
+        shuffle_buffer=1,
+    )
     model = StableDiffusionModule(str(tiny_model), optimizer=partial(torch.optim.AdamW, lr=1e-4))
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 6
     assert trainer.callback_metrics["data/skipped"] >= 2

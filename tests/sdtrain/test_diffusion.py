@@ -11,10 +11,13 @@ from sdtrain import diffusion
 
 def test_min_snr_weights_epsilon_and_v():
     snr = torch.tensor([0.5, 5.0, 20.0])
-    assert torch.allclose(diffusion.min_snr_weights(snr, 5.0, "epsilon"),
-                          torch.tensor([1.0, 1.0, 0.25]))
-    assert torch.allclose(diffusion.min_snr_weights(snr, 5.0, "v_prediction"),
-                          torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
+    assert torch.allclose(
+        diffusion.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.25])
+    )
+    assert torch.allclose(
+        diffusion.min_snr_weights(snr, 5.0, "v_prediction"),
+        torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]),
+    )
     assert torch.isfinite(diffusion.min_snr_weights(torch.tensor([0.0]), 5.0, "epsilon")).all()
     with pytest.raises(ValueError, match="sample"):
         diffusion.min_snr_weights(snr, 5.0, "sample")
@@ -36,7 +39,10 @@ def test_targets_follow_prediction_type():
 
 
 def test_weighted_loss_and_noise_offset():
-    pred, target = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
+    pred, target = (
+        torch.zeros(2, 1, 2, 2),
+        torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)]),
+    )
     assert diffusion.diffusion_loss(pred, target).item() == pytest.approx(2.5)
     w = torch.tensor([1.0, 0.0])
     assert diffusion.diffusion_loss(pred, target, w).item() == pytest.approx(0.5)

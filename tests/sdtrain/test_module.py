@@ -20,11 +20,23 @@ def batch(shards: str, tiny_model: Path) -> dict:
 
 
 def make(tiny_model: Path, **kw) -> StableDiffusionModule:
-    return StableDiffusionModule(str(tiny_model), optimizer=partial(torch.optim.AdamW, lr=3e-3), **kw)
+    return StableDiffusionModule(
+        str(tiny_model), optimizer=partial(torch.optim.AdamW, lr=3e-3), **kw
+    )
 
 
-@pytest.mark.parametrize("kw", [{}, {"prediction_type": "epsilon", "min_snr_gamma": 5.0,
-                                     "noise_offset": 0.1, "caption_dropout": 1.0}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {
+            "prediction_type": "epsilon",
+            "min_snr_gamma": 5.0,
+            "noise_offset": 0.1,
+            "caption_dropout": 1.0,
+        },
+    ],
+)
 def test_training_step_finite_and_only_unet_learns(tiny_model: Path, batch: dict, kw: dict):
     m = make(tiny_model, **kw)
     m.train()
