@@ -116,7 +116,9 @@ def test_wandb_offline_without_credentials(tmp_path: Path, monkeypatch):
 
 
 def _cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     return subprocess.run(
         [sys.executable, "-m", "sdtrain.train", *args],
         cwd=tmp_path,
