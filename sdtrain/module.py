@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
 from sdtrain import diffusion
 from sdtrain.models import load_frozen, load_unet
@@ -145,6 +146,9 @@ class StableDiffusionModule(L.LightningModule):
             "prediction_type": self.noise_scheduler.config.prediction_type,
             "skipped_total": self.skipped_total,
         }
+        wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
+        if wandb_ids:  # a resumed run logs on into the same W&B run
+            checkpoint["sdtrain"]["wandb_run_id"] = wandb_ids[0]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = [k for k in self.unet.state_dict() if f"unet.{k}" not in checkpoint["state_dict"]]

@@ -17,7 +17,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdtrain.resolvers import register
 
@@ -32,9 +32,38 @@ def instantiate_map(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
 
 
+def checkpoint_file(cfg: DictConfig) -> Path | None:
+    """The file `ckpt_path` names; "last" is last.ckpt in the checkpoint folder of this run."""
+    path = cfg.get("ckpt_path")
+    if path is None:
+        return None
+    if path == "last":
+        dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+        path = Path(dirpath or Path(cfg.paths.output_dir) / "checkpoints") / "last.ckpt"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: {path} is not a file")
+    return path
+
+
+def resume_wandb_run(cfg: DictConfig, ckpt: Path | None) -> None:
+    """Point the W&B logger at the run the checkpoint was logging to, so the curves continue."""
+    if ckpt is None or not OmegaConf.select(cfg, "logger.wandb"):
+        return
+    import torch
+
+    meta = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).get("sdtrain", {})
+    if meta.get("wandb_run_id") and not cfg.logger.wandb.get("id"):
+        with open_dict(cfg):
+            cfg.logger.wandb.id = meta["wandb_run_id"]
+            cfg.logger.wandb.resume = "allow"
+
+
 def train(cfg: DictConfig) -> float | None:
     """Build datamodule, module, callbacks, loggers and trainer from `cfg`, fit, return the metric."""
     L.seed_everything(cfg.seed, workers=True)
+    ckpt = checkpoint_file(cfg)
+    resume_wandb_run(cfg, ckpt)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_map(cfg.get("callbacks"))
@@ -44,7 +73,7 @@ def train(cfg: DictConfig) -> float | None:
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "train/loss")
     return None if metric is None else float(metric)
 
