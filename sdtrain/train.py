@@ -73,9 +73,20 @@ def train(cfg: DictConfig) -> float | None:
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+    finally:
+        finish_wandb()
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "train/loss")
     return None if metric is None else float(metric)
+
+
+def finish_wandb() -> None:
+    """Close this process's W&B run, flushing it to disk, so the next train() starts a new one."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 @hydra.main(

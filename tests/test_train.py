@@ -60,6 +60,7 @@ class Probe(L.Callback):
             "opt_step": int(next(iter(opt.state.values()))["step"]) if opt.state else 0,
             "sched_epoch": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
             "ema_updates": ema.num_updates,
+            "ema_shadow": {k: v.detach().cpu().clone() for k, v in ema.shadow.items()},
             "unet": {k: v.clone() for k, v in pl_module.unet.state_dict().items()},
         }
 
@@ -89,6 +90,10 @@ def test_resume_from_checkpoint_continues(tiny_model: Path, shards: str, tmp_pat
     s = resumed.start
     assert (s["step"], s["opt_step"], s["sched_epoch"], s["ema_updates"]) == (3, 3, 3, 3)
     assert all(torch.equal(v, saved["state_dict"][f"unet.{k}"]) for k, v in s["unet"].items())
+    saved_ema = saved["callbacks"]["EMA"]["shadow"]
+    assert s["ema_shadow"].keys() == saved_ema.keys()
+    assert all(torch.equal(v, saved_ema[k]) for k, v in s["ema_shadow"].items())
+    assert any(not torch.equal(saved_ema[k], s["unet"][k]) for k in saved_ema)  # EMA != raw
     assert resumed.end["step"] == full.end["step"] == 6
     assert resumed.end["lr"] == pytest.approx(full.end["lr"])  # same point on the LR schedule
     last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
