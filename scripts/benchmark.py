@@ -29,11 +29,11 @@ def build_sd15_shaped(out: Path) -> Path:
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from sdtrain.models import assemble_pipeline
     from sdtrain.tiny import build_tokenizer
 
     tok = build_tokenizer()
@@ -62,16 +62,7 @@ def build_sd15_shaped(out: Path) -> Path:
         )
     )
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tok,
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(out)
+    assemble_pipeline(vae, text, tok, unet, sched).save_pretrained(out)
     return out
 
 

@@ -34,9 +34,9 @@ def export(
     ckpt_path: str | Path, out: str | Path, ema: bool = True, pretrained: str | Path | None = None
 ) -> Path:
     """Write the diffusers folder `out` from the checkpoint at `ckpt_path`; return `out`."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    from sdtrain.models import load_frozen
+    from sdtrain.models import assemble_pipeline, load_frozen
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
@@ -58,16 +58,7 @@ def export(
             f"{ckpt_path}: U-Net weights do not match its config "
             f"(missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})"
         )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     out = Path(out)
     pipe.save_pretrained(out)
     return out

@@ -64,3 +64,23 @@ def load_unet(path: str | Path, config: str | dict[str, Any] | None = None):
             raise FileNotFoundError(f"model.unet_config: {cfg_file} is not a file")
         config = json.loads(cfg_file.read_text())
     return UNet2DConditionModel.from_config(dict(config))
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A diffusers StableDiffusionPipeline over these modules (shared, not copied), no safety checker.
+
+    `save_pretrained` on it writes the diffusers folder layout (model_index.json and one subfolder
+    per part) that `from_pretrained` and every diffusers-based tool read.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

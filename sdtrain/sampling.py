@@ -14,8 +14,9 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, train_scheduler, sampler:
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerDiscreteScheduler,
-        StableDiffusionPipeline,
     )
+
+    from sdtrain.models import assemble_pipeline
 
     kinds = {
         "ddim": DDIMScheduler,
@@ -24,16 +25,8 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, train_scheduler, sampler:
     }
     if sampler not in kinds:
         raise ValueError(f"sampler {sampler!r} is not one of {sorted(kinds)}")
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=kinds[sampler].from_config(train_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = kinds[sampler].from_config(train_scheduler.config)
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

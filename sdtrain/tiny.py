@@ -177,7 +177,7 @@ def fit_vae(vae, resolution: int, steps: int, batch_size: int = 16, seed: int = 
 
 def make_tiny_model(out: str | Path, resolution: int = 32, vae_steps: int = 300, seed: int = 0):
     """Write a tiny Stable Diffusion folder to `out` and return its path."""
-    from diffusers import StableDiffusionPipeline
+    from sdtrain.models import assemble_pipeline
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -186,16 +186,7 @@ def make_tiny_model(out: str | Path, resolution: int = 32, vae_steps: int = 300,
     fit_vae(vae, resolution, vae_steps, seed=seed)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     unet = build_unet(resolution // factor, text_encoder.config.hidden_size)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
     out = Path(out)
     pipe.save_pretrained(out)
     # vocab.json + merges.txt too, for transformers versions whose CLIPTokenizer is the slow one.
