@@ -159,3 +159,27 @@ def test_training_runs_on_past_broken_samples_and_logs_the_count(tmp_path: Path,
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 6
     assert trainer.callback_metrics["data/skipped"] >= 2
+
+
+def test_split_by_worker_covers_each_sample_once_per_pass(shards: str, tiny_model: Path):
+    """resampled=false: 2 DataLoader workers each read their own shards; one pass = every sample."""
+    dm = WebDataModule(
+        shards,
+        str(tiny_model),
+        resolution=32,
+        batch_size=8,
+        num_workers=2,
+        resampled=False,
+        shuffle_buffer=1,
+        random_flip=False,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    seen = []
+    for _ in range(96 // 8):  # 4 shards x 24 samples: exactly one pass over the data
+        b = next(it)
+        seen += [px.sum().item() for px in b["pixel_values"]]
+    assert len(seen) == 96
+    assert len(set(round(s, 3) for s in seen)) == 96  # no sample twice: the split is disjoint
+    del it, loader
