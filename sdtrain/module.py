@@ -66,6 +66,7 @@ class StableDiffusionModule(L.LightningModule):
             self.unet.enable_gradient_checkpointing()
         self.strict_loading = False  # checkpoints hold the U-Net only; the frozen parts reload
         self.skipped_total = 0  # data samples skipped so far (this rank)
+        self._empty_context: torch.Tensor | None = None
 
     def train(self, mode: bool = True):
         """Keep the frozen parts in eval mode whatever Lightning asks (no dropout, fixed norms)."""
@@ -86,15 +87,20 @@ class StableDiffusionModule(L.LightningModule):
         return dist.sample() * self.vae.config.scaling_factor
 
     def empty_context(self, batch_size: int) -> torch.Tensor:
-        """CLIP embedding of the empty caption, (B, 77, D): the unconditional input for CFG."""
-        ids = self.tokenizer(
-            [""],
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.encode_text(ids).expand(batch_size, -1, -1)
+        """CLIP embedding of the empty caption, (B, 77, D): the unconditional input for CFG.
+
+        Computed once per device; the text encoder is frozen, so it never changes.
+        """
+        if self._empty_context is None or self._empty_context.device != self.device:
+            ids = self.tokenizer(
+                [""],
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            self._empty_context = self.encode_text(ids)  # (1, 77, D)
+        return self._empty_context.expand(batch_size, -1, -1)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""

@@ -12,17 +12,22 @@ Sweep:             sdtrain-train -m model.optimizer.lr=1e-4,3e-4
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdtrain.resolvers import register
 
 log = logging.getLogger(__name__)
 register()
+# The frozen VAE and text encoder stay in eval mode on purpose (StableDiffusionModule.train).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 def instantiate_map(group: DictConfig | None) -> list[Any]:
@@ -50,8 +55,6 @@ def resume_wandb_run(cfg: DictConfig, ckpt: Path | None) -> None:
     """Point the W&B logger at the run the checkpoint was logging to, so the curves continue."""
     if ckpt is None or not OmegaConf.select(cfg, "logger.wandb"):
         return
-    import torch
-
     meta = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).get("sdtrain", {})
     if meta.get("wandb_run_id") and not cfg.logger.wandb.get("id"):
         with open_dict(cfg):
@@ -77,14 +80,14 @@ def train(cfg: DictConfig) -> float | None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
     finally:
         finish_wandb()
+    if trainer.is_global_zero:
+        log.info("run folder: %s (checkpoints/, samples/, wandb/)", cfg.paths.output_dir)
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "train/loss")
     return None if metric is None else float(metric)
 
 
 def finish_wandb() -> None:
     """Close this process's W&B run, flushing it to disk, so the next train() starts a new one."""
-    import sys
-
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()
 
