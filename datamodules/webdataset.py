@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -23,7 +24,14 @@ def expand_shards(urls: str | list[str]) -> list[str]:
     out = [u for p in patterns for part in str(p).split("::") for u in braceexpand(part)]
     if not out:
         raise ValueError(f"data.train_shards={urls!r} names no shards")
-    return out
+    local = [u for u in out if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).expanduser().is_file()]
+    if missing:  # caught here: a stream of unreadable shards would otherwise spin forever
+        raise FileNotFoundError(
+            f"data.train_shards: {len(missing)} of {len(out)} shard(s) do not exist, e.g. "
+            f"{', '.join(missing[:3])}"
+        )
+    return [str(Path(u).expanduser()) if u in local else u for u in out]
 
 
 class DecodeStage:

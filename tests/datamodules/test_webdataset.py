@@ -183,3 +183,9 @@ def test_split_by_worker_covers_each_sample_once_per_pass(shards: str, tiny_mode
     assert len(seen) == 96
     assert len(set(round(s, 3) for s in seen)) == 96  # no sample twice: the split is disjoint
     del it, loader
+
+
+def test_missing_shards_are_named(shards: str, tiny_model: Path):
+    pattern = shards.replace("00003}", "00005}")  # two more shards than were written
+    with pytest.raises(FileNotFoundError, match=r"2 of 6 shard\(s\).*00004\.tar"):
+        WebDataModule(pattern, str(tiny_model))
