@@ -37,6 +37,19 @@ def instantiate_map(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in group.values() if c and "_target_" in c]
 
 
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """Dotted names of the `???` values in `cfg` (Hydra's own section left out)."""
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [m for k, v in node.items() for m in walk(v, f"{prefix}{k}.")]
+        return [prefix[:-1]] if node == "???" else []
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    return sorted(walk(plain, ""))
+
+
 def checkpoint_file(cfg: DictConfig) -> Path | None:
     """The file `ckpt_path` names; "last" is last.ckpt in the checkpoint folder of this run."""
     path = cfg.get("ckpt_path")
@@ -64,6 +77,12 @@ def resume_wandb_run(cfg: DictConfig, ckpt: Path | None) -> None:
 
 def train(cfg: DictConfig) -> float | None:
     """Build datamodule, module, callbacks, loggers and trainer from `cfg`, fit, return the metric."""
+    missing = missing_keys(cfg)
+    if missing:
+        raise ValueError(
+            f"these config keys need a value: {', '.join(missing)} (set them on the command line, "
+            "e.g. model.pretrained=/models/sd15 data.train_shards='/data/{00000..00099}.tar')"
+        )
     L.seed_everything(cfg.seed, workers=True)
     ckpt = checkpoint_file(cfg)
     resume_wandb_run(cfg, ckpt)

@@ -186,3 +186,9 @@ def test_missing_checkpoint_is_named(tiny_model: Path, shards: str, tmp_path: Pa
     cfg = compose_cfg(tmp_path, tiny_overrides(tiny_model, shards) + ["ckpt_path=last"])
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
         train(cfg)
+
+
+def test_unset_mandatory_keys_are_named(tmp_path: Path):
+    cfg = compose_cfg(tmp_path, ["experiment=finetune_sd15"])
+    with pytest.raises(ValueError, match=r"data.train_shards, model.pretrained"):
+        train(cfg)
