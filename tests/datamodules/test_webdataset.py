@@ -110,17 +110,22 @@ def test_reads_img2dataset_layout(tmp_path: Path, tiny_model: Path):
         assert colour_of(px) == cap.split()[1]
 
 
-def test_broken_image_and_missing_caption_are_skipped_and_counted(tmp_path: Path, tiny_model: Path):
+def broken_shard_datamodule(tmp_path: Path, tiny_model: Path, batch_size: int) -> WebDataModule:
+    """One img2dataset shard with a broken image and an uncaptioned sample, walked in order."""
     write_img2dataset_shard(tmp_path / "00000.tar", broken=True)
-    dm = WebDataModule(
+    return WebDataModule(
         str(tmp_path / "00000.tar"),
         str(tiny_model),
         resolution=32,
-        batch_size=8,
+        batch_size=batch_size,
         num_workers=0,
         resampled=False,
         shuffle_buffer=1,
     )
+
+
+def test_broken_image_and_missing_caption_are_skipped_and_counted(tmp_path: Path, tiny_model: Path):
+    dm = broken_shard_datamodule(tmp_path, tiny_model, batch_size=8)
     got = batches(dm, 3)  # the shard repeats: 3 passes' worth of batches
     assert all(len(b["caption"]) == 8 for b in got)
     assert sum(b["skipped"] for b in got) >= 2 * 2  # two bad samples per pass, >= 2 passes seen
@@ -137,16 +142,7 @@ def test_training_runs_on_past_broken_samples_and_logs_the_count(tmp_path: Path,
 
     from sdtrain.module import StableDiffusionModule
 
-    write_img2dataset_shard(tmp_path / "00000.tar", broken=True)
-    dm = WebDataModule(
-        str(tmp_path / "00000.tar"),
-        str(tiny_model),
-        resolution=32,
-        batch_size=4,
-        num_workers=0,
-        resampled=False,
-        shuffle_buffer=1,
-    )
+    dm = broken_shard_datamodule(tmp_path, tiny_model, batch_size=4)
     model = StableDiffusionModule(str(tiny_model), optimizer=partial(torch.optim.AdamW, lr=1e-4))
     trainer = L.Trainer(
         accelerator="cpu",
