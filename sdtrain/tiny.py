@@ -44,10 +44,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-def build_tokenizer(words: list[str] = WORDS, max_length: int = 77):
-    """A CLIP BPE tokenizer whose vocabulary is the byte alphabet plus `words`, built locally."""
-    from transformers import CLIPTokenizer
-
+def write_bpe_files(folder: str | Path, words: list[str] = WORDS) -> tuple[Path, Path]:
+    """Write CLIP-style vocab.json and merges.txt: the byte alphabet plus `words` spelled whole."""
     alphabet = list(_bytes_to_unicode().values())
     # Learn merges that spell each word whole (a BPE trained on the word list), CLIP-style "</w>".
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
@@ -66,14 +64,22 @@ def build_tokenizer(words: list[str] = WORDS, max_length: int = 77):
     vocab_list = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_file, merges_file
+
+
+def build_tokenizer(words: list[str] = WORDS, max_length: int = 77):
+    """A CLIP BPE tokenizer whose vocabulary is the byte alphabet plus `words`, built locally."""
+    from transformers import CLIPTokenizer
+
     # Through files, the one constructor form transformers 4.x and 5.x both take.
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
-        vocab_file.write_text(json.dumps(vocab))
-        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tok = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
-        tok._sdtrain_bpe_files = (vocab_file.read_text(), merges_file.read_text())
-    return tok
+        vocab_file, merges_file = write_bpe_files(tmp, words)
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
 
 
 def build_text_encoder(tokenizer, hidden: int = 32):
@@ -190,9 +196,7 @@ def make_tiny_model(out: str | Path, resolution: int = 32, vae_steps: int = 300,
     out = Path(out)
     pipe.save_pretrained(out)
     # vocab.json + merges.txt too, for transformers versions whose CLIPTokenizer is the slow one.
-    vocab_text, merges_text = tokenizer._sdtrain_bpe_files
-    (out / "tokenizer" / "vocab.json").write_text(vocab_text)
-    (out / "tokenizer" / "merges.txt").write_text(merges_text)
+    write_bpe_files(out / "tokenizer")
     return out
 
 
