@@ -102,3 +102,8 @@ def collate(examples: list[dict]) -> dict:
         "caption": [e["caption"] for e in examples],
         "skipped": sum(e["skipped"] for e in examples),
     }
+
+
+def batch_size(batch: dict) -> int:
+    """Images in a collated batch (for Lightning's ThroughputMonitor)."""
+    return batch["pixel_values"].shape[0]

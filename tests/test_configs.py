@@ -67,5 +67,5 @@ def test_defaults_are_the_demo(tmp_path: Path):
     cfg = compose_cfg(tmp_path)
     assert cfg.hydra.runtime.choices.data == "demo"
     assert cfg.hydra.runtime.choices.model == "tiny"
-    assert set(cfg.callbacks) == {"ema", "sample_images", "model_checkpoint"}
+    assert set(cfg.callbacks) == {"ema", "sample_images", "model_checkpoint", "throughput"}
     assert "wandb" in cfg.logger
