@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdtrain.models import tokenize
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_JSON_FIELDS = ("caption", "text", "prompt")  # img2dataset writes "caption"
 
@@ -85,13 +87,7 @@ class ImageTextTransform:
         img = resize_crop(img, self.resolution, self.center_crop)
         if self.random_flip and random.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        ids = self.tokenizer(
-            caption,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
+        ids = tokenize(self.tokenizer, caption)[0]  # (77,)
         return {"pixel_values": to_tensor(img), "input_ids": ids, "caption": caption}
 
 

@@ -26,11 +26,7 @@ UNET_TFLOP_PER_IMAGE = {256: 0.54, 512: 2.41}  # training (fwd + bwd), SD-1.5 U-
 
 def build_sd15_shaped(out: Path) -> Path:
     """A random model with SD-1.5's U-Net, VAE and CLIP ViT-L/14 text encoder shapes."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdtrain.models import assemble_pipeline
@@ -92,15 +88,11 @@ class StepTimer(L.Callback):
 
 
 def run_case(folder: Path, res: int, bs: int, steps: int, warmup: int) -> dict:
+    from sdtrain.models import tokenize
     from sdtrain.module import StableDiffusionModule
 
     model = StableDiffusionModule(str(folder), optimizer=partial(torch.optim.AdamW, lr=1e-5))
-    ids = model.tokenizer(
-        ["a photograph of an astronaut riding a horse"] * bs,
-        padding="max_length",
-        max_length=77,
-        return_tensors="pt",
-    ).input_ids
+    ids = tokenize(model.tokenizer, ["a photograph of an astronaut riding a horse"] * bs)
     batch = {"pixel_values": torch.rand(bs, 3, res, res) * 2 - 1, "input_ids": ids}
     loader = torch.utils.data.DataLoader(SyntheticBatches(batch), batch_size=None)
     timer = StepTimer(warmup)

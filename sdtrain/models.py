@@ -33,6 +33,17 @@ def load_tokenizer(path: str | Path):
     return CLIPTokenizer.from_pretrained(sub if sub.is_dir() else path)
 
 
+def tokenize(tokenizer, texts: str | list[str]):
+    """Captions -> (B, L) token ids, padded and truncated to the tokenizer's length (77 for CLIP)."""
+    return tokenizer(
+        [texts] if isinstance(texts, str) else list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def load_frozen(path: str | Path):
     """VAE, text encoder, tokenizer and training noise scheduler from a diffusers folder."""
     from diffusers import AutoencoderKL, DDPMScheduler

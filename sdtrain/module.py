@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from sdtrain import diffusion
-from sdtrain.models import load_frozen, load_unet
+from sdtrain.models import load_frozen, load_unet, tokenize
 
 FROZEN = ("vae.", "text_encoder.")  # state-dict prefixes kept out of checkpoints
 
@@ -92,13 +92,7 @@ class StableDiffusionModule(L.LightningModule):
         Computed once per device; the text encoder is frozen, so it never changes.
         """
         if self._empty_context is None or self._empty_context.device != self.device:
-            ids = self.tokenizer(
-                [""],
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
+            ids = tokenize(self.tokenizer, "").to(self.device)
             self._empty_context = self.encode_text(ids)  # (1, 77, D)
         return self._empty_context.expand(batch_size, -1, -1)
 
