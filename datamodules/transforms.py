@@ -5,15 +5,19 @@ from __future__ import annotations
 import io
 import json
 import random
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sdtrain.models import tokenize
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_JSON_FIELDS = ("caption", "text", "prompt")  # img2dataset writes "caption"
+# Transparent pixels land on white: what browsers and viewers show, and what cut-out product shots,
+# logos and line art were drawn to sit on. Black would swallow dark-on-transparent logos and text.
+BACKGROUND_RGB = (255, 255, 255)
 
 
 class SkipSample(Exception):
@@ -44,13 +48,58 @@ def find_caption(sample: dict) -> str:
     raise SkipSample("no caption (.txt, or caption/text/prompt in .json)")
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale high-bit-depth greyscale ("I;16*", "I", "F") to 8-bit "L"; other modes pass through.
+
+    Integers are read as 16-bit (0..65535 -> 0..255; 16-bit PNGs open as "I;16" or, in older
+    Pillow, "I"). Floats are read as [0, 1] when none exceeds 1, else as the 16-bit range. A grey
+    value marked transparent by tRNS becomes an alpha band ("LA").
+    """
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img  # 8 bits already: Pillow itself reduces 16-bit RGB(A) PNGs to 8 bits per channel
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))  # (H, W)
+    scaled = arr * 255.0 if img.mode == "F" and arr.max() <= 1.0 else arr / 257.0  # 65535/257=255
+    out = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    if isinstance(img.info.get("transparency"), int):
+        alpha = np.where(arr == img.info["transparency"], 0, 255).astype(np.uint8)
+        out = Image.merge("LA", (out, Image.fromarray(alpha)))
+    return out
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite alpha (RGBA, LA, PA) or tRNS transparency (P, L, RGB) onto `BACKGROUND_RGB`.
+
+    Returns an RGB image, blended as `fg * a + bg * (1 - a)`; images without transparency pass
+    through unchanged.
+    """
+    if not {"A", "a"} & set(img.getbands()) and "transparency" not in img.info:
+        return img
+    rgba = img.convert("RGBA")  # applies a palette's or a colour's tRNS entry as alpha
+    out = Image.new("RGB", img.size, BACKGROUND_RGB)
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
 def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes to 8-bit RGB as a viewer would show them.
+
+    EXIF orientation is applied, 16-bit and float greyscale is scaled to 8 bits, transparency is
+    composited onto `BACKGROUND_RGB`, and palette, grey, 1-bit, CMYK and YCbCr are converted to RGB.
+
+    Raises:
+        SkipSample: the bytes do not decode, or the image is a decompression bomb.
+    """
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:  # PIL raises many types for broken files
+        with warnings.catch_warnings():
+            # Pillow raises above 2x Image.MAX_IMAGE_PIXELS but only warns above 1x; skip both,
+            # as one ~90-megapixel image is hundreds of MB per DataLoader worker.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+        return _flatten_alpha(_to_8bit(img)).convert("RGB")
+    except Exception as e:  # PIL raises many types for broken files and unconvertible modes
         raise SkipSample(f"image does not decode ({type(e).__name__}: {e})") from e
-    return img.convert("RGB")
 
 
 def resize_crop(img: Image.Image, size: int, center_crop: bool) -> Image.Image:
@@ -96,6 +145,7 @@ def collate(examples: list[dict]) -> dict:
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),  # (B, 3, H, W)
         "input_ids": torch.stack([e["input_ids"] for e in examples]),  # (B, 77)
         "caption": [e["caption"] for e in examples],
+        "key": [e["key"] for e in examples],  # the samples' __key__, set by DecodeStage
         "skipped": sum(e["skipped"] for e in examples),
     }
 
