@@ -40,7 +40,7 @@ class EMA(L.Callback):
         self.update_every = update_every
         self.shadow: dict[str, torch.Tensor] | None = None
         self.num_updates = 0
-        self._last_step = -1
+        self.last_step: int | None = None  # the optimizer step of the last update (or fit start)
 
     @staticmethod
     def _params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -54,13 +54,17 @@ class EMA(L.Callback):
             if self.shadow.keys() != params.keys():
                 raise KeyError("EMA state in the checkpoint does not match the U-Net's parameters")
             self.shadow = {k: v.to(params[k].device) for k, v in self.shadow.items()}
+        if self.last_step is None:  # a fresh run: nothing to average before the first step
+            self.last_step = trainer.global_step if trainer is not None else 0
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step  # optimizer steps so far; unchanged while accumulating
-        if step == self._last_step or step % self.update_every:
+        # global_step counts optimizer steps: it stays put while gradients accumulate, so the
+        # EMA moves once per optimizer step, never before the first one.
+        step = trainer.global_step
+        if step == self.last_step or step % self.update_every:
             return
-        self._last_step = step
+        self.last_step = step
         self.update(pl_module.unet)
 
     @torch.no_grad()
@@ -91,11 +95,17 @@ class EMA(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         shadow = None if self.shadow is None else {k: v.cpu() for k, v in self.shadow.items()}
-        return {"shadow": shadow, "num_updates": self.num_updates, "decay": self.decay}
+        return {
+            "shadow": shadow,
+            "num_updates": self.num_updates,
+            "last_step": self.last_step,
+            "decay": self.decay,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shadow = state["shadow"]
         self.num_updates = state["num_updates"]
+        self.last_step = state.get("last_step")
 
 
 def find_ema(trainer: L.Trainer) -> EMA | None:

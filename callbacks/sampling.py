@@ -60,20 +60,31 @@ class SampleImages(L.Callback):
         self.sampler = sampler
         self.use_ema = use_ema
         self.out_dir = out_dir
-        self._last_sampled = -1
+        self.last_sampled: int | None = None  # step of the last round (checkpointed)
         self.saved: list[Path] = []
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.last_sampled is None:  # fresh run: the first round comes after optimizer steps
+            self.last_sampled = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # global_step counts optimizer steps; while gradients accumulate it stays put.
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_sampled:
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_sampled:
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_sampled:
+        if trainer.global_step != self.last_sampled:
             self.sample(trainer, pl_module)
 
+    def state_dict(self) -> dict:
+        return {"last_sampled": self.last_sampled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_sampled = state.get("last_sampled")
+
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = self._last_sampled = trainer.global_step
+        step = self.last_sampled = trainer.global_step
         m = pl_module
         pipe = build_pipeline(
             m.vae, m.text_encoder, m.tokenizer, m.unet, m.noise_scheduler, self.sampler

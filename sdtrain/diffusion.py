@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def sample_noise(latents: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like `latents`, plus a per-channel constant shift of scale `offset`.
+def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device | str):
+    """A torch.Generator on `device` for one micro-batch, seeded from (seed, rank, step, micro).
+
+    Every draw of the training step (timesteps, noise, caption dropout, the VAE posterior) comes
+    from it, so ranks draw apart, a resumed run continues the stream where it stopped instead of
+    replaying its first steps, and the same (seed, rank, step, micro) always gives the same draws.
+    numpy's SeedSequence mixes the four numbers (no two tuples share a stream by accident).
+    """
+    entropy = [int(seed) & 0xFFFFFFFF, int(rank), int(step), int(micro)]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return gen
+
+
+def sample_noise(
+    latents: torch.Tensor, offset: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gaussian noise like `latents` (fp32), plus a per-channel constant shift of scale `offset`.
 
     The offset ("noise offset", typically 0.05-0.1) lets the model learn very dark and very bright
     images, which zero-mean noise alone cannot reach.
     """
-    noise = torch.randn_like(latents)
+    kw = dict(device=latents.device, dtype=torch.float32, generator=generator)
+    noise = torch.randn(latents.shape, **kw)
     if offset:
         b, c = latents.shape[:2]
-        noise = noise + offset * torch.randn(b, c, 1, 1, device=latents.device, dtype=latents.dtype)
+        noise = noise + offset * torch.randn(b, c, 1, 1, **kw)
     return noise
+
+
+def add_noise(alphas_cumprod: torch.Tensor, latents, noise, timesteps) -> torch.Tensor:
+    """Forward diffusion in fp32: sqrt(a_t) x0 + sqrt(1 - a_t) eps, shape of `latents`.
+
+    Done here rather than with the scheduler's `add_noise`, which computes in the latents' dtype:
+    under bf16 sqrt(1 - a_t) of SD's schedule rounds to 0 at t = 0, 1 and only ~190 distinct noise
+    levels of 1000 remain.
+    """
+    a = alphas_cumprod.to(device=latents.device, dtype=torch.float32)[timesteps]
+    a = a.view(-1, *([1] * (latents.ndim - 1)))  # (B, 1, 1, 1)
+    return a.sqrt() * latents.float() + (1.0 - a).sqrt() * noise.float()
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -28,15 +59,25 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
 def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), shape (B,). gamma=5 is the paper's choice.
 
-    For an epsilon target the weight is min(SNR, gamma) / SNR; for a v target the loss is already
-    scaled by SNR + 1, so the weight is min(SNR, gamma) / (SNR + 1).
+    Each target carries an implicit weight on the x0 error: the epsilon loss equals SNR * |x0 err|^2
+    and the v loss (SNR + 1) * |x0 err|^2. Min-SNR caps that implicit weight at gamma, so the
+    nearly clean, easy timesteps stop dominating: epsilon weight min(1, gamma / SNR), v weight
+    min(1, gamma / (SNR + 1)).
+
+    For v this caps the v loss's own (SNR + 1) rather than SNR as the paper's min(SNR, gamma) /
+    (SNR + 1) does. The two agree wherever SNR >> 1, but the paper's rule sends the weight to 0 as
+    SNR -> 0: under a zero-terminal-SNR schedule t = T got weight 0 and every t >= 900 at most
+    0.003, starving exactly the steps that schedule exists to train (the image's overall
+    composition from pure noise). Here those steps keep the plain v loss, weight 1.
     """
-    clipped = torch.clamp(snr_t, max=gamma)
     if prediction_type == "epsilon":
-        return clipped / snr_t.clamp(min=1e-8)  # SNR is 0 at t=T under zero-terminal-SNR
-    if prediction_type == "v_prediction":
-        return clipped / (snr_t + 1.0)
-    raise ValueError(f"min-SNR weighting: unknown prediction_type {prediction_type!r}")
+        native = snr_t
+    elif prediction_type == "v_prediction":
+        native = snr_t + 1.0
+    else:
+        raise ValueError(f"min-SNR weighting: unknown prediction_type {prediction_type!r}")
+    # gamma / max(native, gamma) == min(1, gamma / native), finite at SNR = 0 (weight 1)
+    return gamma / torch.clamp(native, min=gamma)
 
 
 def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):

@@ -10,6 +10,7 @@ from the model folder the run trained with (recorded in the checkpoint; --pretra
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import torch
@@ -36,19 +37,29 @@ def export(
     """Write the diffusers folder `out` from the checkpoint at `ckpt_path`; return `out`."""
     from diffusers import UNet2DConditionModel
 
-    from sdtrain.models import assemble_pipeline, load_frozen
+    from sdtrain.models import assemble_pipeline, load_frozen, load_scheduler
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"CKPT {ckpt_path} is not a file")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint is data; unpickling arbitrary objects could run code.
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{ckpt_path} does not load as a checkpoint with weights_only=True ({first})"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{ckpt_path} is not an sdtrain checkpoint (holds {type(ckpt).__name__})")
     meta = ckpt.get("sdtrain")
     if meta is None:
         raise KeyError(f"{ckpt_path} is not an sdtrain checkpoint (no 'sdtrain' entry)")
     folder = Path(pretrained or meta["pretrained"])
     if not folder.is_dir():
         raise FileNotFoundError(f"the run's model folder {folder} is gone; pass --pretrained")
-    vae, text_encoder, tokenizer, scheduler = load_frozen(folder)
+    vae, text_encoder, tokenizer, _ = load_frozen(folder)
+    scheduler = load_scheduler(folder)  # the folder's own sampler (SD-1.5's PNDM stays PNDM)
     scheduler.register_to_config(prediction_type=meta["prediction_type"])
     unet = UNet2DConditionModel.from_config(meta["unet_config"])
     missing, unexpected = unet.load_state_dict(unet_weights(ckpt, ema, ckpt_path), strict=False)
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         out = export(a.ckpt, a.out, a.ema, a.pretrained)
-    except (OSError, KeyError) as e:
+    except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"sdtrain-export: {e}") from e
     print(f"wrote {out}")
 

@@ -56,6 +56,19 @@ def load_frozen(path: str | Path):
     return vae, text_encoder, load_tokenizer(path), scheduler
 
 
+def load_scheduler(path: str | Path):
+    """The model folder's own scheduler: the class its scheduler_config.json names, its config."""
+    import diffusers
+
+    path = Path(path).expanduser()
+    config_file = path / "scheduler" / "scheduler_config.json"
+    name = json.loads(config_file.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"{config_file}: _class_name {name!r} is no diffusers scheduler")
+    return cls.from_pretrained(path, subfolder="scheduler")
+
+
 def load_unet(path: str | Path, config: str | dict[str, Any] | None = None):
     """The U-Net: pretrained weights from `path`/unet, or fresh weights from `config`.
 

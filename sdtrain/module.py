@@ -32,6 +32,8 @@ class StableDiffusionModule(L.LightningModule):
         min_snr_gamma: gamma for min-SNR loss weighting, None for plain MSE.
         noise_offset: scale of the per-channel noise offset, 0 to turn off.
         gradient_checkpointing: trade compute for memory in the U-Net.
+        seed: base of the training draws (timesteps, noise, caption dropout), mixed with the rank
+            and step (see `diffusion.step_generator`).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class StableDiffusionModule(L.LightningModule):
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         gradient_checkpointing: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if prediction_type not in (None, "epsilon", "v_prediction"):
@@ -65,8 +68,9 @@ class StableDiffusionModule(L.LightningModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.strict_loading = False  # checkpoints hold the U-Net only; the frozen parts reload
-        self.skipped_total = 0  # data samples skipped so far (this rank)
+        self.skipped_total = torch.zeros(())  # data samples skipped so far, all ranks
         self._empty_context: torch.Tensor | None = None
+        self._micro, self._micro_step = 0, -1  # micro-batch index within the optimizer step
 
     def train(self, mode: bool = True):
         """Keep the frozen parts in eval mode whatever Lightning asks (no dropout, fixed norms)."""
@@ -80,12 +84,6 @@ class StableDiffusionModule(L.LightningModule):
         """(B, 77) token ids -> (B, 77, D) CLIP last hidden states."""
         return self.text_encoder(input_ids)[0]
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f) scaled latents (f: VAE downsampling)."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return dist.sample() * self.vae.config.scaling_factor
-
     def empty_context(self, batch_size: int) -> torch.Tensor:
         """CLIP embedding of the empty caption, (B, 77, D): the unconditional input for CFG.
 
@@ -93,25 +91,56 @@ class StableDiffusionModule(L.LightningModule):
         """
         if self._empty_context is None or self._empty_context.device != self.device:
             ids = tokenize(self.tokenizer, "").to(self.device)
-            self._empty_context = self.encode_text(ids)  # (1, 77, D)
+            self._empty_context = self.encode_text(ids).float()  # (1, 77, D)
         return self._empty_context.expand(batch_size, -1, -1)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""
         return self.unet(noisy, timesteps, encoder_hidden_states=context).sample
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        latents = self.encode_images(batch["pixel_values"])  # (B, 4, h, w)
-        context = self.encode_text(batch["input_ids"])  # (B, 77, D)
-        b = latents.shape[0]
-        if self.hparams.caption_dropout > 0:
-            drop = torch.rand(b, device=self.device) < self.hparams.caption_dropout
-            context = torch.where(drop[:, None, None], self.empty_context(b), context)
-        noise = diffusion.sample_noise(latents, self.hparams.noise_offset)
-        t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (b,), device=self.device
+    def step_generator(self) -> torch.Generator:
+        """The generator for this micro-batch; micro counts batches within one optimizer step."""
+        step = self.global_step
+        self._micro = self._micro + 1 if step == self._micro_step else 0
+        self._micro_step = step
+        return diffusion.step_generator(
+            self.hparams.seed, self.global_rank, step, self._micro, self.device
         )
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+
+    def draw(self, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """Timesteps `t` (B,), fp32 `noise` like `latents`, and the caption-dropout mask (B,)."""
+        b = latents.shape[0]
+        t = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (b,),
+            device=self.device,
+            generator=g,
+        )
+        noise = diffusion.sample_noise(latents, self.hparams.noise_offset, generator=g)
+        drop = torch.rand(b, device=self.device, generator=g) < self.hparams.caption_dropout
+        return {"t": t, "noise": noise, "drop": drop}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f) fp32 scaled latents (f: VAE downsampling).
+
+        The VAE may run in bf16; its posterior is sampled in fp32.
+        """
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        eps = torch.randn(mean.shape, device=mean.device, dtype=torch.float32, generator=g)
+        return (mean + std * eps) * self.vae.config.scaling_factor
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        g = self.step_generator()
+        latents = self.encode_images(batch["pixel_values"], g)  # (B, 4, h, w) fp32
+        context = self.encode_text(batch["input_ids"]).float()  # (B, 77, D)
+        draws = self.draw(latents, g)
+        b, t, noise = latents.shape[0], draws["t"], draws["noise"]
+        if self.hparams.caption_dropout > 0:
+            context = torch.where(draws["drop"][:, None, None], self.empty_context(b), context)
+        noisy = diffusion.add_noise(self.noise_scheduler.alphas_cumprod, latents, noise, t)
         target = diffusion.target_for(self.noise_scheduler, latents, noise, t)
         weights = None
         if self.hparams.min_snr_gamma:
@@ -121,11 +150,22 @@ class StableDiffusionModule(L.LightningModule):
             )
         loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights)
 
-        self.skipped_total += int(batch.get("skipped", 0))
+        self.count_skipped(int(batch.get("skipped", 0)))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        self.log("data/skipped", float(self.skipped_total), reduce_fx="sum", sync_dist=True)
+        self.log("data/skipped", self.skipped_total)
         return loss
+
+    def count_skipped(self, n: int) -> None:
+        """Add this rank's skipped samples, summed over all ranks, to the run's total.
+
+        The total is the same on every rank, so the checkpoint (written from rank 0) restores it
+        right on all of them. It stays a device tensor: no host sync on the hot path.
+        """
+        skipped = torch.tensor(float(n), device=self.device)
+        if self._trainer is not None and self._trainer.world_size > 1:
+            skipped = self._trainer.strategy.reduce(skipped, reduce_op="sum")
+        self.skipped_total = self.skipped_total.to(self.device) + skipped
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
@@ -144,7 +184,7 @@ class StableDiffusionModule(L.LightningModule):
             # plain JSON types only, so the checkpoint loads with torch.load(weights_only=True)
             "unet_config": json.loads(json.dumps(dict(self.unet.config), default=str)),
             "prediction_type": self.noise_scheduler.config.prediction_type,
-            "skipped_total": self.skipped_total,
+            "skipped_total": int(self.skipped_total.item()),
         }
         wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
         if wandb_ids:  # a resumed run logs on into the same W&B run
@@ -154,4 +194,6 @@ class StableDiffusionModule(L.LightningModule):
         missing = [k for k in self.unet.state_dict() if f"unet.{k}" not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} U-Net weights, e.g. unet.{missing[0]}")
-        self.skipped_total = checkpoint.get("sdtrain", {}).get("skipped_total", 0)
+        self.skipped_total = torch.tensor(
+            float(checkpoint.get("sdtrain", {}).get("skipped_total", 0))
+        )

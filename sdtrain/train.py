@@ -86,8 +86,10 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     ckpt = checkpoint_file(cfg)
     resume_wandb_run(cfg, ckpt)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
+    # _convert_="all": plain lists and dicts, never OmegaConf containers, reach the hyperparameters
+    # a checkpoint stores, so it loads with torch.load(weights_only=True).
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_map(cfg.get("callbacks"))
     loggers = instantiate_map(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(

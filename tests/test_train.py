@@ -82,7 +82,7 @@ def test_resume_from_checkpoint_continues(tiny_model: Path, shards: str, tmp_pat
         compose_cfg(tmp_path / "full", tiny_overrides(tiny_model, shards, 6) + ["logger=none"])
     )
     mid = tmp_path / "full" / "checkpoints" / "step_0000003.ckpt"
-    saved = torch.load(mid, map_location="cpu", weights_only=False)
+    saved = torch.load(mid, map_location="cpu", weights_only=True)
     resumed = run_with_probe(
         compose_cfg(
             tmp_path / "resumed",
@@ -98,7 +98,7 @@ def test_resume_from_checkpoint_continues(tiny_model: Path, shards: str, tmp_pat
     assert any(not torch.equal(saved_ema[k], s["unet"][k]) for k in saved_ema)  # EMA != raw
     assert resumed.end["step"] == full.end["step"] == 6
     assert resumed.end["lr"] == pytest.approx(full.end["lr"])  # same point on the LR schedule
-    last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6 and last["callbacks"]["EMA"]["num_updates"] == 6
     assert not any(k.startswith(("vae.", "text_encoder.")) for k in last["state_dict"])
 
@@ -136,19 +136,27 @@ def _cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.Comp
     )
 
 
-def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path):
+def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path, monkeypatch):
+    from tests.sdtrain.test_training_step import read_records
+
     args = tiny_overrides(tiny_model, shards, 4) + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "logger=csv",
+        "model._target_=tests.sdtrain.recording.RecordingModule",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
+    monkeypatch.setenv("SDTRAIN_RECORD_DIR", str(tmp_path))
     proc = _cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4
     assert (tmp_path / "run" / "samples" / "step_0000004.png").is_file()
+    ranks = read_records(tmp_path)
+    assert sorted(ranks) == [0, 1] and sorted(ranks[0]) == sorted(ranks[1]) == [0, 1, 2, 3]
+    for step in range(4):  # each rank draws its own timesteps (and noise, dropout)
+        assert ranks[0][step] != ranks[1][step], step
 
 
 def test_hparams_sweep_multirun(tiny_model: Path, shards: str, tmp_path: Path):
@@ -194,3 +202,49 @@ def test_unset_mandatory_keys_are_named(tmp_path: Path):
     cfg = compose_cfg(tmp_path, ["experiment=finetune_sd15"])
     with pytest.raises(ValueError, match=r"data.train_shards, model.pretrained"):
         train(cfg)
+
+
+def test_list_shards_and_dict_unet_config_checkpoint_loads_and_resumes(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
+    import json
+
+    from datamodules.webdataset import expand_shards
+
+    base = tiny_overrides(tiny_model, shards, 2) + ["logger=none"]
+    cfg = compose_cfg(tmp_path, base)
+    with open_dict(cfg):  # what a YAML list and an inline dict give: OmegaConf containers
+        cfg.data.train_shards = expand_shards(shards)
+        cfg.model.unet_config = json.loads((tiny_model / "unet" / "config.json").read_text())
+    train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert type(ckpt["hyper_parameters"]["unet_config"]) is dict
+    assert type(ckpt["datamodule_hyper_parameters"]["train_shards"]) is list
+    with open_dict(cfg):
+        cfg.trainer.max_steps = 3
+        cfg.ckpt_path = str(last)
+    probe = run_with_probe(cfg)
+    assert probe.start["step"] == 2 and probe.end["step"] == 3
+
+
+def test_accumulation_ema_and_samples_once_per_optimizer_step(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
+    base = tiny_overrides(tiny_model, shards, 4) + [
+        "logger=none",
+        "trainer.accumulate_grad_batches=2",
+        "callbacks.sample_images.every_n_steps=2",
+    ]
+    train(compose_cfg(tmp_path / "full", base))
+    last = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4 and last["callbacks"]["EMA"]["num_updates"] == 4
+    samples = sorted(p.name for p in (tmp_path / "full" / "samples").glob("*.png"))
+    assert samples == ["step_0000002.png", "step_0000004.png"]  # none at step 0
+    # resumed mid-run: no extra EMA update or sample round before the next optimizer step
+    mid = tmp_path / "full" / "checkpoints" / "step_0000002.ckpt"
+    train(compose_cfg(tmp_path / "resumed", base + [f"ckpt_path={mid}"]))
+    last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["callbacks"]["EMA"]["num_updates"] == 4
+    samples = sorted(p.name for p in (tmp_path / "resumed" / "samples").glob("*.png"))
+    assert samples == ["step_0000004.png"]

@@ -14,13 +14,29 @@ def test_min_snr_weights_epsilon_and_v():
     assert torch.allclose(
         diffusion.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.25])
     )
+    # v: the implicit x0 weight SNR + 1 capped at gamma: min(1, 5 / (SNR + 1))
     assert torch.allclose(
-        diffusion.min_snr_weights(snr, 5.0, "v_prediction"),
-        torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]),
+        diffusion.min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([1.0, 5 / 6, 5 / 21])
     )
-    assert torch.isfinite(diffusion.min_snr_weights(torch.tensor([0.0]), 5.0, "epsilon")).all()
     with pytest.raises(ValueError, match="sample"):
         diffusion.min_snr_weights(snr, 5.0, "sample")
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_min_snr_keeps_the_terminal_steps_of_a_zero_terminal_snr_schedule(kind: str):
+    sched = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=True,
+        prediction_type=kind,
+    )
+    t = torch.arange(1000)
+    w = diffusion.min_snr_weights(diffusion.snr(sched.alphas_cumprod, t), 5.0, kind)
+    assert torch.isfinite(w).all() and (w > 0).all() and (w <= 1).all()
+    assert w[999] == 1.0  # SNR 0: the plain loss, not weight 0
+    assert (w[900:] == 1.0).all()  # the low-SNR steps this schedule exists to train
+    assert w[0] < 0.01  # nearly clean steps are still capped
 
 
 def test_snr_from_alphas():
@@ -51,3 +67,26 @@ def test_weighted_loss_and_noise_offset():
     plain, offset = diffusion.sample_noise(lat), diffusion.sample_noise(lat, 0.5)
     # per-(sample, channel) means: ~N(0, 1/64) plain; an offset adds variance 0.25
     assert plain.mean((2, 3)).var() < 0.05 < 0.2 < offset.mean((2, 3)).var()
+
+
+def test_noising_is_fp32_closed_form_even_from_bf16_latents():
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    lat = torch.randn(4, 4, 8, 8).bfloat16()
+    noise = torch.randn(4, 4, 8, 8)
+    t = torch.arange(4)
+    noisy = diffusion.add_noise(sched.alphas_cumprod, lat, noise, t)
+    a = sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    expected = a.sqrt() * lat.double() + (1 - a).sqrt() * noise.double()
+    assert noisy.dtype == torch.float32
+    assert torch.allclose(noisy.double(), expected, atol=1e-6)
+    assert not torch.equal(noisy[0], lat[0].float())  # sigma_0 does not round to 0
+
+
+def test_step_generator_is_keyed_on_seed_rank_step_and_micro():
+    def draw(*key):
+        return torch.randint(0, 1000, (8,), generator=diffusion.step_generator(*key, "cpu"))
+
+    assert torch.equal(draw(0, 0, 5, 0), draw(0, 0, 5, 0))
+    base = draw(0, 0, 5, 0)
+    for other in [(1, 0, 5, 0), (0, 1, 5, 0), (0, 0, 6, 0), (0, 0, 5, 1)]:
+        assert not torch.equal(base, draw(*other)), other
