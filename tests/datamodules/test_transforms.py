@@ -9,7 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.transforms import BACKGROUND_RGB, ImageTextTransform, SkipSample, decode_image
+from datamodules.transforms import (
+    BACKGROUND_RGB,
+    Collate,
+    ImageTextTransform,
+    SkipSample,
+    decode_image,
+)
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -138,9 +144,13 @@ def test_image_text_transform_flattens_transparent_png(tokenizer):
     img = halves("RGBA", (*RED, 0), (*BLUE, 255), size=(8, 8))
     sample = {"__key__": "k", "png": encode(img), "txt": b"a red circle"}
     # Resolution = image size, so resize_crop changes nothing and pixels are exact.
-    out = ImageTextTransform(tokenizer, resolution=8, center_crop=True, random_flip=False)(sample)
+    out = ImageTextTransform(resolution=8, center_crop=True, random_flip=False)(sample)
     expected = torch.empty(3, 8, 8)  # (3, H, W) in [-1, 1]
     expected[:, :, :4] = torch.tensor(BACKGROUND_RGB).view(3, 1, 1) / 127.5 - 1
     expected[:, :, 4:] = torch.tensor(BLUE).view(3, 1, 1) / 127.5 - 1
     torch.testing.assert_close(out["pixel_values"], expected)
-    assert out["caption"] == "a red circle" and out["input_ids"].shape == (77,)
+    assert out["caption"] == "a red circle"
+    batch = Collate(tokenizer)([out | {"key": "k", "skipped": 0}] * 2)
+    assert batch["input_ids"].shape == (2, 77) and batch["pixel_values"].shape == (2, 3, 8, 8)
+    decoded = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert [d.strip() for d in decoded] == ["a red circle"] * 2

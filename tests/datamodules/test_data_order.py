@@ -1,0 +1,180 @@
+"""Data order: reproducible for the same (seed, start step, rank, worker, pass), fresh otherwise."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import webdataset
+from datamodules.webdataset import DataOrder, WebDataModule
+
+SAMPLES, PER_SHARD = 96, 24  # the `shards` fixture: 4 shards x 24 samples
+
+
+def make(shards: str, tiny_model: Path, **kw) -> WebDataModule:
+    """A small, fast datamodule: 16 px, no flips, batches of 8, no worker processes."""
+    args = dict(resolution=16, random_flip=False, batch_size=8, num_workers=0, shuffle_buffer=32)
+    return WebDataModule(shards, str(tiny_model), **{**args, **kw})
+
+
+def keys(dm: WebDataModule, n_batches: int) -> list[str]:
+    """The sample keys of the first `n_batches` batches, in the order they arrive."""
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    return [k for b in islice(loader, n_batches) for k in b["key"]]
+
+
+def shard_of(key: str) -> int:
+    """sdtrain-shards names samples by their global index ("000000024_00024")."""
+    return int(key.split("_")[0]) // PER_SHARD
+
+
+def shard_sequence(ks: list[str]) -> list[int]:
+    """Shards in the order they are first read."""
+    return list(dict.fromkeys(shard_of(k) for k in ks))
+
+
+def test_resampled_order_follows_seed_and_start_step(shards: str, tiny_model: Path):
+    n = 6  # 48 samples, half the data: enough for shard draws and the shuffle buffer to show
+    first = keys(make(shards, tiny_model, seed=1), n)
+    assert keys(make(shards, tiny_model, seed=1), n) == first  # same inputs, same data
+    assert keys(make(shards, tiny_model, seed=2), n) != first
+    resumed = make(shards, tiny_model, seed=1)
+    resumed.set_start_step(10)  # a run resumed at step 10 must not replay steps 0..9's data
+    assert keys(resumed, n) != first
+
+
+def test_each_pass_covers_every_sample_once_in_a_new_shard_order(shards: str, tiny_model: Path):
+    # shuffle_buffer=1 keeps samples in shard order, so the shard order can be read off the keys
+    ks = keys(make(shards, tiny_model, resampled=False, shuffle_buffer=1), 3 * SAMPLES // 8)
+    passes = [ks[i * SAMPLES : (i + 1) * SAMPLES] for i in range(3)]
+    for p in passes:
+        assert len(p) == len(set(p)) == SAMPLES  # every sample, none twice
+        assert len(shard_sequence(p)) == 4  # whole shards one after another
+    orders = [shard_sequence(p) for p in passes]
+    assert orders[0] != orders[1] and len({tuple(o) for o in orders}) > 1
+    # reproducible: the same datamodule settings give the same passes
+    again = keys(make(shards, tiny_model, resampled=False, shuffle_buffer=1), 2 * SAMPLES // 8)
+    assert again == ks[: 2 * SAMPLES]
+
+
+def test_samples_are_shuffled_apart_in_each_pass(shards: str, tiny_model: Path):
+    ks = keys(make(shards, tiny_model, resampled=False, shuffle_buffer=32), 2 * SAMPLES // 8)
+    one, two = ks[:SAMPLES], ks[SAMPLES:]
+    assert set(one) == set(two) and len(set(one)) == SAMPLES
+    assert one != two
+    assert one != sorted(one)  # mixed within and across shards, not file order
+    # the same shard read in both passes comes out in a different sample order
+    for shard in range(4):
+        assert [k for k in one if shard_of(k) == shard] != [k for k in two if shard_of(k) == shard]
+
+
+def test_seed_depends_on_every_input(monkeypatch: pytest.MonkeyPatch):
+    base = DataOrder(seed=0, start_step=0, rank=0, world_size=2)
+    draws = {
+        "base": base.rng("samples", 0).random(),
+        "seed": DataOrder(1, 0, 0, 2).rng("samples", 0).random(),
+        "step": DataOrder(0, 10, 0, 2).rng("samples", 0).random(),
+        "rank": DataOrder(0, 0, 1, 2).rng("samples", 0).random(),
+        "pass": base.rng("samples", 1).random(),
+        "purpose": base.rng("shards", 0).random(),
+    }
+    with monkeypatch.context() as m:  # as DataLoader worker 1 of 2 sees it
+        m.setattr(webdataset, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+        draws["worker"] = base.rng("samples", 0).random()
+    assert len(set(draws.values())) == len(draws)
+    assert base.rng("samples", 0).random() == draws["base"]
+    # the shard permutation ignores the rank, so every rank cuts the same permutation
+    assert (
+        DataOrder(0, 0, 1, 2).rng("shards", 0, per_worker=False).random()
+        == base.rng("shards", 0, per_worker=False).random()
+    )
+
+
+def test_spawned_workers_split_by_rank_and_worker(shards: str, tiny_model: Path):
+    """2 ranks x 2 spawned workers, resampled=false: each pass is cut into disjoint parts.
+
+    webdataset's split_by_node reads the rank inside the worker; a spawned worker of a DDP rank
+    sees no RANK variable and no process group there, so every rank used to read every shard.
+    """
+    per_rank_pass = SAMPLES // 2 // 8  # batches: 48 samples per rank and pass
+    seen = {}
+    for rank in range(2):
+        dm = make(
+            shards,
+            tiny_model,
+            resampled=False,
+            num_workers=2,
+            worker_start_method="spawn",
+            shuffle_buffer=8,
+        )
+        dm.set_rank(rank, 2)
+        seen[rank] = keys(dm, 2 * per_rank_pass)
+    for p in range(2):
+        parts = [set(seen[r][p * SAMPLES // 2 : (p + 1) * SAMPLES // 2]) for r in range(2)]
+        assert not parts[0] & parts[1]  # no sample on both ranks
+        assert len(parts[0]) == len(parts[1]) == SAMPLES // 2
+        assert len(parts[0] | parts[1]) == SAMPLES  # and together every sample
+    # the next pass deals the shards out anew
+    rank0_shards = [
+        {shard_of(k) for k in seen[0][p * SAMPLES // 2 : (p + 1) * SAMPLES // 2]} for p in (0, 1)
+    ]
+    assert rank0_shards[0] != rank0_shards[1]
+
+
+class KeyProbe(L.LightningModule):
+    """One weight and the keys of every batch it trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.keys: list[str] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.keys += batch["key"]
+        return (self.w - batch["pixel_values"].mean()) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class OrderProbe(WebDataModule):
+    """Records the DataOrder each train_dataloader() call was built with."""
+
+    def train_dataloader(self):
+        self.orders = [*getattr(self, "orders", []), self.data_order()]
+        return super().train_dataloader()
+
+
+def fit(dm: WebDataModule, steps: int, ckpt: Path | None = None) -> tuple[L.Trainer, KeyProbe]:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = KeyProbe()
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    return trainer, model
+
+
+def test_resume_starts_the_data_at_the_checkpoint_step(shards: str, tiny_model: Path, tmp_path):
+    """Lightning restores the checkpoint before it asks for the train dataloader."""
+    kw = dict(resolution=16, random_flip=False, batch_size=4, num_workers=0, seed=3)
+    first = OrderProbe(shards, str(tiny_model), **kw)
+    trainer, run = fit(first, steps=3)
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    assert [o.start_step for o in first.orders] == [0]
+
+    resumed = OrderProbe(shards, str(tiny_model), **kw)
+    trainer, rerun = fit(resumed, steps=6, ckpt=tmp_path / "step3.ckpt")
+    assert trainer.global_step == 6
+    assert [o.start_step for o in resumed.orders] == [3]
+    assert rerun.keys != run.keys[: len(rerun.keys)]  # not the first run's first batches again
