@@ -235,7 +235,8 @@ class WebDataModule(L.LightningDataModule):
         tokenizer: the model folder (its tokenizer/ subfolder) or a tokenizer folder.
         resolution: square training size in pixels.
         center_crop: centre crop after resizing; False crops at random.
-        random_flip: flip left-right with probability 0.5.
+        random_flip: flip left-right with probability 0.5 (off by default: a mirrored glyph,
+            text or asymmetric subject no longer matches its caption).
         batch_size: per device.
         num_workers: DataLoader worker processes.
         shuffle_buffer: samples held for shuffling (per worker).
@@ -255,7 +256,7 @@ class WebDataModule(L.LightningDataModule):
         tokenizer: str,
         resolution: int = 512,
         center_crop: bool = False,
-        random_flip: bool = True,
+        random_flip: bool = False,
         batch_size: int = 16,
         num_workers: int = 4,
         shuffle_buffer: int = 1000,

@@ -69,3 +69,14 @@ def test_defaults_are_the_demo(tmp_path: Path):
     assert cfg.hydra.runtime.choices.model == "tiny"
     assert set(cfg.callbacks) == {"ema", "sample_images", "model_checkpoint", "throughput"}
     assert "wandb" in cfg.logger
+
+
+def test_own_data_is_not_flipped_by_default(tmp_path: Path):
+    """A mirrored glyph, text or asymmetric subject no longer matches its caption."""
+    import inspect
+
+    from datamodules.webdataset import WebDataModule
+
+    cfg = compose_cfg(tmp_path, ["experiment=finetune_sd15"])
+    assert cfg.data.random_flip is False
+    assert inspect.signature(WebDataModule).parameters["random_flip"].default is False
