@@ -185,3 +185,62 @@ def test_missing_shards_are_named(shards: str, tiny_model: Path):
     pattern = shards.replace("00003}", "00005}")  # two more shards than were written
     with pytest.raises(FileNotFoundError, match=r"2 of 6 shard\(s\).*00004\.tar"):
         WebDataModule(pattern, str(tiny_model))
+
+
+# data.train_shards forms: folder, glob, brace pattern, list (expand_shards)
+
+
+def shard_list(urls: str | list[str]) -> list[str]:
+    from datamodules.webdataset import expand_shards
+
+    return expand_shards(urls)
+
+
+def shard_folder(folder: Path, n: int = 4) -> list[str]:
+    """`n` (empty) shard files and a stray non-shard; returns the shard paths in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.txt").write_text("not a shard")
+    paths = [folder / f"{i:05d}.tar" for i in reversed(range(n))]  # made out of order
+    for p in paths:
+        p.touch()
+    return sorted(map(str, paths))
+
+
+def test_shards_from_a_folder_are_its_tars_sorted(tmp_path: Path):
+    want = shard_folder(tmp_path)
+    assert shard_list(str(tmp_path)) == want
+    assert shard_list(f"{tmp_path}/") == want
+
+
+def test_empty_folder_is_named(tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("not a shard")
+    with pytest.raises(FileNotFoundError) as err:
+        shard_list(str(tmp_path))
+    assert f"folder {tmp_path} holds no *.tar" in str(err.value)
+
+
+def test_shards_from_a_glob_sorted(tmp_path: Path):
+    want = shard_folder(tmp_path)
+    assert shard_list(f"{tmp_path}/*.tar") == want
+    assert shard_list(f"{tmp_path}/0000[13].tar") == [want[1], want[3]]
+
+
+def test_glob_matching_nothing_is_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"nothing-\*\.tar matches no files"):
+        shard_list(f"{tmp_path}/nothing-*.tar")
+
+
+def test_shards_from_a_brace_pattern_and_a_list_of_forms(tmp_path: Path):
+    want = shard_folder(tmp_path)
+    assert shard_list(f"{tmp_path}/{{00000..00003}}.tar") == want
+    mixed = [f"{tmp_path}/{{00002..00003}}.tar", str(tmp_path), f"{tmp_path}/00000.t?r"]
+    assert shard_list(mixed) == want[2:] + want + want[:1]
+
+
+def test_remote_urls_and_pipes_pass_through():
+    urls = ["s3://bucket/{00000..00001}.tar", "pipe:curl -s https://host/a/*.tar"]
+    assert shard_list(urls) == [
+        "s3://bucket/00000.tar",
+        "s3://bucket/00001.tar",
+        "pipe:curl -s https://host/a/*.tar",
+    ]

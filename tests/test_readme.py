@@ -1,0 +1,400 @@
+"""The README as written: its commands run, its config keys exist, its shard forms parse.
+
+Every ```bash block of README.md runs through `bash -c` in a fresh folder, as written but for the
+stand-ins below (the tiny model, the test shards, a real run folder) and overrides appended to
+each training so it takes two CPU steps. The two set-up blocks that CI runs itself (marked
+`<!-- ci:demo -->` and `<!-- ci:test -->`) are left out. A command whose program or placeholder
+has no stand-in here fails its test: a new documented command cannot go untested.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from datamodules.webdataset import expand_shards
+from sdtrain import demo
+from tests.conftest import CONF, ROOT, compose_cfg
+
+README = ROOT / "README.md"
+CI_BLOCKS = {"ci:demo", "ci:test"}  # set-up blocks that CI runs itself
+
+
+# ---------------------------------------------------------------- reading the README
+
+
+@dataclass
+class Block:
+    id: str  # the section's heading as a slug, "-2" for its second block, ...
+    marker: str | None  # "ci:demo" from a `<!-- ci:demo -->` line right above the block
+    commands: list[str]  # continuation lines joined, comments dropped
+
+
+def slug(heading: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")
+
+
+def strip_comment(line: str) -> str:
+    """`line` without a trailing `# comment` (a `#` that starts a word outside quotes)."""
+    quote = None
+    for i, c in enumerate(line):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def bash_blocks(text: str) -> list[Block]:
+    blocks: list[Block] = []
+    per_heading: dict[str, int] = {}
+    heading, previous, body = "top", "", None
+    for line in text.splitlines():
+        if body is not None:
+            if line.strip() == "```":
+                joined = "\n".join(body).replace("\\\n", " ")
+                commands = [c for c in map(strip_comment, joined.splitlines()) if c.strip()]
+                n = per_heading[heading] = per_heading.get(heading, 0) + 1
+                marker = re.fullmatch(r"<!--\s*(\S+)\s*-->", previous.strip())
+                block_id = slug(heading) + (f"-{n}" if n > 1 else "")
+                blocks.append(Block(block_id, marker and marker.group(1), commands))
+                body = None
+            else:
+                body.append(line)
+            continue
+        if line.startswith("## "):
+            heading = line[3:]
+        if line.strip() == "```bash":
+            body = []
+        elif line.strip():
+            previous = line
+    return blocks
+
+
+BLOCKS = bash_blocks(README.read_text())
+TO_RUN = [b for b in BLOCKS if b.marker not in CI_BLOCKS]
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """Cells of the markdown table whose header row starts with `header`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def ticked(text: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", text)
+
+
+def holds_map(group: dict, key: str) -> bool:
+    node = group
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return isinstance(node, dict)
+
+
+def table_keys(cell: str, group: dict) -> list[str]:
+    """The dotted keys named in a "what it sets" cell (the rule is in a comment above the table).
+
+    Backticked names are keys of the group; inside the parentheses right after a key that holds
+    a map they are keys of that map; inside any other parentheses they are values.
+    """
+    keys: list[str] = []
+    scopes: list[str | None] = [""]  # key prefix per paren depth; None: a value list
+    last_key, last_end = None, -1
+    for m in re.finditer(r"`([^`]+)`|\(|\)", cell):
+        token = m.group(0)
+        if token == "(":
+            right_after = last_key is not None and not cell[last_end : m.start()].strip()
+            scopes.append(f"{last_key}." if right_after and holds_map(group, last_key) else None)
+            last_key = None
+        elif token == ")":
+            scopes.pop()
+            last_key = None
+        elif scopes[-1] is not None:
+            last_key, last_end = scopes[-1] + m.group(1), m.end()
+            keys.append(last_key)
+    return keys
+
+
+CONFIG_ROWS = table_rows(README.read_text(), "| group | options |")
+
+
+# ---------------------------------------------------------------- stand-ins
+
+
+@dataclass
+class StandIns:
+    model: str  # the tiny model folder
+    shard_dir: str  # folder of the 4 test shards
+    shard_range: str  # "{00000..00003}"
+    run: str  # name of a real run folder under outputs/train/runs/
+
+
+# README placeholder (regex) -> its stand-in, applied in this order to every command
+STAND_INS: list[tuple[str, Callable[[StandIns], str]]] = [
+    (r"/models/sd15", lambda s: s.model),
+    (r"model\.pretrained=\.\.\.", lambda s: f"model.pretrained={s.model}"),
+    (r"data\.train_shards=\.\.\.", lambda s: f"data.train_shards={s.shard_dir}/"),
+    (r"/data/\w+/\{\d+\.\.\d+\}", lambda s: f"{s.shard_dir}/{s.shard_range}"),
+    (r"/data/\w+", lambda s: s.shard_dir),
+    (r"<run>", lambda s: s.run),
+    (r"/tmp/tiny-sd", lambda s: "tiny-sd"),  # into the test's folder
+    (r"trainer\.devices=\d+", lambda s: "trainer.devices=2"),  # 8 GPUs -> 2 CPU processes
+    (r"(scripts/torchrun\.sh) \d+", lambda s: r"\1 2"),
+    (r"(?<=\s)\.\.\.(?=\s|$)", lambda s: ""),  # "and your overrides": the appended ones
+]
+PLACEHOLDER = re.compile(r"<[\w.-]+>|\.\.\.|…|/models/|/data/")
+
+# Appended to every training: two steps on the CPU at 32 px, a CSV log, a 2-step sampler.
+TRAIN_ARGS = [
+    "trainer.accelerator=cpu",
+    "trainer.precision=32-true",
+    "trainer.max_steps=2",
+    "trainer.enable_progress_bar=false",
+    "data.num_workers=0",
+    "data.batch_size=4",
+    "data.resolution=32",
+    "logger=csv",
+    "callbacks.sample_images.num_inference_steps=2",
+    "callbacks.sample_images.height=32",
+    "callbacks.sample_images.width=32",
+]
+# program -> what it does (for the checks) ; anything else in a README block fails its test
+RUNNERS = {
+    "sdtrain-train": "train",
+    "scripts/torchrun.sh": "train",
+    "sbatch": "train",  # the shim below runs the job script here
+    "sdtrain-export": "export",
+    "sdtrain-shards": "shards",
+    "sdtrain-tiny-model": "tiny-model",
+}
+APPEND = {"train": TRAIN_ARGS, "tiny-model": ["--vae-steps", "20"]}
+
+# No SLURM here: sbatch runs the job script at once as one node with one task; srun runs its task.
+SHIMS = {
+    "sbatch": """#!/usr/bin/env bash
+while [[ "${1:-}" == -* ]]; do shift; done  # sbatch's own options: --nodes=4, ...
+export SLURM_NNODES=1 SLURM_NTASKS_PER_NODE=1
+exec bash "$@"
+""",
+    "srun": """#!/usr/bin/env bash
+exec "$@"
+""",
+}
+
+
+def substitute(text: str, s: StandIns) -> str:
+    for pattern, replacement in STAND_INS:
+        text = re.sub(pattern, lambda m, r=replacement: m.expand(r(s)), text)
+    return text
+
+
+def stand_in(command: str, s: StandIns, block_id: str) -> tuple[str, str]:
+    """(runnable command, its runner kind), or the test fails naming what has no stand-in."""
+    command = substitute(command, s)
+    program = shlex.split(command)[0]
+    if program not in RUNNERS:
+        pytest.fail(f"README block {block_id!r} runs {program!r}: add a stand-in to RUNNERS")
+    left = PLACEHOLDER.search(command)
+    if left:
+        pytest.fail(f"README block {block_id!r}: no stand-in for {left.group(0)!r} in {command}")
+    kind = RUNNERS[program]
+    extra = list(APPEND.get(kind, []))
+    if kind == "train":
+        if "model.pretrained=" not in command:
+            extra.append(f"model.pretrained={s.model}")
+        if "data.train_shards=" not in command:
+            extra.append(f"data.train_shards={s.shard_dir}/")
+    return " ".join([command, *map(shlex.quote, extra)]), kind
+
+
+def expected_runs(args: list[str]) -> int:
+    """How many training runs a command starts: 1, or the size of its Hydra grid."""
+    grid = [a.split("=", 1)[1] for a in args if re.fullmatch(r"[\w.]+=[^\[\]{}()'\"]*,.*", a)]
+    for a in args:
+        if a.startswith("hparams_search="):
+            sweep = OmegaConf.load(CONF / "hparams_search" / f"{a.split('=', 1)[1]}.yaml")
+            grid += [str(v) for v in sweep.hydra.sweeper.params.values()]
+    return math.prod(len(v.split(",")) for v in grid)
+
+
+def checkpoints(cwd: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in cwd.rglob("last.ckpt")}
+
+
+def check_output(kind: str, args: list[str], cwd: Path, before: dict[Path, int]) -> None:
+    """What each program must have left behind (`before`: the checkpoints before it ran)."""
+    positional = [a for a in args[1:] if not a.startswith("-")]
+    if kind == "train":
+        written = [p for p, t in checkpoints(cwd).items() if before.get(p) != t]
+        assert len(written) == expected_runs(args), written
+        for ckpt in written:
+            assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+    elif kind == "export":
+        out = cwd / positional[1]
+        assert (out / "model_index.json").is_file()
+        assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    elif kind == "shards":
+        src, out = cwd / positional[0], cwd / positional[1]
+        images = [n for t in out.glob("*.tar") for n in tarfile.open(t).getnames()]
+        assert len([n for n in images if n.endswith(".png")]) == len(list(src.glob("*.png")))
+    elif kind == "tiny-model":
+        assert (cwd / positional[0] / "model_index.json").is_file()
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def shims(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shims")
+    for name, body in SHIMS.items():
+        (folder / name).write_text(body)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def make_run(cwd: Path, s: StandIns, env: dict[str, str]) -> str:
+    """A real run folder, `outputs/train/runs/<name>` in `cwd`, one step in; returns its name.
+
+    Made where it is used, with the overrides the commands get: Lightning restores its checkpoint
+    callback's state, and so writes last.ckpt again rather than last-v1.ckpt, only when the
+    folder and the callback's settings are the same.
+    """
+    name = "2024-01-01_00-00-00"
+    args = [f"hydra.run.dir=outputs/train/runs/{name}", *TRAIN_ARGS, "trainer.max_steps=1"]
+    args += [f"model.pretrained={s.model}", f"data.train_shards={s.shard_dir}/"]
+    proc = subprocess.run(
+        ["sdtrain-train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return name
+
+
+def shard_stand_ins(shards: str) -> tuple[str, str]:
+    folder, name = shards.rsplit("/", 1)
+    return folder, name.removesuffix(".tar")
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_readme_has_the_ci_blocks_and_commands_to_run():
+    assert sorted(b.marker for b in BLOCKS if b.marker in CI_BLOCKS) == sorted(CI_BLOCKS)
+    assert len(TO_RUN) >= 8 and all(b.commands for b in TO_RUN)
+
+
+@pytest.mark.parametrize("block", TO_RUN, ids=[b.id for b in TO_RUN])
+def test_readme_block_runs(
+    block: Block, tiny_model: Path, shards: str, shims: Path, tmp_path: Path
+):
+    shard_dir, shard_range = shard_stand_ins(shards)
+    s = StandIns(str(tiny_model), shard_dir, shard_range, run="")
+    (tmp_path / "scripts").symlink_to(ROOT / "scripts")
+    demo.write_folder(tmp_path / "my_images", 48, 32)
+    path = os.pathsep.join([str(shims), str(Path(sys.executable).parent), os.environ["PATH"]])
+    # One thread a process: the tiny model gains nothing from more, and on a 2-core machine two
+    # threads per process thrash (10x slower) once another process (DDP's second rank) shares it.
+    env = dict(os.environ, PATH=path, PWD=str(tmp_path), OMP_NUM_THREADS="1")
+    if any("<run>" in c for c in block.commands):
+        s.run = make_run(tmp_path, s, env)
+    for readme_command in block.commands:
+        command, kind = stand_in(readme_command, s, block.id)
+        before = checkpoints(tmp_path)
+        proc = subprocess.run(
+            ["bash", "-c", command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        check_output(kind, shlex.split(command), tmp_path, before)
+
+
+@pytest.mark.parametrize("row", CONFIG_ROWS, ids=[ticked(r[0])[0] for r in CONFIG_ROWS])
+def test_config_table_options_exist_and_keys_are_settable(row: list[str], tmp_path: Path):
+    group, options, sets = row[0].strip("`"), row[1], row[2]
+    for option in ticked(options):
+        assert (CONF / group / f"{option}.yaml").is_file(), f"{group}={option}"
+    defaults = compose_cfg(tmp_path)
+    if group not in defaults:  # experiment, hparams_search, debug: null by default
+        assert not ticked(sets), f"{group} has no keys of its own"
+        return
+    keys = table_keys(sets, OmegaConf.to_container(defaults[group], resolve=False))
+    unsettable = []
+    for key in keys:  # null: any key in the config takes it; a key that is not there fails
+        try:
+            cfg = compose_cfg(tmp_path, [f"{group}.{key}=null"])
+        except Exception as e:  # Hydra: "Key 'height' is not in struct"
+            unsettable.append(f"{group}.{key}: {str(e).splitlines()[0]}")
+            continue
+        assert OmegaConf.select(cfg, f"{group}.{key}") is None
+    assert not unsettable, "\n".join(unsettable)
+
+
+def test_config_table_names_the_keys():
+    """The table parses into keys (a broken parse would let the test above pass on nothing)."""
+    rows = {r[0].strip("`"): r for r in CONFIG_ROWS}
+    cfg = {"sample_images": {"sampler": "ddim"}, "ema": {"decay": 0.9}}
+    assert table_keys(rows["callbacks"][2], cfg)[:6] == [
+        "ema",
+        "ema.decay",
+        "ema.warmup",
+        "ema.update_every",
+        "sample_images",
+        "sample_images.prompts",
+    ]
+    assert "sample_images.ddim" not in table_keys(rows["callbacks"][2], cfg)  # a value
+    assert "prediction_type" in table_keys(rows["model"][2], {})
+    assert "null" not in table_keys(rows["model"][2], {})
+
+
+SHARD_FORMS = table_rows(README.read_text(), "| form | on the command line |")
+
+
+@pytest.mark.parametrize("form", SHARD_FORMS, ids=[slug(r[0]) for r in SHARD_FORMS])
+def test_train_shards_forms_in_the_readme(form: list[str], shards: str, tmp_path: Path):
+    """Each documented form, through bash's quoting, Hydra's parser and expand_shards."""
+    (argument,) = ticked(form[1])
+    shard_dir, shard_range = shard_stand_ins(shards)
+    s = StandIns("", shard_dir, shard_range, run="")
+    argument = substitute(argument, s)
+    words = subprocess.run(
+        ["bash", "-c", f"printf '%s\\0' {argument}"], capture_output=True, text=True, check=True
+    ).stdout.split("\0")[:-1]
+    assert len(words) == 1, words  # the shell expanded nothing
+    cfg = compose_cfg(tmp_path, words)
+    got = expand_shards(cfg.data.train_shards)
+    assert set(got) == {f"{shard_dir}/{i:05d}.tar" for i in range(4)}, got
+
+
+def test_brace_override_needs_both_quotes(shards: str, tmp_path: Path):
+    """The README's old form, as the shell hands it to Hydra, fails to parse."""
+    from hydra.errors import OverrideParseException
+
+    with pytest.raises(OverrideParseException, match="mismatched input '{'"):
+        compose_cfg(tmp_path, [f"data.train_shards={shards}"])
+    cfg = compose_cfg(tmp_path, [f"data.train_shards='{shards}'"])
+    assert len(expand_shards(cfg.data.train_shards)) == 4
