@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node training under SLURM: one task per GPU; Lightning reads the SLURM environment.
-#   sbatch --nodes=2 scripts/slurm.sh model.pretrained=/models/sd15 data.train_shards='/data/{00000..09999}.tar'
+#   sbatch --nodes=2 scripts/slurm.sh model.pretrained=/models/sd15 "data.train_shards='/data/{00000..09999}.tar'"
 #SBATCH --job-name=sdtrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8

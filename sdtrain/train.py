@@ -1,7 +1,7 @@
 """Train a Stable Diffusion U-Net. With no arguments: the built-in demo, on whatever device exists.
 
 Single device:     sdtrain-train                       (or python -m sdtrain.train)
-Your data/model:   sdtrain-train model.pretrained=/models/sd15 data.train_shards='/data/{00000..00999}.tar'
+Your data/model:   sdtrain-train model.pretrained=/models/sd15 "data.train_shards='/data/{00000..00999}.tar'"
 GPUs on one node:  sdtrain-train trainer=gpu trainer.devices=8 trainer.strategy=ddp
 torchrun:          torchrun --nproc_per_node 8 -m sdtrain.train trainer=gpu trainer.devices=8 trainer.strategy=ddp
 SLURM:             sbatch scripts/slurm.sh  (srun sdtrain-train trainer.num_nodes=N ...)
@@ -81,7 +81,7 @@ def train(cfg: DictConfig) -> float | None:
     if missing:
         raise ValueError(
             f"these config keys need a value: {', '.join(missing)} (set them on the command line, "
-            "e.g. model.pretrained=/models/sd15 data.train_shards='/data/{00000..00099}.tar')"
+            "e.g. model.pretrained=/models/sd15 \"data.train_shards='/data/{00000..00099}.tar'\" or a shard folder)"
         )
     L.seed_everything(cfg.seed, workers=True)
     ckpt = checkpoint_file(cfg)
