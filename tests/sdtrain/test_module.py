@@ -91,3 +91,16 @@ def test_unet_from_config_is_fresh(tiny_model: Path):
     assert scratch.unet.config.block_out_channels == pretrained.unet.config.block_out_channels
     a, b = pretrained.unet.state_dict(), scratch.unet.state_dict()
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skipped_total_round_trips_through_the_checkpoint(tiny_model: Path):
+    """The count is the run's total (summed over ranks as it is counted), restored as saved."""
+    m = make(tiny_model)
+    m.count_skipped(3)
+    m.count_skipped(2)
+    ckpt = {"state_dict": {f"unet.{k}": v for k, v in m.unet.state_dict().items()}}
+    m.on_save_checkpoint(ckpt)
+    assert ckpt["sdtrain"]["skipped_total"] == 5 and type(ckpt["sdtrain"]["skipped_total"]) is int
+    fresh = make(tiny_model)
+    fresh.on_load_checkpoint(ckpt)
+    assert float(fresh.skipped_total) == 5.0
