@@ -1,0 +1,107 @@
+"""The learning-parity harness (scripts/parity.py): its pieces, and one CPU-sized run of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from scripts import parity
+from tests.conftest import ROOT
+
+
+def test_render_set_labels_match_demo_captions():
+    images, labels = parity.render_set(24, seed=0)
+    from sdtrain import demo
+
+    captions = [c for _, c in demo.samples(24, 32, seed=0)]
+    assert [parity.caption(int(y)) for y in labels] == captions
+    assert images[0].size == (32, 32) and labels.tolist() == list(range(12)) * 2
+
+
+def test_write_shards_holds_the_in_memory_images(tmp_path: Path):
+    images, labels = parity.render_set(48, seed=0)
+    pattern = parity.write_shards(images, labels, tmp_path, n_shards=16)
+    assert pattern == f"{tmp_path}/shards/{{00000..00015}}.tar"
+    samples = list(wds.WebDataset(pattern, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == 48
+    for i in (0, 17, 47):
+        got = samples[i]
+        assert got["txt"] == parity.caption(int(labels[i]))
+        assert np.array_equal(got["png"], np.asarray(images[i]))  # (32, 32, 3) uint8, lossless
+
+
+class FixedJudge(torch.nn.Module):
+    """Always answers class `label` (for checking the scoring arithmetic)."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # score() reads the device from here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.full((len(x),), self.label), 12).float()
+
+
+def test_score_splits_colour_and_shape():
+    labels = torch.arange(12)  # red circle, red square, ..., yellow triangle
+    s = parity.score(FixedJudge(0), torch.zeros(12, 3, 32, 32), labels)  # "a red circle" always
+    assert s == pytest.approx({"accuracy": 1 / 12, "colour": 3 / 12, "shape": 4 / 12})
+
+
+def test_judge_learns_colour_from_a_few_renders():
+    judge, s = parity.train_judge(n_train=480, n_test=120, device="cpu", epochs=2)
+    assert isinstance(judge, parity.Judge) and s["colour"] > 0.9
+
+
+def test_sdtrain_overrides_quote_shards_and_match_the_budget(tmp_path: Path):
+    a = parity.parse_args(
+        ["--out", str(tmp_path), "--steps", "7", "--batch-size", "4", "--device", "cpu",
+         "--sdtrain-override", "trainer.gradient_clip_val=null"]
+    )  # fmt: skip
+    o = parity.sdtrain_overrides(a, Path("/m"), "/s/{00000..00015}.tar", 3, tmp_path / "run")
+    assert "data.train_shards='/s/{00000..00015}.tar'" in o
+    for want in ("trainer.max_steps=7", "data.batch_size=4", "seed=3", "trainer=cpu",
+                 "model.lr_scheduler.name=constant", "~callbacks.sample_images", "logger=none"):  # fmt: skip
+        assert want in o
+    assert o[-1] == "trainer.gradient_clip_val=null"  # extra overrides come last, so they win
+
+
+@pytest.mark.slow
+def test_parity_cpu_run(tmp_path: Path):
+    """~5 min on 2 cores: both trainers at 300 steps x batch 32, one seed, 4 images per prompt."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "parity.py"),
+        "--out", str(tmp_path),
+        "--steps", "300",
+        "--batch-size", "32",
+        "--n-train", "1200",
+        "--per-class", "4",
+        "--seeds", "0",
+        "--device", "cpu",
+    ]  # fmt: skip
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "parity.json").read_text())
+    assert result["judge"]["real"]["accuracy"] >= 0.95
+    (row,) = result["seeds"]
+    ref, raw = row["reference"], row["sdtrain_raw"]
+    # The reference learns: far above chance (1/12) on the prompt, and mostly right on colour.
+    assert ref["accuracy"] > 3 / 12 and ref["colour"] >= 0.6, ref
+    # A loose CPU margin: at 300 steps one seed's gap is mostly noise (48 samples, one image is
+    # 0.02; raw minus reference measured -0.125, +0.08, +0.15, 0.00 on seeds 0-3, means 0.56 vs
+    # 0.54), so this catches a pipeline that learns far worse, not a small deficit. The tight
+    # comparison is the GPU command in scripts/parity.py's docstring (docs/parity.md).
+    assert raw["accuracy"] >= ref["accuracy"] - 0.15, (raw, ref)
+    assert raw["colour"] >= 0.6, raw
