@@ -9,7 +9,7 @@ the prompt's class (chance: 1/12); colour and shape accuracy are reported apart.
 
 From the repo root, in the project's environment (`pip install -e .`).
 
-CPU smoke run (~5 min on 2 cores; the slow test runs this size):
+CPU smoke run (~6 min on an idle 2-core CPU, 9-20 min on a busy one; the slow test runs this size):
     python scripts/parity.py --out /tmp/parity-cpu --steps 300 --batch-size 32 --n-train 1200 --per-class 4
 
 GPU (H100/H200; sdtrain in bf16-mixed with 8 loader workers, the reference in strict fp32):

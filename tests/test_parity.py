@@ -76,7 +76,7 @@ def test_sdtrain_overrides_quote_shards_and_match_the_budget(tmp_path: Path):
 
 @pytest.mark.slow
 def test_parity_cpu_run(tmp_path: Path):
-    """~5 min on 2 cores: both trainers at 300 steps x batch 32, one seed, 4 images per prompt."""
+    """~6 min on an idle 2-core CPU: both trainers at 300 steps x batch 32, 4 images a prompt."""
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "parity.py"),
