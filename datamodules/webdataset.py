@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from datamodules.transforms import Collate, ImageTextTransform, SkipSample
 from sdtrain.models import load_tokenizer
+from sdtrain.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,6 @@ class DecodeStage:
             example["key"] = sample["__key__"]  # which sample it was: data-order tests, debugging
             example["skipped"], self.pending_skips = self.pending_skips, 0
             yield example
-
-
-def derive_seed(*parts: str | int) -> int:
-    """A 63-bit seed from `parts`, the same in every process, run and Python version.
-
-    sha256 rather than hash(): hash() of a str changes with PYTHONHASHSEED in every process, and
-    webdataset's make_seed (seed * 31 + part, 31 bits) maps many different tuples to one seed.
-    """
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def worker_info() -> tuple[int, int]:

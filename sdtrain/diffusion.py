@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sdtrain.seeds import derive_seed
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device | str):
@@ -13,12 +14,9 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
     Every draw of the training step (timesteps, noise, caption dropout, the VAE posterior) comes
     from it, so ranks draw apart, a resumed run continues the stream where it stopped instead of
     replaying its first steps, and the same (seed, rank, step, micro) always gives the same draws.
-    numpy's SeedSequence mixes the four numbers (no two tuples share a stream by accident).
     """
-    entropy = [int(seed) & 0xFFFFFFFF, int(rank), int(step), int(micro)]
-    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(state[0]) << 32 | int(state[1]))
+    gen.manual_seed(derive_seed("train-step", int(seed), int(rank), int(step), int(micro)))
     return gen
 
 
