@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from callbacks.ema import find_ema
+from sdtrain.callbacks.ema import find_ema
 from sdtrain.sampling import build_pipeline, generate, grid
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from datamodules.transforms import Collate, ImageTextTransform, SkipSample
+from sdtrain.datamodules.transforms import Collate, ImageTextTransform, SkipSample
 from sdtrain.models import load_tokenizer
 from sdtrain.seeds import derive_seed
 

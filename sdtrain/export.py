@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from callbacks.ema import EMA
+from sdtrain.callbacks.ema import EMA
 
 
 def unet_weights(ckpt: dict, ema: bool, ckpt_path: str | Path) -> dict[str, torch.Tensor]:

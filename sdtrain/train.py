@@ -113,9 +113,7 @@ def finish_wandb() -> None:
         sys.modules["wandb"].finish()
 
 
-@hydra.main(
-    version_base="1.3", config_path=str(Path(__file__).parents[1] / "conf"), config_name="train"
-)
+@hydra.main(version_base="1.3", config_path="pkg://sdtrain.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     return train(cfg)
 

@@ -75,7 +75,7 @@ def test_own_data_is_not_flipped_by_default(tmp_path: Path):
     """A mirrored glyph, text or asymmetric subject no longer matches its caption."""
     import inspect
 
-    from datamodules.webdataset import WebDataModule
+    from sdtrain.datamodules.webdataset import WebDataModule
 
     cfg = compose_cfg(tmp_path, ["experiment=finetune_sd15"])
     assert cfg.data.random_flip is False

@@ -24,8 +24,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from datamodules.webdataset import expand_shards
 from sdtrain import demo
+from sdtrain.datamodules.webdataset import expand_shards
 from tests.conftest import CONF, ROOT, compose_cfg
 
 README = ROOT / "README.md"

@@ -209,7 +209,7 @@ def test_list_shards_and_dict_unet_config_checkpoint_loads_and_resumes(
 ):
     import json
 
-    from datamodules.webdataset import expand_shards
+    from sdtrain.datamodules.webdataset import expand_shards
 
     base = tiny_overrides(tiny_model, shards, 2) + ["logger=none"]
     cfg = compose_cfg(tmp_path, base)

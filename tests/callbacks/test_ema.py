@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.ema import EMA, ema_decay
+from sdtrain.callbacks.ema import EMA, ema_decay
 
 
 class Holder(nn.Module):

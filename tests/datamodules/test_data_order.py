@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules import webdataset
-from datamodules.webdataset import DataOrder, WebDataModule
+from sdtrain.datamodules import webdataset
+from sdtrain.datamodules.webdataset import DataOrder, WebDataModule
 
 SAMPLES, PER_SHARD = 96, 24  # the `shards` fixture: 4 shards x 24 samples
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.transforms import (
+from sdtrain.datamodules.transforms import (
     BACKGROUND_RGB,
     Collate,
     ImageTextTransform,

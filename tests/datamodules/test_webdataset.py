@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.webdataset import WebDataModule
 from sdtrain import demo
+from sdtrain.datamodules.webdataset import WebDataModule
 
 
 def batches(dm: WebDataModule, n: int) -> list[dict]:
@@ -191,7 +191,7 @@ def test_missing_shards_are_named(shards: str, tiny_model: Path):
 
 
 def shard_list(urls: str | list[str]) -> list[str]:
-    from datamodules.webdataset import expand_shards
+    from sdtrain.datamodules.webdataset import expand_shards
 
     return expand_shards(urls)
 

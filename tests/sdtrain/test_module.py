@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.webdataset import WebDataModule
 from sdtrain import diffusion
+from sdtrain.datamodules.webdataset import WebDataModule
 from sdtrain.module import StableDiffusionModule
 
 

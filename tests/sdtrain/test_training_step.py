@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from datamodules.webdataset import WebDataModule
+from sdtrain.datamodules.webdataset import WebDataModule
 from sdtrain.train import train
 from tests.conftest import compose_cfg, tiny_overrides
 from tests.sdtrain.recording import RecordingModule

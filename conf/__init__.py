@@ -1,0 +1,1 @@
+"""Hydra configs, shipped inside the package (sdtrain.conf) so a non-editable install has them."""
