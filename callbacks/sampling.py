@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from sdtrain.callbacks.ema import find_ema
-from sdtrain.sampling import build_pipeline, generate, grid
+from sdtrain.sampling import generate, grid
 
 log = logging.getLogger(__name__)
 
 
 class SampleImages(L.Callback):
-    """Generates one image per prompt with fixed seeds (EMA weights when an EMA callback runs).
+    """Generates one image per prompt with fixed seeds (the module's EMA weights when it has them).
 
     Every rank runs the model (a rank-0-only forward would hang under FSDP); rank 0 writes
     `<out_dir>/step_XXXXXXX.png` and logs the captioned images to each W&B logger.
@@ -85,21 +85,14 @@ class SampleImages(L.Callback):
 
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = self.last_sampled = trainer.global_step
-        m = pl_module
-        pipe = build_pipeline(
-            m.vae, m.text_encoder, m.tokenizer, m.unet, m.noise_scheduler, self.sampler
-        )
-        ema = find_ema(trainer) if self.use_ema else None
-        was_training = m.unet.training
-        m.unet.eval()
+        pipe = pl_module.pipeline(self.sampler)
+        was_training = pl_module.training
+        pl_module.eval()
         try:
-            if ema is not None and ema.shadow is not None:
-                with ema.swapped_in(m.unet):
-                    images = generate(pipe, self.prompts, **self.kwargs)
-            else:
+            with pl_module.ema_weights() if self.use_ema else nullcontext():
                 images = generate(pipe, self.prompts, **self.kwargs)
         finally:
-            m.unet.train(was_training)
+            pl_module.train(was_training)
         if trainer.is_global_zero:
             self._publish(trainer, images, step)
 

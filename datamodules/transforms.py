@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from sdtrain import batch as B
 from sdtrain.models import tokenize
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -122,7 +123,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class ImageTextTransform:
-    """Raw sample -> {"pixel_values", "caption"}; raises SkipSample when unusable.
+    """Raw sample -> {"pixels", "caption"}; raises SkipSample when unusable.
 
     Captions are tokenized per batch (`Collate`), not here: one tokenizer call for the batch is
     ~15x cheaper than one per sample, which had made tokenizing the data loader's bottleneck.
@@ -139,11 +140,11 @@ class ImageTextTransform:
         img = resize_crop(img, self.resolution, self.center_crop)
         if self.random_flip and random.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"pixel_values": to_tensor(img), "caption": caption}
+        return {B.PIXELS: to_tensor(img), "caption": caption}
 
 
 class Collate:
-    """Examples -> one batch: stacked pixels, the captions tokenized in one call."""
+    """Examples -> one batch (the contract in sdtrain.batch): pixels, captions tokenized at once."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -151,14 +152,9 @@ class Collate:
     def __call__(self, examples: list[dict]) -> dict:
         captions = [e["caption"] for e in examples]
         return {
-            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),  # (B, 3, H, W)
-            "input_ids": tokenize(self.tokenizer, captions),  # (B, 77)
-            "caption": captions,
-            "key": [e["key"] for e in examples],  # the samples' __key__, set by DecodeStage
-            "skipped": sum(e["skipped"] for e in examples),
+            B.PIXELS: torch.stack([e[B.PIXELS] for e in examples]),  # (B, 3, H, W)
+            B.INPUT_IDS: tokenize(self.tokenizer, captions),  # (B, 77)
+            B.CAPTIONS: captions,
+            B.KEYS: [e["key"] for e in examples],  # the samples' __key__, set by DecodeStage
+            B.SKIPPED: sum(e["skipped"] for e in examples),
         }
-
-
-def batch_size(batch: dict) -> int:
-    """Images in a collated batch (for Lightning's ThroughputMonitor)."""
-    return batch["pixel_values"].shape[0]

@@ -88,12 +88,12 @@ class StepTimer(L.Callback):
 
 
 def run_case(folder: Path, res: int, bs: int, steps: int, warmup: int) -> dict:
-    from sdtrain.models import tokenize
+    from sdtrain.models import load_parts, tokenize
     from sdtrain.module import StableDiffusionModule
 
-    model = StableDiffusionModule(str(folder), optimizer=partial(torch.optim.AdamW, lr=1e-5))
+    model = StableDiffusionModule(load_parts(folder), optimizer=partial(torch.optim.AdamW, lr=1e-5))
     ids = tokenize(model.tokenizer, ["a photograph of an astronaut riding a horse"] * bs)
-    batch = {"pixel_values": torch.rand(bs, 3, res, res) * 2 - 1, "input_ids": ids}
+    batch = {"pixels": torch.rand(bs, 3, res, res) * 2 - 1, "input_ids": ids}
     loader = torch.utils.data.DataLoader(SyntheticBatches(batch), batch_size=None)
     timer = StepTimer(warmup)
     trainer = L.Trainer(

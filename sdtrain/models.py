@@ -1,8 +1,14 @@
-"""Load the parts of a Stable Diffusion from a local diffusers folder, or build the U-Net from config."""
+"""Loaders: build the parts of a Stable Diffusion (U-Net, VAE, text encoder, tokenizer, noise
+scheduler) and hand them to the module built. The module never loads anything itself.
+
+`load_parts` reads a local diffusers folder, with the U-Net pretrained or fresh from a config; a
+single-file loader or a LoRA wrapper is one more function that returns `Parts`.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +73,48 @@ def load_scheduler(path: str | Path):
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"{config_file}: _class_name {name!r} is no diffusers scheduler")
     return cls.from_pretrained(path, subfolder="scheduler")
+
+
+@dataclass
+class Parts:
+    """The models a Stable Diffusion trains with, built.
+
+    `unet` trains; `vae` and `text_encoder` are frozen by the module. `noise_scheduler` holds the
+    training noise schedule and `prediction_type`. `pretrained` is the folder the frozen parts
+    came from (recorded in checkpoints, so export can reload them); None for parts built in memory.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    pretrained: str | None = None
+
+
+def load_parts(
+    pretrained: str | Path,
+    unet_config: str | dict[str, Any] | None = None,
+    prediction_type: str | None = None,
+) -> Parts:
+    """All parts from a diffusers folder.
+
+    Args:
+        pretrained: folder with vae/, text_encoder/, tokenizer/, scheduler/ (and unet/).
+        unet_config: None to load the folder's U-Net; a dict of UNet2DConditionModel arguments or
+            a config.json path for a fresh U-Net of that shape (pretraining).
+        prediction_type: "epsilon" or "v_prediction" to override the folder's scheduler; None
+            keeps the folder's.
+    """
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ValueError(
+            f"model.prediction_type={prediction_type!r}; use 'epsilon' or 'v_prediction'"
+        )
+    vae, text_encoder, tokenizer, scheduler = load_frozen(pretrained)
+    if prediction_type is not None:
+        scheduler.register_to_config(prediction_type=prediction_type)
+    unet = load_unet(pretrained, unet_config)
+    return Parts(unet, vae, text_encoder, tokenizer, scheduler, str(Path(pretrained).expanduser()))
 
 
 def load_unet(path: str | Path, config: str | dict[str, Any] | None = None):

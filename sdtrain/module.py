@@ -1,32 +1,35 @@
-"""The training system: frozen VAE + CLIP text encoder, trainable U-Net, diffusion loss."""
+"""The training system: frozen VAE + CLIP text encoder, trainable U-Net, diffusion loss, EMA."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from sdtrain import diffusion
-from sdtrain.models import load_frozen, load_unet, tokenize
+from sdtrain import batch as B
+from sdtrain import checkpoint, diffusion
+from sdtrain.ema import EMA
+from sdtrain.models import Parts, tokenize
 
-FROZEN = ("vae.", "text_encoder.")  # state-dict prefixes kept out of checkpoints
+
+def posterior_from_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2C, h, w) mean and log-variance -> fp32 mean and std, as diffusers' VAE computes them."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
 
 class StableDiffusionModule(L.LightningModule):
     """Trains a U-Net to denoise VAE latents conditioned on CLIP text embeddings.
 
     Args:
-        pretrained: diffusers folder with vae/, text_encoder/, tokenizer/, scheduler/ (and unet/).
-        optimizer: partial optimizer, finished with the U-Net parameters.
+        parts: the built models (`sdtrain.models.load_parts` or any loader that returns Parts).
+        optimizer: partial optimizer, finished with the trainable parameters.
         lr_scheduler: partial LR scheduler, finished with the optimizer; stepped every step.
-        unet_config: None to fine-tune the folder's U-Net; a dict or config.json path to train one
-            from scratch.
-        prediction_type: "epsilon" or "v_prediction" to override the folder's scheduler; None keeps
-            the folder's.
+        ema: an EMA of the trainable weights, updated once per optimizer step; None for none.
         caption_dropout: probability of training on the empty caption (for classifier-free
             guidance at sampling time).
         min_snr_gamma: gamma for min-SNR loss weighting, None for plain MSE.
@@ -38,11 +41,10 @@ class StableDiffusionModule(L.LightningModule):
 
     def __init__(
         self,
-        pretrained: str,
+        parts: Parts,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
-        unet_config: str | dict | None = None,
-        prediction_type: str | None = None,
+        ema: EMA | None = None,
         caption_dropout: float = 0.1,
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
@@ -50,27 +52,38 @@ class StableDiffusionModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if prediction_type not in (None, "epsilon", "v_prediction"):
-            raise ValueError(
-                f"model.prediction_type={prediction_type!r}; use 'epsilon' or 'v_prediction'"
-            )
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["parts", "optimizer", "lr_scheduler", "ema"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler = load_frozen(pretrained)
-        if prediction_type is not None:
-            self.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
+        self.pretrained = parts.pretrained
         for frozen in (self.vae, self.text_encoder):
             frozen.requires_grad_(False).eval()
-        self.unet = load_unet(pretrained, unet_config)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.ema = ema
         self.strict_loading = False  # checkpoints hold the U-Net only; the frozen parts reload
         self.skipped_total = torch.zeros(())  # data samples skipped so far, all ranks
         self._empty_context: torch.Tensor | None = None
         self._micro, self._micro_step = 0, -1  # micro-batch index within the optimizer step
+
+    @property
+    def parts(self) -> Parts:
+        return Parts(
+            self.unet,
+            self.vae,
+            self.text_encoder,
+            self.tokenizer,
+            self.noise_scheduler,
+            self.pretrained,
+        )
+
+    def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the U-Net parameters that train: the optimizer's and the EMA's."""
+        return ((n, p) for n, p in self.unet.named_parameters() if p.requires_grad)
 
     def train(self, mode: bool = True):
         """Keep the frozen parts in eval mode whatever Lightning asks (no dropout, fixed norms)."""
@@ -78,6 +91,8 @@ class StableDiffusionModule(L.LightningModule):
         self.vae.eval()
         self.text_encoder.eval()
         return self
+
+    # ------------------------------------------------------------------ encoding
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -93,6 +108,44 @@ class StableDiffusionModule(L.LightningModule):
             ids = tokenize(self.tokenizer, "").to(self.device)
             self._empty_context = self.encode_text(ids).float()  # (1, 77, D)
         return self._empty_context.expand(batch_size, -1, -1)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> the VAE posterior's fp32 mean and std, (B, 4, H/f, W/f).
+
+        The VAE may run in bf16; the posterior is sampled later, in fp32 (`sample_latents`).
+        """
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, g: torch.Generator):
+        """A posterior sample, times the VAE's scaling factor: the latents the U-Net learns on."""
+        eps = torch.randn(mean.shape, device=mean.device, dtype=torch.float32, generator=g)
+        return (mean + std * eps) * self.vae.config.scaling_factor
+
+    def latents_and_context(self, batch: dict[str, Any], g: torch.Generator):
+        """fp32 latents, context and the step's draws, encoding only what the batch lacks.
+
+        The draws (timesteps, noise, caption dropout) come first and the VAE posterior sample
+        last, so a batch of cached latents gets the same draws as the batch of pixels it came from.
+        """
+        image = B.image_key(batch)
+        if image == B.LATENTS:
+            latents, posterior = batch[B.LATENTS].float(), None
+        elif image == B.LATENT_DIST:
+            posterior = posterior_from_moments(batch[B.LATENT_DIST])
+        else:
+            posterior = self.encode_images(batch[B.PIXELS])
+        if B.text_key(batch) == B.CONTEXT:
+            context = batch[B.CONTEXT].float()
+        else:
+            context = self.encode_text(batch[B.INPUT_IDS]).float()
+        draws = self.draw(latents if posterior is None else posterior[0], g)
+        if posterior is not None:
+            latents = self.sample_latents(*posterior, g)
+        return latents, context, draws
+
+    # ------------------------------------------------------------------ the step
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""
@@ -121,22 +174,9 @@ class StableDiffusionModule(L.LightningModule):
         drop = torch.rand(b, device=self.device, generator=g) < self.hparams.caption_dropout
         return {"t": t, "noise": noise, "drop": drop}
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f) fp32 scaled latents (f: VAE downsampling).
-
-        The VAE may run in bf16; its posterior is sampled in fp32.
-        """
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        mean, std = dist.mean.float(), dist.std.float()
-        eps = torch.randn(mean.shape, device=mean.device, dtype=torch.float32, generator=g)
-        return (mean + std * eps) * self.vae.config.scaling_factor
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         g = self.step_generator()
-        latents = self.encode_images(batch["pixel_values"], g)  # (B, 4, h, w) fp32
-        context = self.encode_text(batch["input_ids"]).float()  # (B, 77, D)
-        draws = self.draw(latents, g)
+        latents, context, draws = self.latents_and_context(batch, g)  # (B, 4, h, w), (B, 77, D)
         b, t, noise = latents.shape[0], draws["t"], draws["noise"]
         if self.hparams.caption_dropout > 0:
             context = torch.where(draws["drop"][:, None, None], self.empty_context(b), context)
@@ -150,7 +190,7 @@ class StableDiffusionModule(L.LightningModule):
             )
         loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights)
 
-        self.count_skipped(int(batch.get("skipped", 0)))
+        self.count_skipped(int(batch.get(B.SKIPPED, 0)))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("data/skipped", self.skipped_total)
@@ -168,32 +208,71 @@ class StableDiffusionModule(L.LightningModule):
         self.skipped_total = self.skipped_total.to(self.device) + skipped
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(params=[p for p in self.unet.parameters() if p.requires_grad])
+        opt = self.optimizer_factory(params=[p for _, p in self.trainable_parameters()])
         if self.lr_scheduler_factory is None:
             return opt
         sched = self.lr_scheduler_factory(optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen weights; record what export needs to rebuild the pipeline."""
-        sd = checkpoint["state_dict"]
-        for key in [k for k in sd if k.startswith(FROZEN)]:
-            del sd[key]
-        checkpoint["sdtrain"] = {
-            "pretrained": str(self.hparams.pretrained),
-            # plain JSON types only, so the checkpoint loads with torch.load(weights_only=True)
-            "unet_config": json.loads(json.dumps(dict(self.unet.config), default=str)),
-            "prediction_type": self.noise_scheduler.config.prediction_type,
-            "skipped_total": int(self.skipped_total.item()),
-        }
-        wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
-        if wandb_ids:  # a resumed run logs on into the same W&B run
-            checkpoint["sdtrain"]["wandb_run_id"] = wandb_ids[0]
+    # ------------------------------------------------------------------ EMA
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = [k for k in self.unet.state_dict() if f"unet.{k}" not in checkpoint["state_dict"]]
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} U-Net weights, e.g. unet.{missing[0]}")
-        self.skipped_total = torch.tensor(
-            float(checkpoint.get("sdtrain", {}).get("skipped_total", 0))
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.attach(self.trainable_parameters())
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch),
+        before any callback's on_train_batch_end, so checkpoints and samples see this step's EMA."""
+        super().optimizer_step(*args, **kwargs)
+        step = self.global_step + 1  # Lightning counts this step once the hook returns
+        if self.ema is not None and step % self.ema.update_every == 0:
+            self.ema.update(self.trainable_parameters(), step)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[bool]:
+        """Within the scope the trainable weights are the EMA's; after it, exactly the raw ones.
+
+        Yields whether EMA weights are in (False without an EMA, or before it has a shadow).
+        """
+        if self.ema is None or self.ema.shadow is None:
+            yield False
+            return
+        with self.ema.swapped_in(self.trainable_parameters()):
+            yield True
+
+    def pipeline(self, sampler: str = "ddim"):
+        """A diffusers text-to-image pipeline over this module's parts (shared, not copied)."""
+        from sdtrain.sampling import build_pipeline
+
+        return build_pipeline(
+            self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler, sampler
         )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        """Keep the trainable weights only; add the schema's entry (sdtrain.checkpoint)."""
+        checkpoint.trainable_only(ckpt["state_dict"])
+        wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
+        run = {
+            "pretrained": self.pretrained,
+            "unet_config": checkpoint.plain(dict(self.unet.config)),
+            "prediction_type": self.noise_scheduler.config.prediction_type,
+            "wandb_run_id": wandb_ids[0] if wandb_ids else None,  # a resume logs on into it
+        }
+        ema = self.ema.state_dict() if self.ema is not None else None
+        ckpt[checkpoint.ROOT] = checkpoint.build(run, ema, int(self.skipped_total.item()))
+
+    def on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        checkpoint.upgrade(ckpt)
+        sd = ckpt["state_dict"]
+        prefix = checkpoint.UNET_PREFIX
+        missing = [k for k in self.unet.state_dict() if f"{prefix}{k}" not in sd]
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} U-Net weights, e.g. {prefix}{missing[0]}"
+            )
+        ema_state = checkpoint.ema_state(ckpt)
+        if self.ema is not None and ema_state is not None:
+            self.ema.load_state_dict(ema_state)
+        self.skipped_total = torch.tensor(float(checkpoint.skipped_total(ckpt)))

@@ -181,18 +181,30 @@ def fit_vae(vae, resolution: int, steps: int, batch_size: int = 16, seed: int = 
     return scale
 
 
-def make_tiny_model(out: str | Path, resolution: int = 32, vae_steps: int = 300, seed: int = 0):
-    """Write a tiny Stable Diffusion folder to `out` and return its path."""
-    from sdtrain.models import assemble_pipeline
+def build_parts(resolution: int = 32, vae_steps: int = 0, seed: int = 0):
+    """The tiny model's parts in memory (`sdtrain.models.Parts`, `pretrained` None).
+
+    With `vae_steps` 0 the VAE stays random (enough for tests that do not judge images).
+    """
+    from sdtrain.models import Parts
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(tokenizer)
     vae = build_vae(resolution)
-    fit_vae(vae, resolution, vae_steps, seed=seed)
+    if vae_steps:
+        fit_vae(vae, resolution, vae_steps, seed=seed)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     unet = build_unet(resolution // factor, text_encoder.config.hidden_size)
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, build_scheduler())
+    return Parts(unet, vae, text_encoder, tokenizer, build_scheduler())
+
+
+def make_tiny_model(out: str | Path, resolution: int = 32, vae_steps: int = 300, seed: int = 0):
+    """Write a tiny Stable Diffusion folder to `out` and return its path."""
+    from sdtrain.models import assemble_pipeline
+
+    p = build_parts(resolution, vae_steps, seed)
+    pipe = assemble_pipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, p.noise_scheduler)
     out = Path(out)
     pipe.save_pretrained(out)
     # vocab.json + merges.txt too, for transformers versions whose CLIPTokenizer is the slow one.

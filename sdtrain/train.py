@@ -19,9 +19,9 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sdtrain import checkpoint
 from sdtrain.resolvers import register
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,26 @@ def resume_wandb_run(cfg: DictConfig, ckpt: Path | None) -> None:
     """Point the W&B logger at the run the checkpoint was logging to, so the curves continue."""
     if ckpt is None or not OmegaConf.select(cfg, "logger.wandb"):
         return
-    meta = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).get("sdtrain", {})
-    if meta.get("wandb_run_id") and not cfg.logger.wandb.get("id"):
+    run_id = checkpoint.run_info(checkpoint.load(ckpt))["wandb_run_id"]
+    if run_id and not cfg.logger.wandb.get("id"):
         with open_dict(cfg):
-            cfg.logger.wandb.id = meta["wandb_run_id"]
+            cfg.logger.wandb.id = run_id
             cfg.logger.wandb.resume = "allow"
+
+
+# Keys of the `model` config that feed the loader (`model.parts` interpolates them) rather than
+# the module: users set `model.pretrained=...`, the module receives the parts built from it.
+LOADER_INPUTS = ("pretrained", "unet_config", "prediction_type")
+
+
+def build_model(model_cfg: DictConfig) -> L.LightningModule:
+    """The module from `model`: its `parts` node (a loader) runs first and hands it the parts."""
+    # resolved to plain containers: only plain lists and dicts, never OmegaConf objects, reach the
+    # hyperparameters a checkpoint stores, so it loads with torch.load(weights_only=True).
+    node = OmegaConf.to_container(model_cfg, resolve=True)
+    for key in LOADER_INPUTS:
+        node.pop(key, None)
+    return hydra.utils.instantiate(node, _convert_="all")
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -86,10 +101,8 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     ckpt = checkpoint_file(cfg)
     resume_wandb_run(cfg, ckpt)
-    # _convert_="all": plain lists and dicts, never OmegaConf containers, reach the hyperparameters
-    # a checkpoint stores, so it loads with torch.load(weights_only=True).
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model = build_model(cfg.model)
     callbacks = instantiate_map(cfg.get("callbacks"))
     loggers = instantiate_map(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(
@@ -98,7 +111,7 @@ def train(cfg: DictConfig) -> float | None:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     finally:
         finish_wandb()
     if trainer.is_global_zero:

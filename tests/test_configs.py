@@ -8,7 +8,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from sdtrain.train import instantiate_map
+from sdtrain.train import build_model, instantiate_map
 from tests.conftest import CONF, compose_cfg, tiny_overrides
 
 
@@ -53,7 +53,7 @@ def test_config_composes_and_instantiates(
     )
     hydra.utils.instantiate(cfg.data)
     if group in ("model", "experiment"):
-        model = hydra.utils.instantiate(cfg.model)
+        model = build_model(cfg.model)
         model.configure_optimizers()
     callbacks = instantiate_map(cfg.get("callbacks"))
     loggers = instantiate_map(cfg.get("logger"))
@@ -66,8 +66,9 @@ def test_config_composes_and_instantiates(
 def test_defaults_are_the_demo(tmp_path: Path):
     cfg = compose_cfg(tmp_path)
     assert cfg.hydra.runtime.choices.data == "demo"
-    assert cfg.hydra.runtime.choices.model == "tiny"
-    assert set(cfg.callbacks) == {"ema", "sample_images", "model_checkpoint", "throughput"}
+    assert cfg.hydra.runtime.choices.model == "demo"
+    assert set(cfg.callbacks) == {"sample_images", "model_checkpoint", "throughput"}
+    assert cfg.model.ema._target_ == "sdtrain.ema.EMA"
     assert "wandb" in cfg.logger
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from sdtrain import checkpoint
 from sdtrain.loggers import wandb_has_credentials
 from sdtrain.train import train
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
@@ -56,7 +57,7 @@ class Probe(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         opt = trainer.optimizers[0]
-        ema = next(c for c in trainer.callbacks if type(c).__name__ == "EMA")
+        ema = pl_module.ema
         self.start = {
             "step": trainer.global_step,
             "opt_step": int(next(iter(opt.state.values()))["step"]) if opt.state else 0,
@@ -82,7 +83,7 @@ def test_resume_from_checkpoint_continues(tiny_model: Path, shards: str, tmp_pat
         compose_cfg(tmp_path / "full", tiny_overrides(tiny_model, shards, 6) + ["logger=none"])
     )
     mid = tmp_path / "full" / "checkpoints" / "step_0000003.ckpt"
-    saved = torch.load(mid, map_location="cpu", weights_only=True)
+    saved = checkpoint.load(mid)
     resumed = run_with_probe(
         compose_cfg(
             tmp_path / "resumed",
@@ -92,14 +93,14 @@ def test_resume_from_checkpoint_continues(tiny_model: Path, shards: str, tmp_pat
     s = resumed.start
     assert (s["step"], s["opt_step"], s["sched_epoch"], s["ema_updates"]) == (3, 3, 3, 3)
     assert all(torch.equal(v, saved["state_dict"][f"unet.{k}"]) for k, v in s["unet"].items())
-    saved_ema = saved["callbacks"]["EMA"]["shadow"]
+    saved_ema = checkpoint.ema_state(saved)["shadow"]
     assert s["ema_shadow"].keys() == saved_ema.keys()
     assert all(torch.equal(v, saved_ema[k]) for k, v in s["ema_shadow"].items())
     assert any(not torch.equal(saved_ema[k], s["unet"][k]) for k in saved_ema)  # EMA != raw
     assert resumed.end["step"] == full.end["step"] == 6
     assert resumed.end["lr"] == pytest.approx(full.end["lr"])  # same point on the LR schedule
-    last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 6 and last["callbacks"]["EMA"]["num_updates"] == 6
+    last = checkpoint.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6 and checkpoint.ema_state(last)["num_updates"] == 6
     assert not any(k.startswith(("vae.", "text_encoder.")) for k in last["state_dict"])
 
 
@@ -219,7 +220,7 @@ def test_list_shards_and_dict_unet_config_checkpoint_loads_and_resumes(
     train(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    assert type(ckpt["hyper_parameters"]["unet_config"]) is dict
+    assert type(checkpoint.run_info(checkpoint.upgrade(ckpt))["unet_config"]) is dict
     assert type(ckpt["datamodule_hyper_parameters"]["train_shards"]) is list
     with open_dict(cfg):
         cfg.trainer.max_steps = 3
@@ -237,14 +238,14 @@ def test_accumulation_ema_and_samples_once_per_optimizer_step(
         "callbacks.sample_images.every_n_steps=2",
     ]
     train(compose_cfg(tmp_path / "full", base))
-    last = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 4 and last["callbacks"]["EMA"]["num_updates"] == 4
+    last = checkpoint.load(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4 and checkpoint.ema_state(last)["num_updates"] == 4
     samples = sorted(p.name for p in (tmp_path / "full" / "samples").glob("*.png"))
     assert samples == ["step_0000002.png", "step_0000004.png"]  # none at step 0
     # resumed mid-run: no extra EMA update or sample round before the next optimizer step
     mid = tmp_path / "full" / "checkpoints" / "step_0000002.ckpt"
     train(compose_cfg(tmp_path / "resumed", base + [f"ckpt_path={mid}"]))
-    last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["callbacks"]["EMA"]["num_updates"] == 4
+    last = checkpoint.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert checkpoint.ema_state(last)["num_updates"] == 4
     samples = sorted(p.name for p in (tmp_path / "resumed" / "samples").glob("*.png"))
     assert samples == ["step_0000004.png"]

@@ -26,7 +26,7 @@ def keys(dm: WebDataModule, n_batches: int) -> list[str]:
     """The sample keys of the first `n_batches` batches, in the order they arrive."""
     dm.setup("fit")
     loader = dm.train_dataloader()
-    return [k for b in islice(loader, n_batches) for k in b["key"]]
+    return [k for b in islice(loader, n_batches) for k in b["keys"]]
 
 
 def shard_of(key: str) -> int:
@@ -136,8 +136,8 @@ class KeyProbe(L.LightningModule):
         self.keys: list[str] = []
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.keys += batch["key"]
-        return (self.w - batch["pixel_values"].mean()) ** 2
+        self.keys += batch["keys"]
+        return (self.w - batch["pixels"].mean()) ** 2
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)

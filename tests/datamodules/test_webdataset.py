@@ -33,14 +33,14 @@ def test_reads_sdtrain_shards_with_matching_captions(shards: str, tiny_model: Pa
         shards, str(tiny_model), resolution=32, batch_size=8, num_workers=0, shuffle_buffer=16
     )
     for b in batches(dm, 4):
-        assert b["pixel_values"].shape == (8, 3, 32, 32)
-        assert b["pixel_values"].min() >= -1 and b["pixel_values"].max() <= 1
+        assert b["pixels"].shape == (8, 3, 32, 32)
+        assert b["pixels"].min() >= -1 and b["pixels"].max() <= 1
         assert b["input_ids"].shape == (8, 77) and b["input_ids"].dtype == torch.long
         assert b["skipped"] == 0
-        for px, cap in zip(b["pixel_values"], b["caption"], strict=True):
+        for px, cap in zip(b["pixels"], b["captions"], strict=True):
             assert colour_of(px) == cap.split()[1], cap  # image and caption stay together
         decoded = dm.tokenizer.batch_decode(b["input_ids"], skip_special_tokens=True)
-        assert [d.strip() for d in decoded] == b["caption"]
+        assert [d.strip() for d in decoded] == b["captions"]
 
 
 def test_resize_and_crop_to_resolution(shards: str, tiny_model: Path):
@@ -53,7 +53,7 @@ def test_resize_and_crop_to_resolution(shards: str, tiny_model: Path):
         batch_size=4,
         num_workers=0,
     )
-    assert batches(dm, 1)[0]["pixel_values"].shape == (4, 3, 16, 16)
+    assert batches(dm, 1)[0]["pixels"].shape == (4, 3, 16, 16)
 
 
 def _jpeg(colour: str, size=(40, 30)) -> bytes:
@@ -105,8 +105,8 @@ def test_reads_img2dataset_layout(tmp_path: Path, tiny_model: Path):
         shuffle_buffer=1,
     )
     (b,) = batches(dm, 1)
-    assert sorted(b["caption"]) == sorted([f"a {c} thing" for c in demo.COLOURS] * 4)
-    for px, cap in zip(b["pixel_values"], b["caption"], strict=True):
+    assert sorted(b["captions"]) == sorted([f"a {c} thing" for c in demo.COLOURS] * 4)
+    for px, cap in zip(b["pixels"], b["captions"], strict=True):
         assert colour_of(px) == cap.split()[1]
 
 
@@ -127,7 +127,7 @@ def broken_shard_datamodule(tmp_path: Path, tiny_model: Path, batch_size: int) -
 def test_broken_image_and_missing_caption_are_skipped_and_counted(tmp_path: Path, tiny_model: Path):
     dm = broken_shard_datamodule(tmp_path, tiny_model, batch_size=8)
     got = batches(dm, 3)  # the shard repeats: 3 passes' worth of batches
-    assert all(len(b["caption"]) == 8 for b in got)
+    assert all(len(b["captions"]) == 8 for b in got)
     assert sum(b["skipped"] for b in got) >= 2 * 2  # two bad samples per pass, >= 2 passes seen
 
 
@@ -140,10 +140,13 @@ def test_too_few_shards_to_split_is_a_clear_error(shards: str, tiny_model: Path)
 def test_training_runs_on_past_broken_samples_and_logs_the_count(tmp_path: Path, tiny_model: Path):
     from functools import partial
 
+    from sdtrain.models import load_parts
     from sdtrain.module import StableDiffusionModule
 
     dm = broken_shard_datamodule(tmp_path, tiny_model, batch_size=4)
-    model = StableDiffusionModule(str(tiny_model), optimizer=partial(torch.optim.AdamW, lr=1e-4))
+    model = StableDiffusionModule(
+        load_parts(tiny_model), optimizer=partial(torch.optim.AdamW, lr=1e-4)
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=6,
@@ -175,7 +178,7 @@ def test_split_by_worker_covers_each_sample_once_per_pass(shards: str, tiny_mode
     seen = []
     for _ in range(96 // 8):  # 4 shards x 24 samples: exactly one pass over the data
         b = next(it)
-        seen += [px.sum().item() for px in b["pixel_values"]]
+        seen += [px.sum().item() for px in b["pixels"]]
     assert len(seen) == 96
     assert len(set(round(s, 3) for s in seen)) == 96  # no sample twice: the split is disjoint
     del it, loader

@@ -22,13 +22,17 @@ class RecordingModule(StableDiffusionModule):
         d = super().draw(latents, g)
         if self.force_timesteps is not None:
             d["t"] = self.force_timesteps.to(d["t"].device)
-        self.record = {"latents": latents.detach(), "noise": d["noise"], "t": d["t"]}
         out = os.environ.get("SDTRAIN_RECORD_DIR")
         if out:
             line = {"step": self.global_step, "rank": self.global_rank, "t": d["t"].tolist()}
             with open(Path(out) / f"rank{self.global_rank}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
         return d
+
+    def latents_and_context(self, batch, g):
+        latents, context, d = super().latents_and_context(batch, g)
+        self.record = {"latents": latents.detach(), "noise": d["noise"], "t": d["t"]}
+        return latents, context, d
 
     def forward(self, noisy, timesteps, context):
         self.record["noisy"] = noisy.detach()

@@ -1,4 +1,5 @@
-"""The LightningModule on the tiny model: loss, frozen parts, overfitting one batch."""
+"""The LightningModule on tiny in-memory parts: loss, frozen parts, the batch contract, the EMA
+scope, overfitting one batch."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrain import diffusion
+from sdtrain import batch as B
+from sdtrain import checkpoint, diffusion
 from sdtrain.datamodules.webdataset import WebDataModule
+from sdtrain.ema import EMA
+from sdtrain.models import load_parts
 from sdtrain.module import StableDiffusionModule
+from sdtrain.tiny import build_parts
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +25,33 @@ def batch(shards: str, tiny_model: Path) -> dict:
     return next(iter(dm.train_dataloader()))
 
 
-def make(tiny_model: Path, **kw) -> StableDiffusionModule:
+def make(parts=None, **kw) -> StableDiffusionModule:
+    """A module around tiny parts built in memory (no folder, no loader)."""
     return StableDiffusionModule(
-        str(tiny_model), optimizer=partial(torch.optim.AdamW, lr=3e-3), **kw
+        parts or build_parts(32), optimizer=partial(torch.optim.AdamW, lr=3e-3), **kw
     )
 
 
+def m_step(m: StableDiffusionModule, batch: dict) -> torch.Tensor:
+    """training_step without a Trainer attached (logging is a no-op then)."""
+    m.log = lambda *a, **k: None
+    m.optimizers = lambda: torch.optim.SGD(m.unet.parameters(), lr=0.0)
+    m.step_generator = lambda: diffusion.step_generator(0, 0, 0, 0, "cpu")  # same draws each call
+    return m.training_step(batch, 0)
+
+
 @pytest.mark.parametrize(
-    "kw",
+    "kw, parts_kw",
     [
-        {},
-        {
-            "prediction_type": "epsilon",
-            "min_snr_gamma": 5.0,
-            "noise_offset": 0.1,
-            "caption_dropout": 1.0,
-        },
+        ({}, {}),
+        ({"min_snr_gamma": 5.0, "noise_offset": 0.1, "caption_dropout": 1.0}, {"eps": True}),
     ],
 )
-def test_training_step_finite_and_only_unet_learns(tiny_model: Path, batch: dict, kw: dict):
-    m = make(tiny_model, **kw)
+def test_training_step_finite_and_only_unet_learns(batch: dict, kw: dict, parts_kw: dict):
+    parts = build_parts(32)
+    if parts_kw.get("eps"):
+        parts.noise_scheduler.register_to_config(prediction_type="epsilon")
+    m = make(parts, **kw)
     m.train()
     assert not m.vae.training and not m.text_encoder.training
     opt = m.configure_optimizers()  # no LR scheduler given: the optimizer alone
@@ -53,21 +65,59 @@ def test_training_step_finite_and_only_unet_learns(tiny_model: Path, batch: dict
     assert in_opt == {id(p) for p in m.unet.parameters()}
 
 
-def m_step(m: StableDiffusionModule, batch: dict) -> torch.Tensor:
-    """training_step without a Trainer attached (logging is a no-op then)."""
-    m.log = lambda *a, **k: None
-    m.optimizers = lambda: torch.optim.SGD(m.unet.parameters(), lr=0.0)
-    return m.training_step(batch, 0)
+def test_batch_contract_every_combination(batch: dict):
+    """pixels, latent_dist or latents x input_ids or context: the step encodes only what is
+    missing, and a batch of cached latents / contexts trains exactly like the batch it came from."""
+    m = make(caption_dropout=0.5)
+    m.eval()  # no dropout in the U-Net: equal inputs give equal losses
+    captured = {}
+    real = m.latents_and_context
+
+    def capture(b, g):
+        out = real(b, g)
+        captured["latents"], captured["context"] = out[0], out[1]
+        return out
+
+    m.latents_and_context = capture
+    reference = m_step(m, {B.PIXELS: batch[B.PIXELS], B.INPUT_IDS: batch[B.INPUT_IDS]})
+    m.latents_and_context = real
+    with torch.no_grad():
+        moments = m.vae.encode(batch[B.PIXELS]).latent_dist.parameters  # what a latent cache holds
+    cached = {
+        B.LATENTS: captured["latents"],
+        B.LATENT_DIST: moments,
+        B.CONTEXT: captured["context"],
+    }
+
+    def refuse(*a, **k):
+        raise AssertionError("encoded something the batch already held")
+
+    vae_encode, text_forward = m.vae.encode, m.text_encoder.forward
+    for image in (B.PIXELS, B.LATENT_DIST, B.LATENTS):
+        for text in (B.INPUT_IDS, B.CONTEXT):
+            b = {
+                image: batch[image] if image == B.PIXELS else cached[image],
+                text: batch[text] if text == B.INPUT_IDS else cached[text],
+                B.SKIPPED: 0,
+            }
+            m.vae.encode = vae_encode if image == B.PIXELS else refuse
+            m.text_encoder.forward = refuse if text == B.CONTEXT else text_forward
+            m._empty_context = m.empty_context(1)  # the empty caption is encoded once, up front
+            loss = m_step(m, b)
+            torch.testing.assert_close(loss, reference, msg=f"{image} + {text}")
+    m.vae.encode, m.text_encoder.forward = vae_encode, text_forward
+    with pytest.raises(KeyError, match="pixels"):
+        m_step(m, {B.INPUT_IDS: batch[B.INPUT_IDS]})
+    with pytest.raises(KeyError, match="input_ids"):
+        m_step(m, {B.PIXELS: batch[B.PIXELS]})
 
 
-def test_overfits_one_batch(tiny_model: Path, batch: dict):
-    m = make(tiny_model, caption_dropout=0.0)
+def test_overfits_one_batch(batch: dict):
+    m = make(caption_dropout=0.0)
     m.train()
     opt = m.configure_optimizers()  # no LR scheduler given: the optimizer alone
     losses = []
-    # same noise and timesteps every step: a fixed objective
-    m.step_generator = lambda: diffusion.step_generator(0, 0, 0, 0, "cpu")
-    for _ in range(60):
+    for _ in range(60):  # same noise and timesteps every step: a fixed objective
         loss = m_step(m, batch)
         opt.zero_grad()
         loss.backward()
@@ -76,31 +126,70 @@ def test_overfits_one_batch(tiny_model: Path, batch: dict):
     assert losses[-1] < 0.3 * losses[0], losses[::10]
 
 
+def test_ema_scope_swaps_in_and_back_exactly():
+    m = make(ema=EMA(decay=0.5, warmup=False))
+    with m.ema_weights() as swapped:
+        assert not swapped  # no shadow before fit: the raw weights stay
+    m.on_fit_start()  # the shadow starts as a copy of the trainable weights
+    raw = {k: p.detach().clone() for k, p in m.unet.named_parameters()}
+    with torch.no_grad():
+        for p in m.unet.parameters():
+            p.add_(torch.randn_like(p))
+    m.ema.update(m.trainable_parameters(), step=1)
+    trained = {k: p.detach().clone() for k, p in m.unet.named_parameters()}
+    with m.ema_weights() as swapped:
+        assert swapped
+        for k, p in m.unet.named_parameters():
+            torch.testing.assert_close(p, 0.5 * raw[k] + 0.5 * trained[k], msg=k)
+    for k, p in m.unet.named_parameters():
+        assert torch.equal(p, trained[k]), k  # bit for bit the weights from before the scope
+    assert m.ema.shadow.keys() == dict(m.trainable_parameters()).keys()
+    assert all(v.dtype == torch.float32 for v in m.ema.shadow.values())
+
+
+def test_ema_follows_only_trainable_parameters():
+    m = make(ema=EMA())
+    frozen = "conv_in.weight"
+    m.unet.get_parameter(frozen).requires_grad_(False)
+    m.on_fit_start()
+    assert frozen not in m.ema.shadow and len(m.ema.shadow) == len(dict(m.trainable_parameters()))
+    opt = m.configure_optimizers()
+    assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
+
+
 def test_bad_options_fail_early(tiny_model: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="prediction_type"):
-        make(tiny_model, prediction_type="x0")
+        load_parts(tiny_model, prediction_type="x0")
     with pytest.raises(ValueError, match="caption_dropout"):
-        make(tiny_model, caption_dropout=1.5)
+        make(caption_dropout=1.5)
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        make(tmp_path)
+        load_parts(tmp_path)
 
 
 def test_unet_from_config_is_fresh(tiny_model: Path):
-    pretrained = make(tiny_model)
-    scratch = make(tiny_model, unet_config=str(tiny_model / "unet" / "config.json"))
+    pretrained = load_parts(tiny_model)
+    scratch = load_parts(tiny_model, unet_config=str(tiny_model / "unet" / "config.json"))
     assert scratch.unet.config.block_out_channels == pretrained.unet.config.block_out_channels
     a, b = pretrained.unet.state_dict(), scratch.unet.state_dict()
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert pretrained.pretrained == str(tiny_model)
 
 
-def test_skipped_total_round_trips_through_the_checkpoint(tiny_model: Path):
+def test_skipped_total_and_ema_round_trip_through_the_checkpoint():
     """The count is the run's total (summed over ranks as it is counted), restored as saved."""
-    m = make(tiny_model)
+    m = make(ema=EMA())
+    m.on_fit_start()
     m.count_skipped(3)
     m.count_skipped(2)
     ckpt = {"state_dict": {f"unet.{k}": v for k, v in m.unet.state_dict().items()}}
+    ckpt["state_dict"]["vae.x"] = torch.zeros(1)
     m.on_save_checkpoint(ckpt)
-    assert ckpt["sdtrain"]["skipped_total"] == 5 and type(ckpt["sdtrain"]["skipped_total"]) is int
-    fresh = make(tiny_model)
+    assert "vae.x" not in ckpt["state_dict"]  # frozen weights are not saved
+    entry = ckpt[checkpoint.ROOT]
+    assert entry["version"] == checkpoint.VERSION
+    assert entry["skipped_total"] == 5 and type(entry["skipped_total"]) is int
+    assert entry["ema"]["shadow"].keys() == dict(m.unet.named_parameters()).keys()
+    fresh = make(ema=EMA())
     fresh.on_load_checkpoint(ckpt)
     assert float(fresh.skipped_total) == 5.0
+    assert fresh.ema.shadow is entry["ema"]["shadow"] or fresh.ema.shadow == entry["ema"]["shadow"]

@@ -10,13 +10,14 @@ import lightning as L
 import torch
 
 from sdtrain.datamodules.webdataset import WebDataModule
+from sdtrain.models import load_parts
 from sdtrain.train import train
 from tests.conftest import compose_cfg, tiny_overrides
 from tests.sdtrain.recording import RecordingModule
 
 
 def test_bf16_mixed_step_noises_in_fp32(tiny_model: Path, shards: str):
-    m = RecordingModule(str(tiny_model), optimizer=torch.optim.AdamW, caption_dropout=0.0)
+    m = RecordingModule(load_parts(tiny_model), optimizer=torch.optim.AdamW, caption_dropout=0.0)
     m.force_timesteps = torch.arange(4)  # t = 0..3: where bf16 rounds sigma_t to 0
     dm = WebDataModule(shards, str(tiny_model), resolution=32, batch_size=4, num_workers=0)
     trainer = L.Trainer(

@@ -1,0 +1,131 @@
+"""The checkpoint schema: every key an sdtrain checkpoint holds, and the one place that reads them.
+
+A checkpoint is Lightning's dictionary plus one entry of ours, `checkpoint["sdtrain"]`:
+
+| key | what |
+| --- | --- |
+| `state_dict` (Lightning) | the trainable weights only, `unet.`-prefixed; the frozen VAE and text encoder are left out and reload from `run.pretrained` |
+| `optimizer_states`, `lr_schedulers`, `loops`, `global_step`, `epoch`, `callbacks` (Lightning) | the training position; `callbacks` holds the sampling callback's bookkeeping |
+| `sdtrain.version` | `VERSION`, the schema of this layout |
+| `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None) |
+| `sdtrain.ema` | `EMA.state_dict()`: fp32 `shadow` by parameter name, `num_updates`, `last_step`, `decay`; None without EMA |
+| `sdtrain.skipped_total` | unusable data samples skipped so far, summed over ranks |
+
+Every value is a tensor or a plain Python type, so checkpoints load with
+`torch.load(weights_only=True)`: loading one never unpickles code. Resume (the module's
+`on_load_checkpoint`) and export read through `upgrade`, which turns any older layout this code
+knows into the current one and refuses a newer one by name.
+
+Versions: 1 (before the schema; no `version`, run metadata flat under `sdtrain`, the EMA under
+`callbacks["EMA"]`), 2 (this layout).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VERSION = 2
+ROOT = "sdtrain"
+UNET_PREFIX = "unet."  # the trainable weights' prefix in Lightning's state_dict
+RUN_KEYS = ("pretrained", "unet_config", "prediction_type", "wandb_run_id")
+
+
+class CheckpointError(ValueError):
+    """A file that is not an sdtrain checkpoint this version can read."""
+
+
+def build(run: dict[str, Any], ema: dict[str, Any] | None, skipped_total: int) -> dict[str, Any]:
+    """The `checkpoint["sdtrain"]` entry for a checkpoint being written."""
+    unknown = set(run) - set(RUN_KEYS)
+    if unknown:
+        raise KeyError(f"run metadata has keys the schema does not name: {sorted(unknown)}")
+    return {
+        "version": VERSION,
+        "run": {k: run.get(k) for k in RUN_KEYS},
+        "ema": ema,
+        "skipped_total": int(skipped_total),
+    }
+
+
+def trainable_only(state_dict: dict[str, torch.Tensor]) -> None:
+    """Drop every weight but the trainable U-Net's from Lightning's state_dict, in place."""
+    for key in [k for k in state_dict if not k.startswith(UNET_PREFIX)]:
+        del state_dict[key]
+
+
+def version_of(ckpt: dict[str, Any], where: str = "checkpoint") -> int:
+    entry = ckpt.get(ROOT)
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} is not an sdtrain checkpoint (no '{ROOT}' entry)")
+    version = entry.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{where}: schema version {version!r} is not an integer")
+    if version > VERSION or version < 1:
+        raise CheckpointError(
+            f"{where} has checkpoint schema version {version}; this sdtrain reads versions "
+            f"1 to {VERSION} (a newer sdtrain wrote it? upgrade sdtrain)"
+        )
+    return version
+
+
+def upgrade(ckpt: dict[str, Any], where: str = "checkpoint") -> dict[str, Any]:
+    """Bring `ckpt` to the current layout, in place; return it. Raises CheckpointError if unknown."""
+    if version_of(ckpt, where) == 1:
+        old = ckpt[ROOT]
+        ema = ckpt.get("callbacks", {}).pop("EMA", None)  # the v1 EMA callback's state
+        ckpt[ROOT] = build({k: old.get(k) for k in RUN_KEYS}, ema, int(old.get("skipped_total", 0)))
+    return ckpt
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file (`weights_only=True`, on the CPU) and upgrade it to this layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} does not load as a checkpoint with weights_only=True ({first})"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not an sdtrain checkpoint (holds {type(ckpt).__name__})")
+    return upgrade(ckpt, str(path))
+
+
+def run_info(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The run metadata of an upgraded checkpoint (`RUN_KEYS`)."""
+    return dict(ckpt[ROOT]["run"])
+
+
+def ema_state(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    return ckpt[ROOT]["ema"]
+
+
+def skipped_total(ckpt: dict[str, Any]) -> int:
+    return int(ckpt[ROOT]["skipped_total"])
+
+
+def unet_weights(ckpt: dict[str, Any], ema: bool, where: str = "checkpoint") -> dict[str, Any]:
+    """The U-Net's weights from an upgraded checkpoint: the EMA shadow, or the trained weights."""
+    if ema:
+        state = ema_state(ckpt)
+        if not state or state.get("shadow") is None:
+            raise KeyError(
+                f"{where} holds no EMA weights (trained with model.ema=null?); "
+                "pass --no-ema to export the raw U-Net"
+            )
+        return dict(state["shadow"])
+    sd = ckpt["state_dict"]
+    return {k[len(UNET_PREFIX) :]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+
+
+def plain(value: Any) -> Any:
+    """`value` as plain JSON types (dicts, lists, str, numbers, None), for weights_only loading."""
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,115 @@
+"""Exponential moving average of the trainable weights: an fp32 shadow the module owns.
+
+The module holds one `EMA` (`StableDiffusionModule.ema`), updates it once per optimizer step, saves
+it through the checkpoint schema and swaps it in with `module.ema_weights()` for sampling, export
+and validation. Nothing else reaches into it.
+
+Why not a library class: diffusers' `EMAModel` keys its shadow by parameter position (a checkpoint
+cannot be checked against the U-Net's names) and keeps the parameters' dtype; Lightning's
+`WeightAveraging` deep-copies the whole LightningModule (the frozen VAE and text encoder too) and is
+a callback, so the module cannot scope itself; torch's `AveragedModel` copies the whole module too.
+This class keeps only the trainable parameters, in fp32, by name. Under FSDP2 the parameters are
+DTensor shards, so `detach().float().clone()` makes a per-shard shadow with no gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+def ema_decay(step: int, max_decay: float, warmup: bool) -> float:
+    """Decay for the `step`-th update (0-based).
+
+    With warm-up the decay starts small and rises as (1 + n) / (10 + n), so early averages are not
+    dominated by the random initial weights; it is capped at `max_decay` (0.9999 ~ a 10k-step
+    window).
+    """
+    if not warmup:
+        return max_decay
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+class EMA:
+    """fp32 shadow of named parameters; `update()` moves it toward them.
+
+    Args:
+        decay: the decay cap.
+        warmup: ramp the decay up from 0.1 (see `ema_decay`).
+        update_every: update every this many optimizer steps (decay applied once per update).
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every: int = 1) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"model.ema.decay={decay} is not in (0, 1)")
+        if update_every < 1:
+            raise ValueError(f"model.ema.update_every={update_every} must be >= 1")
+        self.decay = decay
+        self.warmup = warmup
+        self.update_every = update_every
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.num_updates = 0
+        self.last_step: int | None = None  # the optimizer step of the last update
+
+    def attach(self, params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        """Start averaging these (name, parameter) pairs, or check a restored shadow against them.
+
+        A fresh shadow copies the parameters (fp32); a shadow loaded from a checkpoint must name
+        the same parameters, and moves to their device.
+        """
+        params = dict(params)
+        if self.shadow is None:
+            self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
+        else:
+            if self.shadow.keys() != params.keys():
+                extra = sorted(self.shadow.keys() - params.keys())[:3]
+                lacking = sorted(params.keys() - self.shadow.keys())[:3]
+                raise KeyError(
+                    "EMA state in the checkpoint does not match the trainable parameters "
+                    f"(only in the checkpoint: {extra}; only in the model: {lacking})"
+                )
+            self.shadow = {k: v.to(params[k].device) for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def update(self, params: Iterable[tuple[str, torch.nn.Parameter]], step: int) -> None:
+        """shadow <- d * shadow + (1 - d) * params, with d from `ema_decay`."""
+        d = ema_decay(self.num_updates, self.decay, self.warmup)
+        params = dict(params)
+        names = list(self.shadow)
+        torch._foreach_lerp_(
+            [self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - d
+        )
+        self.num_updates += 1
+        self.last_step = step
+
+    @contextmanager
+    def swapped_in(self, params: Iterable[tuple[str, torch.nn.Parameter]]) -> Iterator[None]:
+        """Copy the shadow into the parameters, then put the exact previous values back."""
+        params = dict(params)
+        backup = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(backup[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        shadow = None if self.shadow is None else {k: v.cpu() for k, v in self.shadow.items()}
+        return {
+            "shadow": shadow,
+            "num_updates": self.num_updates,
+            "last_step": self.last_step,
+            "decay": self.decay,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow = state["shadow"]
+        self.num_updates = int(state["num_updates"])
+        self.last_step = state.get("last_step")

@@ -1,0 +1,79 @@
+"""EMA maths, weight swapping, and its state (the module's use of it: tests/sdtrain/test_module.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sdtrain.ema import EMA, ema_decay
+
+
+def test_decay_warmup_and_cap():
+    assert ema_decay(0, 0.999, warmup=True) == pytest.approx(0.1)
+    assert ema_decay(90, 0.999, warmup=True) == pytest.approx(91 / 100)
+    assert ema_decay(10**6, 0.999, warmup=True) == 0.999
+    assert ema_decay(0, 0.999, warmup=False) == 0.999
+
+
+def test_update_matches_the_formula_and_swap_restores():
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    ema = EMA(decay=0.9, warmup=False)
+    ema.attach(m.named_parameters())
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m.named_parameters(), step=1)
+    assert torch.allclose(ema.shadow["weight"], 0.9 * w0 + 0.1 * (w0 + 1.0))
+    assert (ema.num_updates, ema.last_step) == (1, 1)
+    raw = m.weight.detach().clone()
+    with ema.swapped_in(m.named_parameters()):
+        assert torch.equal(m.weight, ema.shadow["weight"])
+    assert torch.equal(m.weight, raw)
+    assert ema.shadow["weight"].dtype == torch.float32
+
+
+def test_shadow_is_fp32_for_bf16_parameters():
+    m = nn.Linear(3, 2).to(torch.bfloat16)
+    ema = EMA()
+    ema.attach(m.named_parameters())
+    assert ema.shadow["weight"].dtype == torch.float32
+    raw = m.weight.detach().clone()
+    with ema.swapped_in(m.named_parameters()):
+        pass
+    assert torch.equal(m.weight, raw) and m.weight.dtype == torch.bfloat16
+
+
+def test_converges_to_constant_weights():
+    m = nn.Linear(3, 2)
+    ema = EMA(decay=0.5, warmup=False)
+    ema.attach(m.named_parameters())
+    with torch.no_grad():
+        m.weight.fill_(3.0)
+    for step in range(40):
+        ema.update(m.named_parameters(), step)
+    assert torch.allclose(ema.shadow["weight"], torch.full_like(m.weight, 3.0))
+
+
+def test_state_dict_round_trip_and_mismatch():
+    m = nn.Linear(3, 2)
+    ema = EMA(decay=0.9)
+    ema.attach(m.named_parameters())
+    ema.update(m.named_parameters(), step=1)
+    restored = EMA(decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    restored.attach(m.named_parameters())
+    assert restored.num_updates == 1 and restored.last_step == 1
+    assert all(torch.equal(restored.shadow[k], ema.shadow[k]) for k in ema.shadow)
+    other = nn.Linear(3, 4, bias=False)
+    fresh = EMA()
+    fresh.load_state_dict(ema.state_dict())
+    with pytest.raises(KeyError, match="EMA state in the checkpoint does not match"):
+        fresh.attach(other.named_parameters())
+
+
+@pytest.mark.parametrize("kw", [{"decay": 1.0}, {"decay": 0.0}, {"update_every": 0}])
+def test_bad_settings(kw):
+    with pytest.raises(ValueError, match="model.ema"):
+        EMA(**kw)
