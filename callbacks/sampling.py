@@ -7,11 +7,18 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from sdtrain.sampling import generate, grid
 
 log = logging.getLogger(__name__)
+
+
+def eager():
+    """Run a compiled U-Net eagerly: sampling's other batch shapes would otherwise recompile it."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance else nullcontext()
 
 
 class SampleImages(L.Callback):
@@ -89,7 +96,7 @@ class SampleImages(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with pl_module.ema_weights() if self.use_ema else nullcontext():
+            with pl_module.ema_weights() if self.use_ema else nullcontext(), eager():
                 images = generate(pipe, self.prompts, **self.kwargs)
         finally:
             pl_module.train(was_training)

@@ -1,4 +1,5 @@
-"""Turn one raw WebDataset sample (bytes per extension) into a training example, or say why not."""
+"""Turn one raw WebDataset sample (bytes per extension) into a training example, or say why not:
+image shards (`ImageTextTransform`) or latent-cache shards (`LatentTransform`), batched by `Collate`."""
 
 from __future__ import annotations
 
@@ -103,17 +104,29 @@ def decode_image(data: bytes) -> Image.Image:
         raise SkipSample(f"image does not decode ({type(e).__name__}: {e})") from e
 
 
-def resize_crop(img: Image.Image, size: int, center_crop: bool) -> Image.Image:
-    """Resize the short side to `size` (Lanczos), then crop a `size` square (centre or random)."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+def crop_box(
+    width: int, height: int, size: int, center_crop: bool
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where `resize_crop` cuts a `width` x `height` image: (resized (w, h), (left, top, right,
+    bottom) in resized pixels). Returned apart so a latent cache can record it per sample."""
+    scale = size / min(width, height)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
     if center_crop:
         left, top = (nw - size) // 2, (nh - size) // 2
     else:
         left, top = random.randint(0, nw - size), random.randint(0, nh - size)
-    return img.crop((left, top, left + size, top + size))
+    return (nw, nh), (left, top, left + size, top + size)
+
+
+def resize_crop(
+    img: Image.Image, size: int, center_crop: bool, box: tuple | None = None
+) -> Image.Image:
+    """Resize the short side to `size` (Lanczos), then crop a `size` square (centre or random).
+
+    `box` is a `crop_box` result to apply; None draws one here.
+    """
+    (nw, nh), corners = box or crop_box(*img.size, size, center_crop)
+    return img.resize((nw, nh), Image.Resampling.LANCZOS).crop(corners)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -127,34 +140,99 @@ class ImageTextTransform:
 
     Captions are tokenized per batch (`Collate`), not here: one tokenizer call for the batch is
     ~15x cheaper than one per sample, which had made tokenizing the data loader's bottleneck.
+    With `with_meta` the example also holds "meta": the decoded size, the resized size, the crop
+    box and whether it was flipped (what a latent cache records per sample).
     """
 
-    def __init__(self, resolution: int, center_crop: bool, random_flip: bool):
+    def __init__(
+        self, resolution: int, center_crop: bool, random_flip: bool, with_meta: bool = False
+    ):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip  # `random` is reseeded per DataLoader worker
+        self.with_meta = with_meta
 
     def __call__(self, sample: dict) -> dict:
         caption = find_caption(sample)
         img = decode_image(find_image(sample))
-        img = resize_crop(img, self.resolution, self.center_crop)
-        if self.random_flip and random.random() < 0.5:
+        original = img.size  # (w, h) as decoded, EXIF orientation applied
+        box = crop_box(*original, self.resolution, self.center_crop)
+        img = resize_crop(img, self.resolution, self.center_crop, box)
+        flipped = self.random_flip and random.random() < 0.5
+        if flipped:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {B.PIXELS: to_tensor(img), "caption": caption}
+        example = {B.PIXELS: to_tensor(img), "caption": caption}
+        if self.with_meta:
+            example["meta"] = {
+                "original_size": list(original),
+                "resized_size": list(box[0]),
+                "crop_box": list(box[1]),  # left, top, right, bottom in resized pixels
+                "flipped": flipped,
+            }
+        return example
+
+
+def load_npy(data: bytes, bf16_bits: bool = False) -> torch.Tensor:
+    """`.npy` bytes -> a float32 tensor; with `bf16_bits` the array holds bfloat16 bit patterns
+    as uint16 (numpy has no bfloat16).
+
+    np.load runs with allow_pickle=False: a shard can hold arrays, never code.
+    """
+    t = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+    return (t.view(torch.bfloat16) if bf16_bits else t).float()
+
+
+class LatentTransform:
+    """Raw latent-cache sample -> {"latent_dist", "caption"} (and "context" if cached).
+
+    Args:
+        files: the cache's extension per tensor (cache.json "files": latent_dist, context).
+        dtype: how latent_dist is stored ("fp16" or "bf16", cache.json "dtype"); a context is
+            always fp16.
+        latent_shape: (2C, h, w) every sample must have, so batches stack.
+    """
+
+    def __init__(self, files: dict[str, str], dtype: str, latent_shape: list[int]) -> None:
+        self.files = files
+        self.dtype = dtype
+        self.latent_shape = tuple(latent_shape)
+
+    def __call__(self, sample: dict) -> dict:
+        caption = find_caption(sample)
+        example = {"caption": caption}
+        for name, ext in self.files.items():
+            if not sample.get(ext):
+                raise SkipSample(f"no .{ext}")
+            try:
+                bf16 = name == B.LATENT_DIST and self.dtype == "bf16"
+                example[name] = load_npy(sample[ext], bf16_bits=bf16)
+            except (ValueError, OSError, EOFError, RuntimeError) as e:  # truncated, foreign bytes
+                raise SkipSample(f"unreadable .{ext} ({e})") from e
+        if tuple(example[B.LATENT_DIST].shape) != self.latent_shape:
+            shape = tuple(example[B.LATENT_DIST].shape)
+            raise SkipSample(
+                f".{self.files[B.LATENT_DIST]} has shape {shape}, not {self.latent_shape}"
+            )
+        return example
 
 
 class Collate:
-    """Examples -> one batch (the contract in sdtrain.batch): pixels, captions tokenized at once."""
+    """Examples -> one batch (the contract in sdtrain.batch): the examples' tensors stacked
+    (pixels or latent_dist, and context if they hold one), captions tokenized in one call unless
+    a context stands in for them."""
+
+    STACKED = (B.PIXELS, B.LATENT_DIST, B.CONTEXT)
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def __call__(self, examples: list[dict]) -> dict:
         captions = [e["caption"] for e in examples]
-        return {
-            B.PIXELS: torch.stack([e[B.PIXELS] for e in examples]),  # (B, 3, H, W)
-            B.INPUT_IDS: tokenize(self.tokenizer, captions),  # (B, 77)
-            B.CAPTIONS: captions,
-            B.KEYS: [e["key"] for e in examples],  # the samples' __key__, set by DecodeStage
-            B.SKIPPED: sum(e["skipped"] for e in examples),
-        }
+        # (B, 3, H, W) pixels or (B, 2C, h, w) latent_dist; (B, 77, D) context
+        batch = {k: torch.stack([e[k] for e in examples]) for k in self.STACKED if k in examples[0]}
+        if B.CONTEXT not in batch:
+            batch[B.INPUT_IDS] = tokenize(self.tokenizer, captions)  # (B, 77)
+        batch[B.CAPTIONS] = captions
+        batch[B.KEYS] = [e["key"] for e in examples]  # the samples' __key__, set by DecodeStage
+        batch[B.SKIPPED] = sum(e["skipped"] for e in examples)
+        return batch

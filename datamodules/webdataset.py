@@ -1,24 +1,41 @@
-"""WebDataset LightningDataModule: image-text tar shards -> batches of pixels and token ids."""
+"""WebDataset LightningDataModule: image-text tar shards -> batches of pixels and token ids, or a
+latent cache (sdtrain-cache-latents output) -> batches of VAE posterior moments and token ids."""
 
 from __future__ import annotations
 
+import json
 import logging
-import random
 from collections.abc import Iterator
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import lightning as L
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
 
-from sdtrain.datamodules.transforms import Collate, ImageTextTransform, SkipSample
+from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
+    DataOrder,
+    ResampledShardList,
+    ShuffledShardList,
+    ShuffleStage,
+    SplitByRank,
+    SplitByWorker,
+    worker_info,
+)
+from sdtrain.datamodules.transforms import (
+    Collate,
+    ImageTextTransform,
+    LatentTransform,
+    SkipSample,
+)
 from sdtrain.models import load_tokenizer
-from sdtrain.seeds import derive_seed
 
 log = logging.getLogger(__name__)
+
+# A latent cache is one folder of shards plus this file, which sdtrain-cache-latents writes last:
+# a folder holding it is a complete cache.
+CACHE_FILE = "cache.json"
+CACHE_FORMAT = "sdtrain-latent-cache"
+CACHE_FORMAT_VERSION = 1
 
 
 def expand_shards(urls: str | list[str]) -> list[str]:
@@ -68,6 +85,42 @@ def expand_shards(urls: str | list[str]) -> list[str]:
     return out
 
 
+def read_latent_cache(urls: list[str]) -> dict | None:
+    """The parsed cache.json of the latent cache that `urls` come from (with "folder" added), or
+    None when their folders hold none (image shards).
+
+    Raises:
+        ValueError: the shards mix a latent cache with other shards or a second cache (one
+            cache.json must describe every shard), or cache.json is unreadable or of another
+            format version.
+    """
+    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    folders = sorted(
+        {str(Path(u).parent) for u in urls if "://" not in u and not u.startswith("pipe:")}
+    )
+    caches = [f for f in folders if (Path(f) / CACHE_FILE).is_file()]
+    if not caches:
+        return None
+    others = [f for f in folders if f != caches[0]] + remote
+    if others:
+        raise ValueError(
+            f"data.train_shards mixes the latent cache {caches[0]} with shards from "
+            f"{', '.join(others[:3])}: train on one cache folder, or on image shards only"
+        )
+    path = Path(caches[0]) / CACHE_FILE
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    found = (info.get("format"), info.get("format_version"))
+    if found != (CACHE_FORMAT, CACHE_FORMAT_VERSION):
+        raise ValueError(
+            f"{path}: format {found[0]!r} version {found[1]!r}; this sdtrain reads "
+            f"{CACHE_FORMAT!r} version {CACHE_FORMAT_VERSION} (cache again with sdtrain-cache-latents)"
+        )
+    return info | {"folder": str(path.parent)}
+
+
 class DecodeStage:
     """Pipeline stage: apply `transform`, skipping unusable samples.
 
@@ -75,7 +128,7 @@ class DecodeStage:
     on the stage, so skips at the end of one pass over the shards reach the next pass's examples.
     """
 
-    def __init__(self, transform: ImageTextTransform) -> None:
+    def __init__(self, transform: ImageTextTransform | LatentTransform) -> None:
         self.transform = transform
         self.pending_skips = 0
 
@@ -94,139 +147,24 @@ class DecodeStage:
             yield example
 
 
-def worker_info() -> tuple[int, int]:
-    """(worker id, worker count) of the calling DataLoader worker; (0, 1) outside one.
-
-    torch sets this in each worker however it was started (fork, spawn, forkserver), unlike the
-    environment variables and torch.distributed state that webdataset's split_by_node reads.
-    """
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-@dataclass(frozen=True)
-class DataOrder:
-    """What shard order and shuffling depend on, fixed in the trainer process.
-
-    Plain values, so they pickle into DataLoader workers however those are started. The worker
-    id and the pass number are read where the data is drawn, inside the worker.
-
-    Args:
-        seed: the run's base seed (data.seed).
-        start_step: the optimizer step the run starts from (the checkpoint's step on resume), so
-            a resumed run draws new data instead of replaying its first steps.
-        rank: this process's global rank.
-        world_size: number of ranks.
-    """
-
-    seed: int = 0
-    start_step: int = 0
-    rank: int = 0
-    world_size: int = 1
-
-    def rng(self, purpose: str, passes: int, per_worker: bool = True) -> random.Random:
-        """The generator for `purpose` in pass `passes` (0 first) of the calling worker.
-
-        per_worker=False leaves rank and worker out: every rank and worker then draws the same
-        numbers, which SplitByRank and SplitByWorker need to cut one shard order into parts.
-        """
-        parts: tuple[str | int, ...] = (purpose, self.seed, self.start_step, passes)
-        if per_worker:
-            parts += (self.rank, worker_info()[0])
-        return random.Random(derive_seed(*parts))
-
-
-class ShuffledShardList(IterableDataset):
-    """Pipeline source: every shard once per pass, in a new order each pass.
-
-    The order depends on (seed, start step, pass) only, so all ranks and workers agree on it and
-    the splits after this stage are disjoint. The pass count lives on this object, which each
-    persistent worker keeps, so pass 2 is shuffled apart from pass 1.
-    """
-
-    def __init__(self, urls: list[str], order: DataOrder) -> None:
-        super().__init__()
-        self.urls = list(urls)
-        self.order = order
-        self.passes = 0
-
-    def __iter__(self) -> Iterator[dict]:
-        urls = list(self.urls)
-        self.order.rng("shards", self.passes, per_worker=False).shuffle(urls)
-        self.passes += 1
-        for url in urls:
-            yield {"url": url}
-
-
-class ResampledShardList(IterableDataset):
-    """Pipeline source: shards drawn with replacement forever, on each rank and worker's own seed."""
-
-    def __init__(self, urls: list[str], order: DataOrder) -> None:
-        super().__init__()
-        self.urls = list(urls)
-        self.order = order
-        self.passes = 0  # > 0 only if the loader is iterated again (a new epoch)
-
-    def __iter__(self) -> Iterator[dict]:
-        rng = self.order.rng("shards", self.passes)
-        self.passes += 1
-        while True:
-            yield {"url": rng.choice(self.urls)}
-
-
-class SplitByRank:
-    """Pipeline stage: keep every `world_size`-th shard, starting at `rank`.
-
-    Rank and world size are attributes set in the trainer process and pickled with the pipeline.
-    webdataset's split_by_node looks them up inside the worker (RANK/WORLD_SIZE or
-    torch.distributed); a spawned worker has neither under Lightning's DDP, and then every rank
-    reads every shard.
-    """
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank = rank
-        self.world_size = world_size
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        yield from islice(src, self.rank, None, self.world_size)
-
-
-class SplitByWorker:
-    """Pipeline stage: keep every n-th shard of this rank's part for DataLoader worker i of n."""
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        worker, workers = worker_info()
-        yield from islice(src, worker, None, workers)
-
-
-class ShuffleStage:
-    """Pipeline stage: shuffle samples through a buffer, on a seed from `order`, worker and pass.
-
-    webdataset's shuffle() without a seed draws one from the pid and the wall clock: a new order
-    every run, never reproducible.
-    """
-
-    def __init__(self, bufsize: int, order: DataOrder) -> None:
-        self.bufsize = bufsize
-        self.order = order
-        self.passes = 0
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        rng = self.order.rng("samples", self.passes)
-        self.passes += 1
-        yield from wds.shuffle(self.bufsize, rng=rng)(src)
-
-
 class WebDataModule(L.LightningDataModule):
-    """Streams image-text samples from WebDataset shards (img2dataset layout works as is).
+    """Streams image-text samples from WebDataset shards (img2dataset layout works as is), or
+    VAE posterior moments from a latent cache (a folder sdtrain-cache-latents wrote).
+
+    A latent cache is recognised by the cache.json beside its shards, so the same
+    `data.train_shards` key names either kind; `latent_cache_info` holds the parsed file (None for
+    image shards), for the module to check the cache against its VAE (sdtrain.cache).
 
     Args:
         train_shards: url pattern(s), brace-expandable, local paths or anything webdataset opens.
         tokenizer: the model folder (its tokenizer/ subfolder) or a tokenizer folder.
-        resolution: square training size in pixels.
-        center_crop: centre crop after resizing; False crops at random.
+        resolution: square training size in pixels. With a latent cache it must be the cache's,
+            or None to take the cache's.
+        center_crop: centre crop after resizing; False crops at random. A latent cache was
+            cropped when it was made (cache.json says how); this is not used for it.
         random_flip: flip left-right with probability 0.5 (off by default: a mirrored glyph,
-            text or asymmetric subject no longer matches its caption).
+            text or asymmetric subject no longer matches its caption). A latent cache holds
+            unflipped images, so True is refused for one.
         batch_size: per device.
         num_workers: DataLoader worker processes.
         shuffle_buffer: samples held for shuffling (per worker).
@@ -238,13 +176,16 @@ class WebDataModule(L.LightningDataModule):
             DataOrder): a resumed run draws new data rather than replaying its first steps.
         worker_start_method: how DataLoader workers start ("fork", "spawn", "forkserver"); None
             keeps Python's default (fork on Linux up to 3.13, forkserver from 3.14).
+        latent_cache: None reads whichever kind the shards are; True requires a latent cache
+            and False image shards, so a config meant for one fails on the other at setup
+            rather than skipping every sample.
     """
 
     def __init__(
         self,
         train_shards: str | list[str],
         tokenizer: str,
-        resolution: int = 512,
+        resolution: int | None = 512,
         center_crop: bool = False,
         random_flip: bool = False,
         batch_size: int = 16,
@@ -253,10 +194,12 @@ class WebDataModule(L.LightningDataModule):
         resampled: bool = True,
         seed: int = 0,
         worker_start_method: str | None = None,
+        latent_cache: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.urls = expand_shards(train_shards)
+        self.latent_cache_info = read_latent_cache(self.urls)
         self.tokenizer = None
         self._rank: tuple[int, int] | None = None  # (rank, world size) from set_rank
         self._start_step: int | None = None  # from set_start_step
@@ -291,6 +234,7 @@ class WebDataModule(L.LightningDataModule):
         return DataOrder(seed=self.hparams.seed, start_step=step, rank=rank, world_size=world)
 
     def setup(self, stage: str | None = None) -> None:
+        self.check_shard_kind()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer)
         world = self.data_order().world_size
@@ -302,11 +246,53 @@ class WebDataModule(L.LightningDataModule):
                 "write more, smaller shards, use fewer workers, or set data.resampled=true"
             )
 
+    def check_shard_kind(self) -> None:
+        """Refuse settings the shards cannot honour (latent_cache, resolution, random_flip).
+
+        Checked at setup, not in __init__, so the config can be built (and tested) before a
+        cache exists.
+        """
+        h, info = self.hparams, self.latent_cache_info
+        if info is None:
+            if h.latent_cache:
+                raise ValueError(
+                    f"data.latent_cache=true, but data.train_shards ({self.urls[0]}, ...) is no "
+                    f"latent cache: its folder holds no {CACHE_FILE} (sdtrain-cache-latents writes "
+                    "it last, so an interrupted run leaves none)"
+                )
+            if h.resolution is None:
+                raise ValueError(
+                    "data.resolution=null takes the size from a latent cache, but "
+                    f"data.train_shards ({self.urls[0]}, ...) are image shards: set a size"
+                )
+            return
+        where = f"the latent cache {info['folder']}"
+        if h.latent_cache is False:
+            raise ValueError(f"data.latent_cache=false, but data.train_shards is {where}")
+        if h.resolution is not None and h.resolution != info["resolution"]:
+            raise ValueError(
+                f"data.resolution={h.resolution}, but {where} was made at {info['resolution']} "
+                f"px ({CACHE_FILE}): set data.resolution={info['resolution']} (or null), or "
+                f"cache again with --resolution {h.resolution}"
+            )
+        if h.random_flip:
+            raise ValueError(
+                f"data.random_flip=true cannot apply to {where}: its images were cached "
+                "unflipped. Set data.random_flip=false, or train on the image shards to flip."
+            )
+
+    def transform(self) -> ImageTextTransform | LatentTransform:
+        """Raw sample -> example for these shards: decode and crop an image, or load latents."""
+        h, info = self.hparams, self.latent_cache_info
+        if info is None:
+            return ImageTextTransform(h.resolution, h.center_crop, h.random_flip)
+        return LatentTransform(info["files"], info["dtype"], info["latent_shape"])
+
     def pipeline(self, order: DataOrder | None = None) -> wds.DataPipeline:
         """Shards -> samples -> batches for one rank; `order` defaults to data_order()."""
         h = self.hparams
         order = self.data_order() if order is None else order
-        transform = ImageTextTransform(h.resolution, h.center_crop, h.random_flip)
+        transform = self.transform()
         if h.resampled:
             shards = [ResampledShardList(self.urls, order)]
         else:

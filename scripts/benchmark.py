@@ -1,27 +1,40 @@
-"""Training throughput of sdtrain's real module on an SD-1.5-shaped random model (no download).
+"""Training throughput on one GPU: a plain loop and the full sdtrain run, side by side in one run.
 
-    python scripts/benchmark.py --out bench.json                      # 256 px b64 and 512 px b16
-    python scripts/benchmark.py --cases 512x32 --steps 30 --warmup 10
+    python scripts/benchmark.py --cases 512x32 256x64 --out docs/benchmarks.json
 
-Each case runs the real StableDiffusionModule (VAE encode + CLIP + U-Net forward/backward + AdamW)
-in a Lightning Trainer in bf16-mixed on synthetic batches held on the GPU, so the data loader is out
-of the measurement. Prints a table (images/s, ms/step, U-Net TFLOP/s from the per-image costs in
-DESIGN.md: 0.54 TFLOP at 256 px, 2.41 at 512 px) and writes JSON.
+Variants, one process each (so one variant's compile caches and memory never help another):
+  raw_eager_onthefly  the plain loop diffusers' example runs: VAE + CLIP every step, eager U-Net,
+                      bf16 autocast, AdamW (foreach), grad clipping.
+  raw_fast_cached     the same loop on cached latent moments and text contexts held on the GPU,
+                      with the fast settings: compiled U-Net (`--compile`), channels-last, fused
+                      AdamW, TF32, cuDNN autotuning. The ceiling for this model and card.
+  pipeline            the full sdtrain run (`sdtrain.train`): Lightning Trainer, the datamodule
+                      reading latent shards (made by sdtrain-cache-latents) from disk, EMA, grad
+                      clipping, CSV logging, the same fast settings. Throughput, MFU, data wait and
+                      memory come from its own monitor (sdtrain.callbacks.throughput).
+
+The model is random with SD-1.5's shapes (U-Net 860 M, VAE, CLIP ViT-L/14), built once (no
+download). MFU = U-Net training FLOPs per image (counted with torch's FlopCounterMode) x img/s over
+the card's dense bf16 peak. Rows are appended to `--out` (JSON list); a table is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
-import lightning as L
 import torch
 
-UNET_TFLOP_PER_IMAGE = {256: 0.54, 512: 2.41}  # training (fwd + bwd), SD-1.5 U-Net
+VARIANTS = ("raw_eager_onthefly", "raw_fast_cached", "pipeline")
 
 
 def build_sd15_shaped(out: Path) -> Path:
@@ -62,94 +75,281 @@ def build_sd15_shaped(out: Path) -> Path:
     return out
 
 
-class SyntheticBatches(torch.utils.data.IterableDataset):
-    def __init__(self, batch: dict):
-        self.batch = batch
+def build_latent_cache(folder: Path, work: Path, px: int, count: int) -> Path:
+    """Image shards of `count` demo images at `px`, then sdtrain-cache-latents over them (GPU)."""
+    from sdtrain import demo
+    from sdtrain.shards import main as shards_main
 
-    def __iter__(self):
-        while True:
-            yield self.batch
-
-
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.t0, self.t1, self.steps = warmup, 0.0, 0.0, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.warmup:
-            torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-        elif trainer.global_step > self.warmup:
-            self.steps = trainer.global_step - self.warmup
-
-    def on_train_end(self, trainer, pl_module):
-        torch.cuda.synchronize()
-        self.t1 = time.perf_counter()
-
-
-def run_case(folder: Path, res: int, bs: int, steps: int, warmup: int) -> dict:
-    from sdtrain.models import load_parts, tokenize
-    from sdtrain.module import StableDiffusionModule
-
-    model = StableDiffusionModule(load_parts(folder), optimizer=partial(torch.optim.AdamW, lr=1e-5))
-    ids = tokenize(model.tokenizer, ["a photograph of an astronaut riding a horse"] * bs)
-    batch = {"pixels": torch.rand(bs, 3, res, res) * 2 - 1, "input_ids": ids}
-    loader = torch.utils.data.DataLoader(SyntheticBatches(batch), batch_size=None)
-    timer = StepTimer(warmup)
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=warmup + steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
+    out = work / f"latents-{px}"
+    if (out / "cache.json").is_file():
+        return out
+    demo.write_folder(work / f"images-{px}", count, px)
+    shards_main(
+        [str(work / f"images-{px}"), str(work / f"shards-{px}"), "--samples-per-shard", "256"]
     )
+    cmd = [sys.executable, "-m", "sdtrain.cache", str(work / f"shards-{px}"), str(out)]
+    cmd += ["--pretrained", str(folder), "--resolution", str(px), "--text", "--batch-size", "32"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"latent cache {px} px: {count} images in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- the plain loop
+
+
+def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
+    """The plain training loop; `fast`: cached inputs and the fast settings."""
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdtrain.callbacks.throughput import unet_train_flops
+    from sdtrain.models import load_tokenizer, tokenize
+
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = fast
+    unet = UNet2DConditionModel.from_pretrained(a.folder, subfolder="unet").to(dev)
+    ac = DDPMScheduler.from_pretrained(a.folder, subfolder="scheduler").alphas_cumprod.to(dev)
+    h = a.px // 8
+    flops = unet_train_flops(unet, (1, 4, h, h), (1, 77, 768))
+    if fast:  # cached: posterior moments and contexts, several sets so no cache effects
+        sets = [
+            (
+                torch.randn(a.batch, 8, h, h, device=dev, dtype=bf16),
+                torch.randn(a.batch, 77, 768, device=dev, dtype=bf16),
+            )
+            for _ in range(4)
+        ]
+        unet.to(memory_format=torch.channels_last)
+        from sdtrain.speed import compile_unet
+
+        compile_unet(unet, a.compile)
+    else:
+        vae = AutoencoderKL.from_pretrained(a.folder, subfolder="vae").to(dev, bf16)
+        text = CLIPTextModel.from_pretrained(a.folder, subfolder="text_encoder").to(dev, bf16)
+        ids = tokenize(
+            load_tokenizer(a.folder), ["a photograph of an astronaut riding a horse"] * a.batch
+        )
+        sets = [
+            (torch.rand(a.batch, 3, a.px, a.px, device=dev) * 2 - 1, ids.to(dev)) for _ in range(2)
+        ]
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=fast)
+
+    def step(i: int) -> None:
+        x, c = sets[i % len(sets)]
+        with torch.no_grad():
+            if fast:
+                mean, logvar = x.float().chunk(2, dim=1)
+                lat = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
+                ctx = c
+            else:
+                lat = vae.encode(x.to(bf16)).latent_dist.sample().float() * 0.18215
+                ctx = text(c)[0]
+        noise = torch.randn_like(lat)
+        t = torch.randint(0, 1000, (a.batch,), device=dev)
+        s = ac[t].view(-1, 1, 1, 1)
+        noisy = s.sqrt() * lat + (1 - s).sqrt() * noise
+        if fast:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=bf16):
+            pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+        F.mse_loss(pred.float(), noise).backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(a.warmup):
+        step(i)
+        torch.cuda.synchronize()
+        print(f"warm-up step {i}: {time.perf_counter() - t0:.1f} s", flush=True)
+    warm_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    trainer.fit(model, train_dataloaders=loader)
-    secs = timer.t1 - timer.t0
-    img_s = timer.steps * bs / secs
-    tflop = UNET_TFLOP_PER_IMAGE.get(res)
+    t0 = time.perf_counter()
+    for i in range(a.steps):
+        step(i)
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    img_s = a.steps * a.batch / secs
     return {
-        "resolution": res,
-        "batch_size": bs,
-        "steps": timer.steps,
-        "img_per_s": round(img_s, 1),
-        "ms_per_step": round(1e3 * secs / timer.steps, 1),
-        "unet_tflop_s": round(img_s * tflop, 1) if tflop else None,
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-        "device": torch.cuda.get_device_name(),
+        "img_per_s": img_s,
+        "flops_per_img": flops,
+        "warmup_s": warm_s,
+        "data_wait_frac": 0.0,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
     }
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+
+def pipeline(a: argparse.Namespace) -> dict:
+    """The full `sdtrain-train` run on the latent cache; numbers from its throughput monitor."""
+    with tempfile.TemporaryDirectory() as run:
+        cmd = [
+            sys.executable,
+            "-m",
+            "sdtrain.train",
+            "model=finetune",
+            f"model.pretrained={a.folder}",
+            "data=latents",
+            f"data.train_shards={a.cache}",
+            f"data.batch_size={a.batch}",
+            f"data.num_workers={a.workers}",
+            "trainer=gpu",
+            f"trainer.max_steps={a.warmup + a.steps}",
+            "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=5",
+            "logger=csv",
+            "~callbacks.sample_images",
+            "~callbacks.model_checkpoint",
+            "+trainer.enable_checkpointing=false",
+            f"model.compile={a.compile}",
+            "model.channels_last=true",
+            "+model.optimizer.fused=true",
+            "trainer.benchmark=true",
+            "callbacks.throughput.window=5",
+            f"hydra.run.dir={run}",
+        ]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - t0
+        rows = list(csv.DictReader(open(next(Path(run).glob("csv/*/metrics.csv")))))
+
+    def col(name: str, after: int) -> list[float]:
+        return [float(r[name]) for r in rows if r.get(name) and int(r["step"]) > after]
+
+    warm = a.warmup
+    return {
+        "img_per_s": statistics.median(col("perf/img_per_s", warm)),
+        "flops_per_img": col("perf/flops_per_img", -1)[0],
+        "data_wait_frac": statistics.median(col("perf/data_wait_frac", warm)),
+        "peak_mem_gb": max(col("perf/peak_mem_gb", -1)),
+        "warmup_s": None,
+        "run_wall_s": wall,
+    }
+
+
+def child(a: argparse.Namespace) -> None:
+    from sdtrain.callbacks.throughput import peak_flops_for
+
+    t0 = time.perf_counter()
+    r = pipeline(a) if a.child == "pipeline" else raw_loop(a, fast=a.child == "raw_fast_cached")
+    gpu = torch.cuda.get_device_name()
+    peak = peak_flops_for(gpu)
+    row = {
+        "gpu": gpu,
+        "gpus": 1,
+        "px": a.px,
+        "batch": a.batch,
+        "variant": a.child,
+        "img_per_s": round(r["img_per_s"], 1),
+        "mfu": round(r["flops_per_img"] * r["img_per_s"] / peak, 3) if peak else None,
+        "peak_mem_gb": round(r["peak_mem_gb"], 1),
+        "data_wait_frac": round(r["data_wait_frac"], 4),
+        "strategy": "single",
+        "compile": None if a.child == "raw_eager_onthefly" else a.compile,
+        "tflop_per_img": round(r["flops_per_img"] / 1e12, 3),
+        "warmup_s": None if r.get("warmup_s") is None else round(r["warmup_s"], 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+    }
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def run_variant(
+    a, spec: str, case: str, folder: Path, cache: Path | None, work: Path
+) -> dict | None:
+    """One variant in its own process; its output goes to a log file; returns its row."""
+    v, _, comp = spec.partition(":")
+    comp = comp or str(a.compile)
+    px, bs = case.split("x")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        v,
+        "--px",
+        px,
+        "--batch",
+        bs,
+        "--folder",
+        str(folder),
+    ]
+    cmd += ["--cache", str(cache), "--compile", comp, "--steps", str(a.steps)]
+    cmd += ["--warmup", str(a.warmup), "--workers", str(a.workers)]
+    log_file = Path(a.logs or work) / f"{v}-{comp}-{case}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as f:
+        # own process group: a timed-out pipeline's training process must not outlive it
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            print(f"{spec} {case}: timed out after {a.timeout} s (log: {log_file})", flush=True)
+            return None
+    text = log_file.read_text()
+    found = [json.loads(line[4:]) for line in text.splitlines() if line.startswith("ROW ")]
+    if not found:
+        print(f"{spec} {case}: failed (log: {log_file})\n{text[-3000:]}", flush=True)
+        return None
+    return found[0]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["256x64", "512x16"], help="RESxBATCH")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--cases", nargs="+", default=["512x32", "256x64"], help="PXxBATCH")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="VARIANT[:COMPILE] each")
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=int, default=15, help="untimed steps first (compile)")
+    p.add_argument("--compile", default="unet", help="unet, blocks or None (fast variants)")
+    p.add_argument("--workers", type=int, default=6, help="pipeline DataLoader workers")
+    p.add_argument("--images", type=int, default=1024, help="images in the latent cache")
+    p.add_argument("--work", help="folder for the model and caches (default: a temp folder)")
+    p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
+    p.add_argument("--out", help="JSON list to append the rows to")
+    p.add_argument("--logs", help="folder for each variant's log (default: --work)")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--px", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
     a = p.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if a.compile == "None":
+        a.compile = None
+    if a.child:
+        return child(a)
+    work = Path(a.work or tempfile.mkdtemp(prefix="sdtrain-bench-"))
+    folder = work / "sd15-shaped"
+    if not (folder / "model_index.json").is_file():
+        build_sd15_shaped(folder)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = build_sd15_shaped(Path(tmp) / "sd15-shaped")
-        for case in a.cases:
-            res, bs = map(int, case.split("x"))
-            rows.append(run_case(folder, res, bs, a.steps, a.warmup))
-            print(json.dumps(rows[-1]), flush=True)
+    for case in a.cases:
+        px = int(case.split("x")[0])
+        wants_cache = any(v.startswith("pipeline") for v in a.variants)
+        cache = build_latent_cache(folder, work, px, a.images) if wants_cache else None
+        for spec in a.variants:
+            row = run_variant(a, spec, case, folder, cache, work)
+            if row is None:
+                continue
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if a.out:
+                old = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else []
+                Path(a.out).write_text(json.dumps(old + [row], indent=1) + "\n")
     print(
-        f"\n{'res':>5} {'batch':>5} {'img/s':>8} {'ms/step':>8} {'U-Net TFLOP/s':>14} {'peak GiB':>9}"
+        f"\n{'variant':<20} {'compile':>7} {'px':>4} {'batch':>5} {'img/s':>7} {'MFU':>6} {'wait':>6} {'GB':>5}  gpu"
     )
     for r in rows:
         print(
-            f"{r['resolution']:>5} {r['batch_size']:>5} {r['img_per_s']:>8} {r['ms_per_step']:>8} "
-            f"{r['unet_tflop_s'] or '-':>14} {r['peak_mem_gib']:>9}   {r['device']}"
+            f"{r['variant']:<20} {str(r['compile']):>7} {r['px']:>4} {r['batch']:>5} {r['img_per_s']:>7} "
+            f"{r['mfu'] or '-':>6} {r['data_wait_frac']:>6} {r['peak_mem_gb']:>5}  {r['gpu']}"
         )
-    if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

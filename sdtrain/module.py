@@ -9,9 +9,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from sdtrain import batch as B
-from sdtrain import checkpoint, diffusion
+from sdtrain import checkpoint, diffusion, speed
+from sdtrain.cache import check_latent_cache
 from sdtrain.ema import EMA
 from sdtrain.models import Parts, tokenize
 
@@ -35,6 +37,8 @@ class StableDiffusionModule(L.LightningModule):
         min_snr_gamma: gamma for min-SNR loss weighting, None for plain MSE.
         noise_offset: scale of the per-channel noise offset, 0 to turn off.
         gradient_checkpointing: trade compute for memory in the U-Net.
+        compile: torch.compile the U-Net: None (eager), "unet" (whole) or "blocks" (regional).
+        channels_last: NHWC memory format for the U-Net (faster convolutions on GPUs).
         seed: base of the training draws (timesteps, noise, caption dropout), mixed with the rank
             and step (see `diffusion.step_generator`).
     """
@@ -49,11 +53,14 @@ class StableDiffusionModule(L.LightningModule):
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         gradient_checkpointing: bool = False,
+        compile: str | None = None,
+        channels_last: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
+        speed.check(compile)
         self.save_hyperparameters(ignore=["parts", "optimizer", "lr_scheduler", "ema"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -65,6 +72,7 @@ class StableDiffusionModule(L.LightningModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema = ema
+        self._fast = False  # compile / channels-last applied (configure_model runs once)
         self.strict_loading = False  # checkpoints hold the U-Net only; the frozen parts reload
         self.skipped_total = torch.zeros(())  # data samples skipped so far, all ranks
         self._empty_context: torch.Tensor | None = None
@@ -147,8 +155,19 @@ class StableDiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the step
 
+    def configure_model(self) -> None:
+        """The fast settings (sdtrain.speed), applied in place once the strategy is set up."""
+        if self._fast:
+            return
+        self._fast = True
+        if self.hparams.channels_last:
+            speed.to_channels_last(self.unet)
+        speed.compile_unet(self.unet, self.hparams.compile)
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""
+        if self.hparams.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         return self.unet(noisy, timesteps, encoder_hidden_states=context).sample
 
     def step_generator(self) -> torch.Generator:
@@ -214,9 +233,27 @@ class StableDiffusionModule(L.LightningModule):
         sched = self.lr_scheduler_factory(optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Under bf16 autocast there is no loss scaler, so nothing to unscale: clip the norm
+        directly. Lightning's AMP plugin refuses any clipping with a fused optimizer (it assumes
+        a float16 scaler), which would rule out fused AdamW, the faster update on GPUs."""
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        direct = isinstance(plugin, MixedPrecision) and plugin.scaler is None
+        if direct and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            params = [p for _, p in self.trainable_parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # ------------------------------------------------------------------ EMA
 
     def on_fit_start(self) -> None:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        info = getattr(dm, "latent_cache_info", None)
+        if info is not None:  # a latent cache must come from this model's VAE (and text encoder)
+            check_latent_cache(info, self.vae, self.text_encoder, self.pretrained)
         if self.ema is not None:
             self.ema.attach(self.trainable_parameters())
 

@@ -21,7 +21,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdtrain import checkpoint
+from sdtrain import checkpoint, speed
 from sdtrain.resolvers import register
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def train(cfg: DictConfig) -> float | None:
             "e.g. model.pretrained=/models/sd15 \"data.train_shards='/data/{00000..00099}.tar'\" or a shard folder)"
         )
     L.seed_everything(cfg.seed, workers=True)
+    speed.set_float32_matmul_precision(cfg.get("float32_matmul_precision"))
     ckpt = checkpoint_file(cfg)
     resume_wandb_run(cfg, ckpt)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")

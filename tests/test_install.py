@@ -288,7 +288,7 @@ def test_short_demo_run_from_the_installed_package(installed: Install, tmp_path:
         "callbacks.sample_images.num_inference_steps=2",
         "callbacks.sample_images.every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
-        "callbacks.throughput.window_size=2",
+        "callbacks.throughput.window=2",
     ]
     proc = check(run(cmd, cwd=installed.work, timeout=600, SDTRAIN_CACHE=str(tmp_path / "cache")))
     assert "max_steps=2` reached" in proc.stderr + proc.stdout

@@ -174,6 +174,9 @@ TRAIN_ARGS = [
     "data.num_workers=0",
     "data.batch_size=4",
     "data.resolution=32",
+    "model.compile=null",  # the GPU block's compile: minutes of C++ builds on a CPU
+    "model.optimizer.fused=null",
+    "trainer.benchmark=false",
     "logger=csv",
     "callbacks.sample_images.num_inference_steps=2",
     "callbacks.sample_images.height=32",
@@ -187,8 +190,13 @@ RUNNERS = {
     "sdtrain-export": "export",
     "sdtrain-shards": "shards",
     "sdtrain-tiny-model": "tiny-model",
+    "sdtrain-cache-latents": "cache-latents",
 }
-APPEND = {"train": TRAIN_ARGS, "tiny-model": ["--vae-steps", "20"]}
+APPEND = {
+    "train": TRAIN_ARGS,
+    "tiny-model": ["--vae-steps", "20"],
+    "cache-latents": ["--resolution", "32", "--accelerator", "cpu", "--num-workers", "0"],
+}
 
 # No SLURM here: sbatch runs the job script at once as one node with one task; srun runs its task.
 SHIMS = {
@@ -260,6 +268,8 @@ def check_output(kind: str, args: list[str], cwd: Path, before: dict[Path, int])
         assert len([n for n in images if n.endswith(".png")]) == len(list(src.glob("*.png")))
     elif kind == "tiny-model":
         assert (cwd / positional[0] / "model_index.json").is_file()
+    elif kind == "cache-latents":
+        assert (cwd / positional[1] / "cache.json").is_file()
 
 
 # ---------------------------------------------------------------- fixtures

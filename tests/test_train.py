@@ -28,7 +28,7 @@ def test_short_run_logs_loss_lr_and_skips(tiny_model: Path, shards: str, tmp_pat
     cfg = compose_cfg(
         tmp_path,
         tiny_overrides(tiny_model, shards, steps=6)
-        + ["logger=csv", "trainer.log_every_n_steps=1", "callbacks.throughput.window_size=3"],
+        + ["logger=csv", "trainer.log_every_n_steps=1", "callbacks.throughput.window=3"],
     )
     loss = train(cfg)
     assert loss is not None and torch.isfinite(torch.tensor(loss))
@@ -38,7 +38,7 @@ def test_short_run_logs_loss_lr_and_skips(tiny_model: Path, shards: str, tmp_pat
     lrs = [float(r["train/lr"]) for r in rows if r["train/lr"]]
     assert lrs == sorted(lrs) and lrs[0] < lrs[-1]  # warming up
     assert all(float(r["data/skipped"]) == 0 for r in rows if r["data/skipped"])
-    assert any(float(r.get("train/device/samples_per_sec") or 0) > 0 for r in rows)
+    assert any(float(r.get("perf/img_per_s") or 0) > 0 for r in rows)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")) == [
         "last.ckpt",
         "step_0000003.ckpt",

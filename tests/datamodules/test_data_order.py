@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from sdtrain.datamodules import webdataset
+from sdtrain.datamodules import order
 from sdtrain.datamodules.webdataset import DataOrder, WebDataModule
 
 SAMPLES, PER_SHARD = 96, 24  # the `shards` fixture: 4 shards x 24 samples
@@ -85,7 +85,7 @@ def test_seed_depends_on_every_input(monkeypatch: pytest.MonkeyPatch):
         "purpose": base.rng("shards", 0).random(),
     }
     with monkeypatch.context() as m:  # as DataLoader worker 1 of 2 sees it
-        m.setattr(webdataset, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+        m.setattr(order, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
         draws["worker"] = base.rng("samples", 0).random()
     assert len(set(draws.values())) == len(draws)
     assert base.rng("samples", 0).random() == draws["base"]

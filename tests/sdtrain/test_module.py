@@ -193,3 +193,43 @@ def test_skipped_total_and_ema_round_trip_through_the_checkpoint():
     fresh.on_load_checkpoint(ckpt)
     assert float(fresh.skipped_total) == 5.0
     assert fresh.ema.shadow is entry["ema"]["shadow"] or fresh.ema.shadow == entry["ema"]["shadow"]
+
+
+def test_fused_adamw_with_grad_clipping_under_bf16_autocast(shards: str, tiny_model: Path):
+    """Lightning's AMP plugin refuses to clip with a fused optimizer (a float16-scaler rule); under
+    bf16 there is no scaler, so the module clips directly and fused AdamW trains, clipped."""
+    import lightning as L
+
+    m = StableDiffusionModule(
+        build_parts(32),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True),
+        caption_dropout=0.0,
+    )
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        total = clip(params, max_norm, *a, **k)
+        norms.append((float(total), max_norm))
+        return total
+
+    dm = WebDataModule(shards, str(tiny_model), resolution=32, batch_size=2, num_workers=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=2,
+        gradient_clip_val=1e-3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    torch.nn.utils.clip_grad_norm_ = spy
+    try:
+        trainer.fit(m, datamodule=dm)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+    assert trainer.global_step == 2
+    assert len(norms) == 2 and all(mx == 1e-3 and n > 1e-3 for n, mx in norms)
+    grads = [p.grad for _, p in m.trainable_parameters() if p.grad is not None]
+    assert grads == [] or float(torch.nn.utils.get_total_norm(grads)) <= 1e-3 * 1.01

@@ -1,0 +1,54 @@
+"""Fast settings for the U-Net step, each a switch in `model.speed` (measured in docs/benchmarks.md).
+
+- `compile`: None (eager), "unet" (the whole U-Net's forward) or "blocks" (each down/mid/up block
+  on its own: regional compile, shorter warm-up, the same kernels where the time goes). Compiled in
+  place with `nn.Module.compile`, so parameter names, checkpoints and the EMA are unchanged.
+- `channels_last`: NHWC memory format for the U-Net's convolutions (cuDNN's fast layout on GPUs).
+- `float32_matmul_precision`: "high" lets fp32 matmuls use TF32 on Ampere and later ("highest"
+  keeps full fp32). Set once per process, before the first matmul.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = (None, "unet", "blocks")
+
+
+def check(compile: str | None) -> None:
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"model.compile={compile!r} is not one of {list(COMPILE_MODES)}")
+
+
+def compile_unet(unet: nn.Module, mode: str | None, **options) -> None:
+    """Compile the U-Net in place: whole ("unet") or block by block ("blocks")."""
+    check(mode)
+    if mode is None:
+        return
+    if mode == "unet":
+        unet.compile(**options)
+        return
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    for block in blocks:
+        if block is not None:
+            block.compile(**options)
+    log.info("compiled %d U-Net blocks (regional compile)", len(blocks))
+
+
+def to_channels_last(unet: nn.Module) -> None:
+    unet.to(memory_format=torch.channels_last)
+
+
+def set_float32_matmul_precision(precision: str | None) -> None:
+    if precision is None:
+        return
+    if precision not in ("highest", "high", "medium"):
+        raise ValueError(
+            f"float32_matmul_precision={precision!r}; use 'highest', 'high' or 'medium'"
+        )
+    torch.set_float32_matmul_precision(precision)
