@@ -197,6 +197,14 @@ class WebDataModule(L.LightningDataModule):
         latent_cache: bool | None = None,
     ) -> None:
         super().__init__()
+        for key, value, least in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("resolution", 8 if resolution is None else resolution, 8),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"data.{key}={value!r} must be a whole number >= {least}")
         self.save_hyperparameters()
         self.urls = expand_shards(train_shards)
         self.latent_cache_info = read_latent_cache(self.urls)

@@ -10,6 +10,7 @@ A checkpoint is Lightning's dictionary plus one entry of ours, `checkpoint["sdtr
 | `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None) |
 | `sdtrain.ema` | `EMA.state_dict()`: fp32 `shadow` by parameter name, `num_updates`, `last_step`, `decay`; None without EMA |
 | `sdtrain.skipped_total` | unusable data samples skipped so far, summed over ranks |
+| `sdtrain.skipped_nonfinite` | optimizer steps skipped for NaN/inf gradients so far (absent: 0) |
 
 Every value is a tensor or a plain Python type, so checkpoints load with
 `torch.load(weights_only=True)`: loading one never unpickles code. Resume (the module's
@@ -39,7 +40,12 @@ class CheckpointError(ValueError):
     """A file that is not an sdtrain checkpoint this version can read."""
 
 
-def build(run: dict[str, Any], ema: dict[str, Any] | None, skipped_total: int) -> dict[str, Any]:
+def build(
+    run: dict[str, Any],
+    ema: dict[str, Any] | None,
+    skipped_total: int,
+    skipped_nonfinite: int = 0,
+) -> dict[str, Any]:
     """The `checkpoint["sdtrain"]` entry for a checkpoint being written."""
     unknown = set(run) - set(RUN_KEYS)
     if unknown:
@@ -49,6 +55,7 @@ def build(run: dict[str, Any], ema: dict[str, Any] | None, skipped_total: int) -
         "run": {k: run.get(k) for k in RUN_KEYS},
         "ema": ema,
         "skipped_total": int(skipped_total),
+        "skipped_nonfinite": int(skipped_nonfinite),
     }
 
 

@@ -92,6 +92,21 @@ class Parts:
     pretrained: str | None = None
 
 
+def check_resolution(folder: str | Path, resolution: int | None) -> None:
+    """Refuse a training size the folder's VAE cannot encode whole (it would crop silently)."""
+    if resolution is None:
+        return
+    cfg_file = Path(folder).expanduser() / "vae" / "config.json"
+    blocks = json.loads(cfg_file.read_text()).get("block_out_channels", [0, 0, 0, 0])
+    factor = 2 ** (len(blocks) - 1)
+    if resolution % factor:
+        lower, upper = resolution // factor * factor, (resolution // factor + 1) * factor
+        raise ValueError(
+            f"data.resolution={resolution} is not a multiple of {factor}, the downsampling factor "
+            f"of the VAE in {cfg_file.parent}: use {lower or upper} or {upper}"
+        )
+
+
 def load_parts(
     pretrained: str | Path,
     unet_config: str | dict[str, Any] | None = None,

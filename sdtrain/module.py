@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from sdtrain import checkpoint, diffusion, speed
 from sdtrain.cache import check_latent_cache
 from sdtrain.ema import EMA
 from sdtrain.models import Parts, tokenize
+from sdtrain.nonfinite import NonFiniteGuard
 
 
 def posterior_from_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +41,8 @@ class StableDiffusionModule(L.LightningModule):
         gradient_checkpointing: trade compute for memory in the U-Net.
         compile: torch.compile the U-Net: None (eager), "unet" (whole) or "blocks" (regional).
         channels_last: NHWC memory format for the U-Net (faster convolutions on GPUs).
+        max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
+            stops; each such step is skipped on every rank (`sdtrain.nonfinite`).
         seed: base of the training draws (timesteps, noise, caption dropout), mixed with the rank
             and step (see `diffusion.step_generator`).
     """
@@ -55,6 +59,7 @@ class StableDiffusionModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         compile: str | None = None,
         channels_last: bool = False,
+        max_nonfinite_in_a_row: int = 10,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -75,6 +80,8 @@ class StableDiffusionModule(L.LightningModule):
         self._fast = False  # compile / channels-last applied (configure_model runs once)
         self.strict_loading = False  # checkpoints hold the U-Net only; the frozen parts reload
         self.skipped_total = torch.zeros(())  # data samples skipped so far, all ranks
+        self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
+        self._skip_update = False  # this optimizer step's gradients were dropped
         self._empty_context: torch.Tensor | None = None
         self._micro, self._micro_step = 0, -1  # micro-batch index within the optimizer step
 
@@ -257,11 +264,26 @@ class StableDiffusionModule(L.LightningModule):
         if self.ema is not None:
             self.ema.attach(self.trainable_parameters())
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After backward (and DDP's all-reduce), before clipping: drop non-finite gradients."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        reduce = None
+        if strategy is not None and strategy.world_size > 1:
+            reduce = partial(strategy.reduce, reduce_op="sum")
+        params = (p for _, p in self.trainable_parameters())
+        self._skip_update = self.nonfinite.check(params, self.global_step + 1, reduce)
+        if self._trainer is not None:
+            self.log("train/skipped_nonfinite", float(self.nonfinite.total), reduce_fx="max")
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch),
-        before any callback's on_train_batch_end, so checkpoints and samples see this step's EMA."""
+        before any callback's on_train_batch_end, so checkpoints and samples see this step's EMA.
+        A step whose gradients were dropped as non-finite leaves the EMA alone too."""
+        self._skip_update = False
         super().optimizer_step(*args, **kwargs)
         step = self.global_step + 1  # Lightning counts this step once the hook returns
+        if self._skip_update:
+            return
         if self.ema is not None and step % self.ema.update_every == 0:
             self.ema.update(self.trainable_parameters(), step)
 
@@ -298,7 +320,8 @@ class StableDiffusionModule(L.LightningModule):
             "wandb_run_id": wandb_ids[0] if wandb_ids else None,  # a resume logs on into it
         }
         ema = self.ema.state_dict() if self.ema is not None else None
-        ckpt[checkpoint.ROOT] = checkpoint.build(run, ema, int(self.skipped_total.item()))
+        skipped = int(self.skipped_total.item())
+        ckpt[checkpoint.ROOT] = checkpoint.build(run, ema, skipped, self.nonfinite.total)
 
     def on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
         checkpoint.upgrade(ckpt)
@@ -313,3 +336,4 @@ class StableDiffusionModule(L.LightningModule):
         if self.ema is not None and ema_state is not None:
             self.ema.load_state_dict(ema_state)
         self.skipped_total = torch.tensor(float(checkpoint.skipped_total(ckpt)))
+        self.nonfinite.total = int(ckpt[checkpoint.ROOT].get("skipped_nonfinite", 0))

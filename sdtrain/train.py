@@ -19,9 +19,12 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdtrain import checkpoint, speed
+from sdtrain import checkpoint, preemption, speed
+from sdtrain.models import check_model_folder, check_resolution
 from sdtrain.resolvers import register
 
 log = logging.getLogger(__name__)
@@ -102,7 +105,15 @@ def train(cfg: DictConfig) -> float | None:
     speed.set_float32_matmul_precision(cfg.get("float32_matmul_precision"))
     ckpt = checkpoint_file(cfg)
     resume_wandb_run(cfg, ckpt)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    try:
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    except InstantiationException as e:  # show the datamodule's own message, naming key and value
+        if isinstance(e.__cause__, (ValueError, FileNotFoundError)):
+            raise e.__cause__ from None
+        raise
+    if getattr(datamodule, "latent_cache_info", None) is None:  # a cache was checked when made
+        check_model_folder(cfg.model.pretrained, need_unet=not cfg.model.get("unet_config"))
+        check_resolution(cfg.model.pretrained, OmegaConf.select(cfg, "data.resolution"))
     model = build_model(cfg.model)
     callbacks = instantiate_map(cfg.get("callbacks"))
     loggers = instantiate_map(cfg.get("logger"))
@@ -112,7 +123,17 @@ def train(cfg: DictConfig) -> float | None:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        with preemption.usr1_stops_like_sigterm():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    except SIGTERMException:  # SIGTERM or SIGUSR1: checkpoint saved at the step reached
+        if trainer.is_global_zero:
+            log.warning(
+                "stopped by a signal at step %d; resume with: sdtrain-train "
+                "hydra.run.dir=%s ckpt_path=last (and the run's overrides)",
+                trainer.global_step,
+                cfg.paths.output_dir,
+            )
+        return None
     finally:
         finish_wandb()
     if trainer.is_global_zero:

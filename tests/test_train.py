@@ -249,3 +249,38 @@ def test_accumulation_ema_and_samples_once_per_optimizer_step(
     assert checkpoint.ema_state(last)["num_updates"] == 4
     samples = sorted(p.name for p in (tmp_path / "resumed" / "samples").glob("*.png"))
     assert samples == ["step_0000004.png"]
+
+
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        ("data.batch_size=0", ValueError, r"data.batch_size=0 must be a whole number >= 1"),
+        ("data.num_workers=-1", ValueError, r"data.num_workers=-1"),
+        (
+            "data.resolution=31",
+            ValueError,
+            r"data.resolution=31 is not a multiple of 2.*use 30 or 32",
+        ),
+        ("model.pretrained=EMPTY", FileNotFoundError, r"model.pretrained: .*lacks.*'unet'"),
+    ],
+)
+def test_config_errors_fail_before_a_model_is_built(
+    override: str,
+    error: type,
+    match: str,
+    tiny_model: Path,
+    shards: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Each bad value is named (key and value) before any weights load."""
+    import sdtrain.train as T
+
+    (tmp_path / "empty").mkdir()
+    override = override.replace("EMPTY", str(tmp_path / "empty"))
+    built = []
+    monkeypatch.setattr(T, "build_model", lambda cfg: built.append(cfg) or 1 / 0)
+    cfg = compose_cfg(tmp_path, tiny_overrides(tiny_model, shards) + [override])
+    with pytest.raises(error, match=match):
+        train(cfg)
+    assert built == []

@@ -181,6 +181,7 @@ def test_skipped_total_and_ema_round_trip_through_the_checkpoint():
     m.on_fit_start()
     m.count_skipped(3)
     m.count_skipped(2)
+    m.nonfinite.total = 4  # optimizer steps skipped for NaN/inf gradients
     ckpt = {"state_dict": {f"unet.{k}": v for k, v in m.unet.state_dict().items()}}
     ckpt["state_dict"]["vae.x"] = torch.zeros(1)
     m.on_save_checkpoint(ckpt)
@@ -192,6 +193,7 @@ def test_skipped_total_and_ema_round_trip_through_the_checkpoint():
     fresh = make(ema=EMA())
     fresh.on_load_checkpoint(ckpt)
     assert float(fresh.skipped_total) == 5.0
+    assert entry["skipped_nonfinite"] == 4 and fresh.nonfinite.total == 4
     assert fresh.ema.shadow is entry["ema"]["shadow"] or fresh.ema.shadow == entry["ema"]["shadow"]
 
 
