@@ -22,32 +22,45 @@ CAPTION_JSON_FIELDS = ("caption", "text", "prompt")  # img2dataset writes "capti
 BACKGROUND_RGB = (255, 255, 255)
 
 
+SKIP_KINDS = B.SKIP_KINDS
+MAX_IMAGE_PIXELS = 64_000_000  # default data.max_image_pixels: an 8000 x 8000 image
+
+
 class SkipSample(Exception):
-    """A sample that cannot be trained on (no image, undecodable image, no caption)."""
+    """A sample that cannot be trained on; `kind` is one of SKIP_KINDS."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        if kind not in SKIP_KINDS:
+            raise ValueError(f"unknown skip kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
 
 
 def find_image(sample: dict) -> bytes:
     for ext in IMAGE_EXTS:
         if sample.get(ext):
             return sample[ext]
-    raise SkipSample(f"no image (looked for .{', .'.join(IMAGE_EXTS)})")
+    raise SkipSample(f"no image (looked for .{', .'.join(IMAGE_EXTS)})", "no_image")
 
 
 def find_caption(sample: dict) -> str:
     """Caption from `KEY.txt`, else from `caption`/`text`/`prompt` in `KEY.json`."""
     if sample.get("txt"):
-        text = sample["txt"].decode("utf-8", errors="replace").strip()
+        try:
+            text = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise SkipSample(f"caption is not UTF-8 ({e})", "bad_caption") from e
         if text:
             return text
     if sample.get("json"):
         try:
             meta = json.loads(sample["json"])
         except ValueError as e:
-            raise SkipSample(f"unreadable .json ({e})") from e
+            raise SkipSample(f"unreadable .json ({e})", "bad_caption") from e
         for field in CAPTION_JSON_FIELDS:
             if isinstance(meta, dict) and isinstance(meta.get(field), str) and meta[field].strip():
                 return meta[field].strip()
-    raise SkipSample("no caption (.txt, or caption/text/prompt in .json)")
+    raise SkipSample("no caption (.txt, or caption/text/prompt in .json)", "no_caption")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -82,26 +95,37 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return out
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode image bytes to 8-bit RGB as a viewer would show them.
 
     EXIF orientation is applied, 16-bit and float greyscale is scaled to 8 bits, transparency is
     composited onto `BACKGROUND_RGB`, and palette, grey, 1-bit, CMYK and YCbCr are converted to RGB.
 
     Raises:
-        SkipSample: the bytes do not decode, or the image is a decompression bomb.
+        SkipSample: the bytes do not decode, or the image has more than `max_pixels` pixels
+            (read from the header, before decoding) or is a decompression bomb.
     """
     try:
         with warnings.catch_warnings():
             # Pillow raises above 2x Image.MAX_IMAGE_PIXELS but only warns above 1x; skip both,
             # as one ~90-megapixel image is hundreds of MB per DataLoader worker.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise SkipSample(
+                    f"image is {w} x {h} = {w * h} pixels, over data.max_image_pixels={max_pixels}",
+                    "too_large",
+                )
             img.load()
         ImageOps.exif_transpose(img, in_place=True)
         return _flatten_alpha(_to_8bit(img)).convert("RGB")
+    except SkipSample:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise SkipSample(f"decompression bomb ({type(e).__name__}: {e})", "too_large") from e
     except Exception as e:  # PIL raises many types for broken files and unconvertible modes
-        raise SkipSample(f"image does not decode ({type(e).__name__}: {e})") from e
+        raise SkipSample(f"image does not decode ({type(e).__name__}: {e})", "decode") from e
 
 
 def crop_box(
@@ -145,16 +169,22 @@ class ImageTextTransform:
     """
 
     def __init__(
-        self, resolution: int, center_crop: bool, random_flip: bool, with_meta: bool = False
+        self,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        with_meta: bool = False,
+        max_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         self.resolution = resolution
+        self.max_pixels = max_pixels
         self.center_crop = center_crop
         self.random_flip = random_flip  # `random` is reseeded per DataLoader worker
         self.with_meta = with_meta
 
     def __call__(self, sample: dict) -> dict:
         caption = find_caption(sample)
-        img = decode_image(find_image(sample))
+        img = decode_image(find_image(sample), self.max_pixels)
         original = img.size  # (w, h) as decoded, EXIF orientation applied
         box = crop_box(*original, self.resolution, self.center_crop)
         img = resize_crop(img, self.resolution, self.center_crop, box)
@@ -202,16 +232,17 @@ class LatentTransform:
         example = {"caption": caption}
         for name, ext in self.files.items():
             if not sample.get(ext):
-                raise SkipSample(f"no .{ext}")
+                raise SkipSample(f"no .{ext}", "bad_latent")
             try:
                 bf16 = name == B.LATENT_DIST and self.dtype == "bf16"
                 example[name] = load_npy(sample[ext], bf16_bits=bf16)
             except (ValueError, OSError, EOFError, RuntimeError) as e:  # truncated, foreign bytes
-                raise SkipSample(f"unreadable .{ext} ({e})") from e
+                raise SkipSample(f"unreadable .{ext} ({e})", "bad_latent") from e
         if tuple(example[B.LATENT_DIST].shape) != self.latent_shape:
             shape = tuple(example[B.LATENT_DIST].shape)
             raise SkipSample(
-                f".{self.files[B.LATENT_DIST]} has shape {shape}, not {self.latent_shape}"
+                f".{self.files[B.LATENT_DIST]} has shape {shape}, not {self.latent_shape}",
+                "bad_latent",
             )
         return example
 
@@ -234,5 +265,8 @@ class Collate:
             batch[B.INPUT_IDS] = tokenize(self.tokenizer, captions)  # (B, 77)
         batch[B.CAPTIONS] = captions
         batch[B.KEYS] = [e["key"] for e in examples]  # the samples' __key__, set by DecodeStage
-        batch[B.SKIPPED] = sum(e["skipped"] for e in examples)
+        batch[B.SKIPPED] = sum(sum(e["skipped"].values()) for e in examples)
+        batch[B.SKIPPED_KINDS] = {
+            k: sum(e["skipped"].get(k, 0) for e in examples) for k in SKIP_KINDS
+        }
         return batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this 
     worker_info,
 )
 from sdtrain.datamodules.transforms import (
+    MAX_IMAGE_PIXELS,
     Collate,
     ImageTextTransform,
     LatentTransform,
@@ -38,18 +40,19 @@ CACHE_FORMAT = "sdtrain-latent-cache"
 CACHE_FORMAT_VERSION = 1
 
 
-def expand_shards(urls: str | list[str]) -> list[str]:
+def expand_shards(urls: str | list[str], allow_pipe: bool = False) -> list[str]:
     """The shard list that `data.train_shards` names, in order.
 
     Each entry (one string or a list; "a::b" also separates) is brace-expanded
     ("/data/{00000..00099}.tar"). A local entry may also be a folder (every `*.tar` in it,
-    sorted) or a glob ("/data/*.tar", sorted). Remote urls ("s3://...", "https://...") and
-    "pipe:" commands pass through as webdataset opens them.
+    sorted) or a glob ("/data/*.tar", sorted). Remote urls ("s3://...", "https://...") pass
+    through as webdataset opens them; "pipe:" commands (a shell command per shard) only with
+    `allow_pipe`, since a config must not run code unless it says so.
 
     Raises:
         FileNotFoundError: a folder holds no `*.tar`, a glob matches nothing, or local shards do
             not exist (caught here: a stream of unreadable shards would otherwise spin forever).
-        ValueError: nothing is named at all.
+        ValueError: nothing is named at all, or a "pipe:" url without `allow_pipe`.
     """
     import glob
 
@@ -59,6 +62,11 @@ def expand_shards(urls: str | list[str]) -> list[str]:
     out: list[str] = []
     missing: list[str] = []
     for url in (u for p in patterns for part in str(p).split("::") for u in braceexpand(part)):
+        if url.startswith("pipe:") and not allow_pipe:
+            raise ValueError(
+                f"data.train_shards: {url!r} is a shell command (webdataset's pipe: url); "
+                "set data.allow_pipe=true (sdtrain-cache-latents: --allow-pipe) to run it"
+            )
         if "://" in url or url.startswith("pipe:"):
             out.append(url)
             continue
@@ -122,28 +130,39 @@ def read_latent_cache(urls: list[str]) -> dict | None:
 
 
 class DecodeStage:
-    """Pipeline stage: apply `transform`, skipping unusable samples.
+    """Pipeline stage: apply `transform`, skipping unusable samples, counted by kind.
 
-    Each example carries the number of samples skipped since the previous one; the count lives
-    on the stage, so skips at the end of one pass over the shards reach the next pass's examples.
+    Each example carries {kind: count} of the samples skipped since the previous one; the counts
+    live on the stage, so skips at the end of one pass over the shards reach the next pass's
+    examples. `shard_error` is the tar reader's handler: a truncated or unreadable shard counts as
+    one `bad_shard` and the stream goes on.
     """
 
     def __init__(self, transform: ImageTextTransform | LatentTransform) -> None:
         self.transform = transform
-        self.pending_skips = 0
+        self.pending: Counter[str] = Counter()
+
+    def shard_error(self, exn: Exception) -> bool:
+        self.pending["bad_shard"] += 1
+        log.warning("skipped the rest of a shard: %s", exn)
+        return True  # go on with the next shard
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
             try:
                 example = self.transform(sample)
             except SkipSample as why:
-                self.pending_skips += 1
+                self.pending[why.kind] += 1
                 log.warning(
-                    "skipped %s in %s: %s", sample.get("__key__"), sample.get("__url__"), why
+                    "skipped %s in %s (%s): %s",
+                    sample.get("__key__"),
+                    sample.get("__url__"),
+                    why.kind,
+                    why,
                 )
                 continue
             example["key"] = sample["__key__"]  # which sample it was: data-order tests, debugging
-            example["skipped"], self.pending_skips = self.pending_skips, 0
+            example["skipped"], self.pending = dict(self.pending), Counter()
             yield example
 
 
@@ -179,6 +198,9 @@ class WebDataModule(L.LightningDataModule):
         latent_cache: None reads whichever kind the shards are; True requires a latent cache
             and False image shards, so a config meant for one fails on the other at setup
             rather than skipping every sample.
+        allow_pipe: let `train_shards` hold "pipe:CMD" urls, which run CMD in a shell.
+        max_image_pixels: skip (as `too_large`) images with more pixels, read from the header
+            before decoding; None: no limit but Pillow's decompression-bomb check.
     """
 
     def __init__(
@@ -195,6 +217,8 @@ class WebDataModule(L.LightningDataModule):
         seed: int = 0,
         worker_start_method: str | None = None,
         latent_cache: bool | None = None,
+        allow_pipe: bool = False,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         for key, value, least in (
@@ -202,11 +226,12 @@ class WebDataModule(L.LightningDataModule):
             ("num_workers", num_workers, 0),
             ("shuffle_buffer", shuffle_buffer, 0),
             ("resolution", 8 if resolution is None else resolution, 8),
+            ("max_image_pixels", 1 if max_image_pixels is None else max_image_pixels, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"data.{key}={value!r} must be a whole number >= {least}")
         self.save_hyperparameters()
-        self.urls = expand_shards(train_shards)
+        self.urls = expand_shards(train_shards, allow_pipe)
         self.latent_cache_info = read_latent_cache(self.urls)
         self.tokenizer = None
         self._rank: tuple[int, int] | None = None  # (rank, world size) from set_rank
@@ -293,14 +318,16 @@ class WebDataModule(L.LightningDataModule):
         """Raw sample -> example for these shards: decode and crop an image, or load latents."""
         h, info = self.hparams, self.latent_cache_info
         if info is None:
-            return ImageTextTransform(h.resolution, h.center_crop, h.random_flip)
+            return ImageTextTransform(
+                h.resolution, h.center_crop, h.random_flip, max_pixels=h.max_image_pixels
+            )
         return LatentTransform(info["files"], info["dtype"], info["latent_shape"])
 
     def pipeline(self, order: DataOrder | None = None) -> wds.DataPipeline:
         """Shards -> samples -> batches for one rank; `order` defaults to data_order()."""
         h = self.hparams
         order = self.data_order() if order is None else order
-        transform = self.transform()
+        decode = DecodeStage(self.transform())
         if h.resampled:
             shards = [ResampledShardList(self.urls, order)]
         else:
@@ -311,9 +338,9 @@ class WebDataModule(L.LightningDataModule):
             ]
         stages = [
             *shards,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            wds.tarfile_to_samples(handler=decode.shard_error),
             ShuffleStage(h.shuffle_buffer, order),
-            DecodeStage(transform),
+            decode,
             wds.batched(h.batch_size, collation_fn=Collate(self.tokenizer), partial=False),
         ]
         pipe = wds.DataPipeline(*stages)

@@ -28,6 +28,17 @@ CONTEXT = "context"
 CAPTIONS = "captions"
 KEYS = "keys"
 SKIPPED = "skipped"
+SKIPPED_KINDS = "skipped_kinds"  # {kind: count} over SKIP_KINDS
+# Why a sample (or a shard's remainder) was skipped: logged as data/skipped/<kind>.
+SKIP_KINDS = (
+    "no_image",
+    "decode",
+    "too_large",
+    "no_caption",
+    "bad_caption",
+    "bad_latent",
+    "bad_shard",
+)
 
 IMAGE_KEYS = (LATENTS, LATENT_DIST, PIXELS)  # preferred first: latents skip the VAE encode
 TEXT_KEYS = (CONTEXT, INPUT_IDS)  # preferred first: a context skips the text encoder

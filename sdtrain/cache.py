@@ -326,6 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per device")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--allow-pipe", action="store_true", help="allow pipe:CMD shard urls")
     return p.parse_args(argv)
 
 
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(a.out).expanduser().resolve()
     try:
-        urls = expand_shards(a.src)
+        urls = expand_shards(a.src, a.allow_pipe)
         vae, text_encoder, tokenizer, _ = load_frozen(a.pretrained)
     except (OSError, ValueError) as e:
         raise SystemExit(f"sdtrain-cache-latents: {e}") from e

@@ -10,6 +10,7 @@ A checkpoint is Lightning's dictionary plus one entry of ours, `checkpoint["sdtr
 | `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None) |
 | `sdtrain.ema` | `EMA.state_dict()`: fp32 `shadow` by parameter name, `num_updates`, `last_step`, `decay`; None without EMA |
 | `sdtrain.skipped_total` | unusable data samples skipped so far, summed over ranks |
+| `sdtrain.skipped_by_kind` | the same by kind (`sdtrain.batch.SKIP_KINDS`), non-zero kinds only (absent: none) |
 | `sdtrain.skipped_nonfinite` | optimizer steps skipped for NaN/inf gradients so far (absent: 0) |
 
 Every value is a tensor or a plain Python type, so checkpoints load with
@@ -45,6 +46,7 @@ def build(
     ema: dict[str, Any] | None,
     skipped_total: int,
     skipped_nonfinite: int = 0,
+    skipped_by_kind: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The `checkpoint["sdtrain"]` entry for a checkpoint being written."""
     unknown = set(run) - set(RUN_KEYS)
@@ -56,6 +58,7 @@ def build(
         "ema": ema,
         "skipped_total": int(skipped_total),
         "skipped_nonfinite": int(skipped_nonfinite),
+        "skipped_by_kind": {k: int(v) for k, v in (skipped_by_kind or {}).items() if v},
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -18,6 +19,8 @@ from sdtrain.cache import check_latent_cache
 from sdtrain.ema import EMA
 from sdtrain.models import Parts, tokenize
 from sdtrain.nonfinite import NonFiniteGuard
+
+log = logging.getLogger(__name__)
 
 
 def posterior_from_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +83,7 @@ class StableDiffusionModule(L.LightningModule):
         self._fast = False  # compile / channels-last applied (configure_model runs once)
         self.strict_loading = False  # checkpoints hold the U-Net only; the frozen parts reload
         self.skipped_total = torch.zeros(())  # data samples skipped so far, all ranks
+        self.skipped_by_kind = torch.zeros(len(B.SKIP_KINDS))  # the same by B.SKIP_KINDS
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
         self._skip_update = False  # this optimizer step's gradients were dropped
         self._empty_context: torch.Tensor | None = None
@@ -216,22 +220,44 @@ class StableDiffusionModule(L.LightningModule):
             )
         loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights)
 
-        self.count_skipped(int(batch.get(B.SKIPPED, 0)))
+        self.count_skipped(int(batch.get(B.SKIPPED, 0)), batch.get(B.SKIPPED_KINDS))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("data/skipped", self.skipped_total)
+        for kind, n in zip(B.SKIP_KINDS, self.skipped_by_kind, strict=True):
+            self.log(f"data/skipped/{kind}", n)
         return loss
 
-    def count_skipped(self, n: int) -> None:
-        """Add this rank's skipped samples, summed over all ranks, to the run's total.
+    def count_skipped(self, n: int, kinds: dict[str, int] | None = None) -> None:
+        """Add this rank's skipped samples (and their {kind: count}), summed over all ranks, to
+        the run's totals.
 
-        The total is the same on every rank, so the checkpoint (written from rank 0) restores it
-        right on all of them. It stays a device tensor: no host sync on the hot path.
+        The totals are the same on every rank, so the checkpoint (written from rank 0) restores
+        them right on all of them. They stay device tensors: no host sync on the hot path.
         """
-        skipped = torch.tensor(float(n), device=self.device)
+        kinds = kinds or {}
+        counts = [float(n)] + [float(kinds.get(k, 0)) for k in B.SKIP_KINDS]
+        counts = torch.tensor(counts, device=self.device)
         if self._trainer is not None and self._trainer.world_size > 1:
-            skipped = self._trainer.strategy.reduce(skipped, reduce_op="sum")
-        self.skipped_total = self.skipped_total.to(self.device) + skipped
+            counts = self._trainer.strategy.reduce(counts, reduce_op="sum")
+        self.skipped_total = self.skipped_total.to(self.device) + counts[0]
+        self.skipped_by_kind = self.skipped_by_kind.to(self.device) + counts[1:]
+
+    def on_train_end(self) -> None:
+        """One summary line of what was skipped (the warnings name each sample)."""
+        if self._trainer is not None and not self._trainer.is_global_zero:
+            return
+        counts = {
+            k: int(n) for k, n in zip(B.SKIP_KINDS, self.skipped_by_kind.tolist(), strict=True) if n
+        }
+        if counts or self.nonfinite.total:
+            kinds = ", ".join(f"{k} {n}" for k, n in counts.items()) or "none"
+            log.warning(
+                "skipped %d data samples (%s) and %d non-finite steps in this run",
+                int(self.skipped_total.item()),
+                kinds,
+                self.nonfinite.total,
+            )
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(params=[p for _, p in self.trainable_parameters()])
@@ -321,7 +347,8 @@ class StableDiffusionModule(L.LightningModule):
         }
         ema = self.ema.state_dict() if self.ema is not None else None
         skipped = int(self.skipped_total.item())
-        ckpt[checkpoint.ROOT] = checkpoint.build(run, ema, skipped, self.nonfinite.total)
+        by_kind = dict(zip(B.SKIP_KINDS, map(int, self.skipped_by_kind.tolist()), strict=True))
+        ckpt[checkpoint.ROOT] = checkpoint.build(run, ema, skipped, self.nonfinite.total, by_kind)
 
     def on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
         checkpoint.upgrade(ckpt)
@@ -337,3 +364,5 @@ class StableDiffusionModule(L.LightningModule):
             self.ema.load_state_dict(ema_state)
         self.skipped_total = torch.tensor(float(checkpoint.skipped_total(ckpt)))
         self.nonfinite.total = int(ckpt[checkpoint.ROOT].get("skipped_nonfinite", 0))
+        by_kind = ckpt[checkpoint.ROOT].get("skipped_by_kind") or {}
+        self.skipped_by_kind = torch.tensor([float(by_kind.get(k, 0)) for k in B.SKIP_KINDS])

@@ -150,7 +150,7 @@ def test_image_text_transform_flattens_transparent_png(tokenizer):
     expected[:, :, 4:] = torch.tensor(BLUE).view(3, 1, 1) / 127.5 - 1
     torch.testing.assert_close(out["pixels"], expected)
     assert out["caption"] == "a red circle"
-    batch = Collate(tokenizer)([out | {"key": "k", "skipped": 0}] * 2)
+    batch = Collate(tokenizer)([out | {"key": "k", "skipped": {}}] * 2)
     assert batch["input_ids"].shape == (2, 77) and batch["pixels"].shape == (2, 3, 8, 8)
     decoded = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
     assert [d.strip() for d in decoded] == ["a red circle"] * 2

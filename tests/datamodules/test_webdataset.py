@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sdtrain import demo
-from sdtrain.datamodules.webdataset import WebDataModule
+from sdtrain.datamodules.webdataset import WebDataModule, expand_shards
 
 
 def batches(dm: WebDataModule, n: int) -> list[dict]:
@@ -242,8 +242,85 @@ def test_shards_from_a_brace_pattern_and_a_list_of_forms(tmp_path: Path):
 
 def test_remote_urls_and_pipes_pass_through():
     urls = ["s3://bucket/{00000..00001}.tar", "pipe:curl -s https://host/a/*.tar"]
-    assert shard_list(urls) == [
+    assert expand_shards(urls, allow_pipe=True) == [
         "s3://bucket/00000.tar",
         "s3://bucket/00001.tar",
         "pipe:curl -s https://host/a/*.tar",
     ]
+
+
+def test_pipe_urls_run_only_when_the_config_opts_in(shards: str, tiny_model: Path, tmp_path: Path):
+    """A `pipe:` url is a shell command: refused by default (nothing runs), read when allowed."""
+    first = expand_shards(shards)[0]
+    marker = tmp_path / "ran"
+    url = f"pipe:touch {marker}; cat {first}"
+    with pytest.raises(ValueError, match=r"data.train_shards: 'pipe:touch .*data.allow_pipe=true"):
+        WebDataModule(url, str(tiny_model), resolution=32, batch_size=2, num_workers=0)
+    assert not marker.exists()
+    dm = WebDataModule(
+        url, str(tiny_model), resolution=32, batch_size=2, num_workers=0, allow_pipe=True
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert marker.exists() and len(batch["input_ids"]) == 2
+
+
+def png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i, sample in enumerate(samples):
+            for ext, data in sample.items():
+                info = tarfile.TarInfo(f"s{path.stem}{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_skips_are_counted_by_kind(tmp_path: Path, tiny_model: Path):
+    """Every kind of unusable sample through the real reader: each skipped, counted as its kind
+    (data/skipped/<kind>), and the good samples still come through."""
+    good = [{"png": png(16), "txt": b"a red square"} for _ in range(6)]
+    write_tar(
+        tmp_path / "a.tar",
+        good[:3]
+        + [
+            {"png": b"not an image", "txt": b"broken"},  # decode
+            {"png": png(16)},  # no_caption
+            {"png": png(16), "txt": b"\xff\xfe caption"},  # bad_caption (not UTF-8)
+            {"png": png(40), "txt": b"huge"},  # too_large: 1600 px > max_image_pixels
+            {"txt": b"no image here"},  # no_image
+        ],
+    )
+    write_tar(tmp_path / "b.tar", good[3:])
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        cut = [m for m in tar.getmembers() if m.name.endswith(".png")][-1].offset_data + 20
+    data = (tmp_path / "b.tar").read_bytes()
+    (tmp_path / "b.tar").write_bytes(data[:cut])  # cut inside the last image: a truncated tar
+    dm = WebDataModule(
+        [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")],
+        str(tiny_model),
+        resolution=16,
+        batch_size=4,
+        num_workers=0,
+        resampled=False,
+        shuffle_buffer=1,
+        max_image_pixels=1000,
+    )
+    got = batches(dm, 4)  # >= 2 passes over the 5 good samples
+    kinds: dict[str, int] = {}
+    for b in got:
+        for k, n in b["skipped_kinds"].items():
+            kinds[k] = kinds.get(k, 0) + n
+    expected = {"decode", "no_caption", "bad_caption", "too_large", "no_image", "bad_shard"}
+    assert {k for k, n in kinds.items() if n} == expected, kinds
+    assert sum(b["skipped"] for b in got) == sum(kinds.values())
+    assert all(c == "a red square" for b in got for c in b["captions"])
+
+
+def test_bad_limits_are_named(tiny_model: Path, shards: str):
+    with pytest.raises(ValueError, match=r"data.max_image_pixels=0"):
+        WebDataModule(shards, str(tiny_model), max_image_pixels=0)

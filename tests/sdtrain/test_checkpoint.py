@@ -67,7 +67,14 @@ def pin_current_layout(ckpt: dict) -> None:
     """What a checkpoint written today holds (a change here is a schema change: bump VERSION)."""
     entry = ckpt["sdtrain"]
     assert entry["version"] == checkpoint.VERSION == 2
-    assert set(entry) == {"version", "run", "ema", "skipped_total", "skipped_nonfinite"}
+    assert set(entry) == {
+        "version",
+        "run",
+        "ema",
+        "skipped_total",
+        "skipped_nonfinite",
+        "skipped_by_kind",
+    }
     assert set(entry["run"]) == {"pretrained", "unet_config", "prediction_type", "wandb_run_id"}
     assert set(entry["ema"]) == {"shadow", "num_updates", "last_step", "decay"}
     assert all(k.startswith("unet.") for k in ckpt["state_dict"])
