@@ -4,7 +4,7 @@ seeded order, so a run's order depends only on its seed, rank, worker and pass."
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -135,3 +135,32 @@ class ShuffleStage:
         rng = self.order.rng("samples", self.passes)
         self.passes += 1
         yield from wds.shuffle(self.bufsize, rng=rng)(src)
+
+
+class Endless(IterableDataset):
+    """Iterate a per-pass pipeline pass after pass, forever.
+
+    webdataset's `repeat()` ends the stream after a pass that yields nothing, e.g. on a rank whose
+    shards that pass hold less than one batch: that rank's epoch would end while the others step
+    on, and DDP would hang in its next collective. Here such a pass is just followed by the next
+    one; only `max_empty` empty passes in a row (this rank's shards never fill a batch) end it,
+    with an error naming the rank.
+    """
+
+    def __init__(self, pipe: Iterable, rank: int, max_empty: int = 1000) -> None:
+        super().__init__()
+        self.pipe, self.rank, self.max_empty = pipe, rank, max_empty
+
+    def __iter__(self) -> Iterator:
+        empty = 0
+        while empty < self.max_empty:
+            count = 0
+            for item in self.pipe:
+                count += 1
+                yield item
+            empty = 0 if count else empty + 1
+        raise RuntimeError(
+            f"rank {self.rank}: {self.max_empty} passes over its shards in a row gave no batch; "
+            "its shards (or this DataLoader worker's share) hold fewer usable samples than "
+            "data.batch_size: use more shards, a smaller batch, or data.resampled=true"
+        )

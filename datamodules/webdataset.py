@@ -15,6 +15,7 @@ import webdataset as wds
 
 from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
     DataOrder,
+    Endless,
     ResampledShardList,
     ShuffledShardList,
     ShuffleStage,
@@ -323,7 +324,7 @@ class WebDataModule(L.LightningDataModule):
             )
         return LatentTransform(info["files"], info["dtype"], info["latent_shape"])
 
-    def pipeline(self, order: DataOrder | None = None) -> wds.DataPipeline:
+    def pipeline(self, order: DataOrder | None = None) -> wds.DataPipeline | Endless:
         """Shards -> samples -> batches for one rank; `order` defaults to data_order()."""
         h = self.hparams
         order = self.data_order() if order is None else order
@@ -344,7 +345,7 @@ class WebDataModule(L.LightningDataModule):
             wds.batched(h.batch_size, collation_fn=Collate(self.tokenizer), partial=False),
         ]
         pipe = wds.DataPipeline(*stages)
-        return pipe if h.resampled else pipe.repeat()
+        return pipe if h.resampled else Endless(pipe, order.rank)
 
     def train_dataloader(self) -> wds.WebLoader:
         order = self.data_order()  # read now: on resume the trainer has just restored its step

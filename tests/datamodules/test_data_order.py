@@ -178,3 +178,17 @@ def test_resume_starts_the_data_at_the_checkpoint_step(shards: str, tiny_model: 
     assert trainer.global_step == 6
     assert [o.start_step for o in resumed.orders] == [3]
     assert rerun.keys != run.keys[: len(rerun.keys)]  # not the first run's first batches again
+
+
+def test_endless_goes_past_empty_passes_and_names_a_rank_that_never_fills_a_batch():
+    from sdtrain.datamodules.order import Endless
+
+    passes = iter([[], [1, 2], [], [3]])  # a pass with no batch does not end the stream
+
+    class Passes:
+        def __iter__(self):
+            return iter(next(passes, []))
+
+    assert list(islice(iter(Endless(Passes(), rank=0, max_empty=5)), 3)) == [1, 2, 3]
+    with pytest.raises(RuntimeError, match=r"rank 1: 3 passes .* data.batch_size"):
+        list(Endless([], rank=1, max_empty=3))
