@@ -289,24 +289,11 @@ def test_config_errors_fail_before_a_model_is_built(
 def test_uneven_shards_on_two_ranks_never_hang(tiny_model: Path, tmp_path: Path):
     """Shards of 50, 10 and 3 samples over 2 DDP processes, resampled=false, batch 16, more steps
     than one pass: every rank keeps stepping (the run ends), within a time limit."""
-    import io
-    import tarfile
+    from tests.datamodules.test_webdataset import png, write_tar
 
-    from PIL import Image
-
-    def png() -> bytes:
-        buf = io.BytesIO()
-        Image.new("RGB", (32, 32), (30, 200, 30)).save(buf, format="PNG")
-        return buf.getvalue()
-
-    data = png()
+    sample = {"png": png(32), "txt": b"a red square"}
     for name, count in (("a", 50), ("b", 10), ("c", 3)):
-        with tarfile.open(tmp_path / f"{name}.tar", "w") as tar:
-            for i in range(count):
-                for ext, payload in (("png", data), ("txt", b"a green square")):
-                    info = tarfile.TarInfo(f"{name}{i:03d}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+        write_tar(tmp_path / f"{name}.tar", [sample] * count)
     args = tiny_overrides(tiny_model, str(tmp_path), 8) + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
