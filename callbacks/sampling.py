@@ -38,6 +38,9 @@ class SampleImages(L.Callback):
         sampler: "ddim", "euler" or "dpm++".
         use_ema: sample with the EMA weights when available.
         out_dir: where PNG grids go (None: `<trainer.default_root_dir>/samples`).
+        tile_px: grid tiles are upscaled to at least this many pixels (a 32 px model's images
+            are unreadable at their own size).
+        upscale: "nearest" (crisp, whole factors) or "lanczos" (smooth).
     """
 
     def __init__(
@@ -52,6 +55,8 @@ class SampleImages(L.Callback):
         sampler: str = "ddim",
         use_ema: bool = True,
         out_dir: str | None = None,
+        tile_px: int = 128,
+        upscale: str = "nearest",
     ) -> None:
         if not prompts:
             raise ValueError("callbacks.sample_images.prompts is empty")
@@ -67,6 +72,8 @@ class SampleImages(L.Callback):
         self.sampler = sampler
         self.use_ema = use_ema
         self.out_dir = out_dir
+        self.tile_px = tile_px
+        self.upscale = upscale
         self.last_sampled: int | None = None  # step of the last round (checkpointed)
         self.saved: list[Path] = []
 
@@ -96,18 +103,23 @@ class SampleImages(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with pl_module.ema_weights() if self.use_ema else nullcontext(), eager():
+            with pl_module.ema_weights() if self.use_ema else nullcontext(False) as ema, eager():
                 images = generate(pipe, self.prompts, **self.kwargs)
         finally:
             pl_module.train(was_training)
         if trainer.is_global_zero:
-            self._publish(trainer, images, step)
+            self._publish(trainer, images, step, "EMA" if ema else "raw")
 
-    def _publish(self, trainer: L.Trainer, images, step: int) -> None:
-        out = Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
+    def folder(self, trainer: L.Trainer) -> Path:
+        """Where the grids go."""
+        return Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
+
+    def _publish(self, trainer: L.Trainer, images, step: int, weights: str) -> None:
+        out = self.folder(trainer)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"step_{step:07d}.png"
-        grid(images, self.prompts).save(path)
+        label = f"step {step} ({weights} weights)"
+        grid(images, self.prompts, self.tile_px, label, self.upscale).save(path)
         self.saved.append(path)
         log.info("samples at step %d -> %s", step, path)
         for lg in trainer.loggers:

@@ -33,47 +33,86 @@ class DataOrder:
 
     Args:
         seed: the run's base seed (data.seed).
-        start_step: the optimizer step the run starts from (the checkpoint's step on resume), so
-            a resumed run draws new data instead of replaying its first steps.
+        start_step: mixed into every seed: 0 for a new run; on a resume that cannot continue
+            where the checkpoint left off (resampled shards, or another data layout) the step
+            it resumes from, so it draws new data instead of replaying its first steps; on one
+            that can, the value the checkpointed run used.
         rank: this process's global rank.
         world_size: number of ranks.
+        worker_offset: virtual id of this rank's DataLoader worker 0 (see Cursor).
+        resume: this rank's (pass, samples drawn) per virtual worker, from a checkpoint;
+            empty: every worker starts at pass 0.
     """
 
     seed: int = 0
     start_step: int = 0
     rank: int = 0
     world_size: int = 1
+    worker_offset: int = 0
+    resume: tuple[tuple[int, int], ...] = ()
 
-    def rng(self, purpose: str, passes: int, per_worker: bool = True) -> random.Random:
-        """The generator for `purpose` in pass `passes` (0 first) of the calling worker.
+    def rng(self, purpose: str, passes: int, worker: int | None) -> random.Random:
+        """The generator for `purpose` in pass `passes` (0 first) of DataLoader worker `worker`
+        (its virtual id, `Cursor.worker`) of this rank.
 
-        per_worker=False leaves rank and worker out: every rank and worker then draws the same
+        worker=None leaves rank and worker out: every rank and worker then draws the same
         numbers, which SplitByRank and SplitByWorker need to cut one shard order into parts.
         """
         parts: tuple[str | int, ...] = (purpose, self.seed, self.start_step, passes)
-        if per_worker:
-            parts += (self.rank, worker_info()[0])
+        if worker is not None:
+            parts += (self.rank, worker)
         return random.Random(derive_seed(*parts))
+
+    def resume_point(self, worker: int) -> tuple[int, int]:
+        """(pass, samples already drawn in it) where virtual worker `worker` starts."""
+        return tuple(self.resume[worker]) if worker < len(self.resume) else (0, 0)
+
+
+class Cursor:
+    """Where one DataLoader worker is in its data: its virtual id, its pass, and how many of the
+    pass's samples it has drawn.
+
+    One per pipeline, shared by its stages and pickled with them into each worker, so each
+    worker has its own. The virtual id is the real one turned by `DataOrder.worker_offset`: the
+    DataLoader takes batches from its workers in turn, starting at worker 0, so a resumed loader
+    whose worker 0 plays the part of the worker that was next continues the same sequence of
+    batches. `start` runs in the worker when iteration begins.
+    """
+
+    def __init__(self, order: DataOrder) -> None:
+        self.order = order
+        self.worker, self.workers = 0, 1
+        self.passes = 0  # the pass being drawn
+        self.skip = 0  # samples of this pass to pass over (drawn before a resume)
+        self.started = False
+
+    def start(self) -> None:
+        if self.started:  # iterated again (a new epoch): go on with the next pass
+            self.next_pass()
+            return
+        real, self.workers = worker_info()
+        self.worker = (real + self.order.worker_offset) % self.workers
+        self.passes, self.skip = self.order.resume_point(self.worker)
+        self.started = True
+
+    def next_pass(self) -> None:
+        self.passes, self.skip = self.passes + 1, 0
 
 
 class ShuffledShardList(IterableDataset):
     """Pipeline source: every shard once per pass, in a new order each pass.
 
     The order depends on (seed, start step, pass) only, so all ranks and workers agree on it and
-    the splits after this stage are disjoint. The pass count lives on this object, which each
-    persistent worker keeps, so pass 2 is shuffled apart from pass 1.
+    the splits after this stage are disjoint.
     """
 
-    def __init__(self, urls: list[str], order: DataOrder) -> None:
+    def __init__(self, urls: list[str], order: DataOrder, cursor: Cursor) -> None:
         super().__init__()
-        self.urls = list(urls)
-        self.order = order
-        self.passes = 0
+        self.urls, self.order, self.cursor = list(urls), order, cursor
 
     def __iter__(self) -> Iterator[dict]:
         urls = list(self.urls)
-        self.order.rng("shards", self.passes, per_worker=False).shuffle(urls)
-        self.passes += 1
+        self.order.rng("shards", self.cursor.passes, worker=None).shuffle(urls)
         for url in urls:
             yield {"url": url}
 
@@ -81,15 +120,12 @@ class ShuffledShardList(IterableDataset):
 class ResampledShardList(IterableDataset):
     """Pipeline source: shards drawn with replacement forever, on each rank and worker's own seed."""
 
-    def __init__(self, urls: list[str], order: DataOrder) -> None:
+    def __init__(self, urls: list[str], order: DataOrder, cursor: Cursor) -> None:
         super().__init__()
-        self.urls = list(urls)
-        self.order = order
-        self.passes = 0  # > 0 only if the loader is iterated again (a new epoch)
+        self.urls, self.order, self.cursor = list(urls), order, cursor
 
     def __iter__(self) -> Iterator[dict]:
-        rng = self.order.rng("shards", self.passes)
-        self.passes += 1
+        rng = self.order.rng("shards", self.cursor.passes, self.cursor.worker)
         while True:
             yield {"url": rng.choice(self.urls)}
 
@@ -112,10 +148,15 @@ class SplitByRank:
 
 
 class SplitByWorker:
-    """Pipeline stage: keep every n-th shard of this rank's part for DataLoader worker i of n."""
+    """Pipeline stage: keep every n-th shard of this rank's part for worker i of n: the virtual
+    worker of `cursor` (started by Endless), or without one the DataLoader's own worker."""
+
+    def __init__(self, cursor: Cursor | None = None) -> None:
+        self.cursor = cursor
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        worker, workers = worker_info()
+        c = self.cursor
+        worker, workers = worker_info() if c is None else (c.worker, c.workers)
         yield from islice(src, worker, None, workers)
 
 
@@ -126,32 +167,51 @@ class ShuffleStage:
     every run, never reproducible.
     """
 
-    def __init__(self, bufsize: int, order: DataOrder) -> None:
-        self.bufsize = bufsize
-        self.order = order
-        self.passes = 0
+    def __init__(self, bufsize: int, order: DataOrder, cursor: Cursor) -> None:
+        self.bufsize, self.order, self.cursor = bufsize, order, cursor
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        rng = self.order.rng("samples", self.passes)
-        self.passes += 1
+        rng = self.order.rng("samples", self.cursor.passes, self.cursor.worker)
         yield from wds.shuffle(self.bufsize, rng=rng)(src)
 
 
+class PositionStage:
+    """Pipeline stage: number the samples of each pass as the shuffle hands them out, tag each
+    with (worker, workers, pass, number) as `__position__`, and pass over the first
+    `cursor.skip` of them (read but not decoded: the samples a resumed run had already drawn).
+
+    Everything before this stage depends only on the seed, rank, worker and pass, so the
+    number is a place in the data that a checkpoint can hold and a resume can find again.
+    """
+
+    def __init__(self, cursor: Cursor) -> None:
+        self.cursor = cursor
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        c = self.cursor
+        for number, sample in enumerate(src):
+            if number < c.skip:
+                continue
+            sample["__position__"] = (c.worker, c.workers, c.passes, number)
+            yield sample
+
+
 class Endless(IterableDataset):
-    """Iterate a per-pass pipeline pass after pass, forever.
+    """Iterate a per-pass pipeline pass after pass, forever, moving `cursor` on each pass.
 
     webdataset's `repeat()` ends the stream after a pass that yields nothing, e.g. on a rank whose
     shards that pass hold less than one batch: that rank's epoch would end while the others step
     on, and DDP would hang in its next collective. Here such a pass is just followed by the next
     one; only `max_empty` empty passes in a row (this rank's shards never fill a batch) end it,
-    with an error naming the rank.
+    with an error naming the rank. A resampled pipeline's first pass never ends.
     """
 
-    def __init__(self, pipe: Iterable, rank: int, max_empty: int = 1000) -> None:
+    def __init__(self, pipe: Iterable, cursor: Cursor, rank: int, max_empty: int = 1000) -> None:
         super().__init__()
-        self.pipe, self.rank, self.max_empty = pipe, rank, max_empty
+        self.pipe, self.cursor, self.rank, self.max_empty = pipe, cursor, rank, max_empty
 
     def __iter__(self) -> Iterator:
+        self.cursor.start()
         empty = 0
         while empty < self.max_empty:
             count = 0
@@ -159,6 +219,7 @@ class Endless(IterableDataset):
                 count += 1
                 yield item
             empty = 0 if count else empty + 1
+            self.cursor.next_pass()
         raise RuntimeError(
             f"rank {self.rank}: {self.max_empty} passes over its shards in a row gave no batch; "
             "its shards (or this DataLoader worker's share) hold fewer usable samples than "

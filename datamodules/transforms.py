@@ -7,6 +7,7 @@ import io
 import json
 import random
 import warnings
+from collections import Counter
 
 import numpy as np
 import torch
@@ -129,16 +130,18 @@ def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Imag
 
 
 def crop_box(
-    width: int, height: int, size: int, center_crop: bool
+    width: int, height: int, size: int, center_crop: bool, rng: random.Random | None = None
 ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """Where `resize_crop` cuts a `width` x `height` image: (resized (w, h), (left, top, right,
-    bottom) in resized pixels). Returned apart so a latent cache can record it per sample."""
+    bottom) in resized pixels). Returned apart so a latent cache can record it per sample.
+    A random crop draws from `rng` (default: the `random` module)."""
+    rng = rng or random  # the module's functions: the same methods on its own generator
     scale = size / min(width, height)
     nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
     if center_crop:
         left, top = (nw - size) // 2, (nh - size) // 2
     else:
-        left, top = random.randint(0, nw - size), random.randint(0, nh - size)
+        left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
     return (nw, nh), (left, top, left + size, top + size)
 
 
@@ -179,16 +182,20 @@ class ImageTextTransform:
         self.resolution = resolution
         self.max_pixels = max_pixels
         self.center_crop = center_crop
-        self.random_flip = random_flip  # `random` is reseeded per DataLoader worker
+        self.random_flip = random_flip
         self.with_meta = with_meta
 
-    def __call__(self, sample: dict) -> dict:
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
+        """`rng` draws the random crop and flip (default: the `random` module); the data
+        pipeline passes one seeded by the sample's place in the data, so a resumed run crops
+        each sample as the uninterrupted run would have."""
+        rng = rng or random  # the module's functions: the same methods on its own generator
         caption = find_caption(sample)
         img = decode_image(find_image(sample), self.max_pixels)
         original = img.size  # (w, h) as decoded, EXIF orientation applied
-        box = crop_box(*original, self.resolution, self.center_crop)
+        box = crop_box(*original, self.resolution, self.center_crop, rng)
         img = resize_crop(img, self.resolution, self.center_crop, box)
-        flipped = self.random_flip and random.random() < 0.5
+        flipped = self.random_flip and rng.random() < 0.5
         if flipped:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         example = {B.PIXELS: to_tensor(img), "caption": caption}
@@ -227,7 +234,8 @@ class LatentTransform:
         self.dtype = dtype
         self.latent_shape = tuple(latent_shape)
 
-    def __call__(self, sample: dict) -> dict:
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
+        """`rng` is unused (nothing is random here); it keeps the transforms' one signature."""
         caption = find_caption(sample)
         example = {"caption": caption}
         for name, ext in self.files.items():
@@ -265,8 +273,15 @@ class Collate:
             batch[B.INPUT_IDS] = tokenize(self.tokenizer, captions)  # (B, 77)
         batch[B.CAPTIONS] = captions
         batch[B.KEYS] = [e["key"] for e in examples]  # the samples' __key__, set by DecodeStage
+        if "position" in examples[-1]:  # the place after the batch's last sample
+            worker, workers, passes, number = examples[-1]["position"]
+            batch[B.POSITION] = [worker, workers, passes, number + 1]
         batch[B.SKIPPED] = sum(sum(e["skipped"].values()) for e in examples)
         batch[B.SKIPPED_KINDS] = {
             k: sum(e["skipped"].get(k, 0) for e in examples) for k in SKIP_KINDS
         }
+        shards: Counter[str] = Counter()
+        for e in examples:
+            shards.update(e.get("skipped_shards") or {})
+        batch[B.SKIPPED_SHARDS] = dict(shards)
         return batch

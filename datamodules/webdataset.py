@@ -3,10 +3,14 @@ latent cache (sdtrain-cache-latents output) -> batches of VAE posterior moments 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import random
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -14,8 +18,10 @@ import torch
 import webdataset as wds
 
 from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
+    Cursor,
     DataOrder,
     Endless,
+    PositionStage,
     ResampledShardList,
     ShuffledShardList,
     ShuffleStage,
@@ -31,6 +37,7 @@ from sdtrain.datamodules.transforms import (
     SkipSample,
 )
 from sdtrain.models import load_tokenizer
+from sdtrain.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +87,11 @@ def expand_shards(urls: str | list[str], allow_pipe: bool = False) -> list[str]:
             found = sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
             if not found:
                 raise FileNotFoundError(f"data.train_shards: {path} matches no files")
+        elif url.endswith(("/", os.sep)):
+            raise FileNotFoundError(f"data.train_shards: folder {url} does not exist")
         else:
             found = [str(path)]
-            missing += [] if path.is_file() else found
+            missing += [] if path.is_file() else [url]
         out += found
     if not out:
         raise ValueError(f"data.train_shards={urls!r} names no shards")
@@ -139,21 +148,38 @@ class DecodeStage:
     one `bad_shard` and the stream goes on.
     """
 
-    def __init__(self, transform: ImageTextTransform | LatentTransform) -> None:
+    def __init__(
+        self, transform: ImageTextTransform | LatentTransform, order: DataOrder | None = None
+    ) -> None:
         self.transform = transform
+        self.order = order
         self.pending: Counter[str] = Counter()
+        self.pending_shards: Counter[str] = Counter()  # the same by shard url
 
     def shard_error(self, exn: Exception) -> bool:
         self.pending["bad_shard"] += 1
+        # webdataset appends the url to the exception's args
+        urls = [a for a in exn.args if isinstance(a, str) and not a.startswith("<")]
+        self.pending_shards[urls[-1] if urls else "unknown shard"] += 1
         log.warning("skipped the rest of a shard: %s", exn)
         return True  # go on with the next shard
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
+            # (worker, workers, pass, number), from PositionStage if the pipeline has one
+            position = sample.get("__position__")
+            rng = None
+            if position is not None and self.order is not None:
+                # the crop and flip draw from the sample's place in the data, not from a
+                # generator that every earlier sample moved on: the same after a resume
+                o = self.order
+                seed = derive_seed("augment", o.seed, o.start_step, o.rank, *position)
+                rng = random.Random(seed)
             try:
-                example = self.transform(sample)
+                example = self.transform(sample, rng)
             except SkipSample as why:
                 self.pending[why.kind] += 1
+                self.pending_shards[str(sample.get("__url__"))] += 1
                 log.warning(
                     "skipped %s in %s (%s): %s",
                     sample.get("__key__"),
@@ -163,7 +189,10 @@ class DecodeStage:
                 )
                 continue
             example["key"] = sample["__key__"]  # which sample it was: data-order tests, debugging
+            if position is not None:
+                example["position"] = position
             example["skipped"], self.pending = dict(self.pending), Counter()
+            example["skipped_shards"], self.pending_shards = dict(self.pending_shards), Counter()
             yield example
 
 
@@ -237,6 +266,8 @@ class WebDataModule(L.LightningDataModule):
         self.tokenizer = None
         self._rank: tuple[int, int] | None = None  # (rank, world size) from set_rank
         self._start_step: int | None = None  # from set_start_step
+        self._resume: dict | None = None  # a checkpoint's data position (resume_at)
+        self.order: DataOrder | None = None  # the order of the last train_dataloader()
 
     def set_rank(self, rank: int, world_size: int) -> None:
         """Use this rank and world size instead of the trainer's (a loader built without one)."""
@@ -249,11 +280,11 @@ class WebDataModule(L.LightningDataModule):
         self._start_step = step
 
     def data_order(self) -> DataOrder:
-        """Seed, start step, rank and world size for the next train_dataloader().
+        """Seed, start step, rank, world size and resume point for the next train_dataloader().
 
         Taken from the trainer unless set_rank/set_start_step fixed them; (rank 0 of 1, step 0)
-        without one. Lightning restores a checkpoint before it asks for the train dataloader, so
-        global_step is the resumed run's first step there.
+        without one. Lightning restores a checkpoint (and with it `resume_at`) before it asks
+        for the train dataloader, so global_step is the resumed run's first step there.
         """
         if self._rank is not None:
             rank, world = self._rank
@@ -265,7 +296,56 @@ class WebDataModule(L.LightningDataModule):
             step = self._start_step
         else:
             step = self.trainer.global_step if self.trainer is not None else 0
-        return DataOrder(seed=self.hparams.seed, start_step=step, rank=rank, world_size=world)
+        order = DataOrder(seed=self.hparams.seed, start_step=step, rank=rank, world_size=world)
+        at = self._resume_point(rank, world)
+        if at is None:
+            return order
+        start_step, offset, resume = at
+        return replace(order, start_step=start_step, worker_offset=offset, resume=resume)
+
+    def layout(self, world_size: int | None = None) -> dict:
+        """What a data position means only under: the shards, how they are split and batched."""
+        h = self.hparams
+        world = self.data_order().world_size if world_size is None else world_size
+        return {
+            "shards": hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16],
+            "num_shards": len(self.urls),
+            "seed": h.seed,
+            "resampled": h.resampled,
+            "batch_size": h.batch_size,
+            "shuffle_buffer": h.shuffle_buffer,
+            "workers": max(1, h.num_workers),
+            "world_size": world,
+        }
+
+    def resume_at(self, position: dict) -> None:
+        """Continue from a checkpoint's data position (`DataPosition.state_dict`) when the
+        layout allows; train_dataloader() then starts every worker where it left off."""
+        self._resume = position
+
+    def _resume_point(self, rank: int, world: int) -> tuple | None:
+        """(start step, worker offset, (pass, drawn) per worker) for this rank, or None (and a
+        warning naming why) when the restored position cannot be continued."""
+        position = self._resume
+        if not position:
+            return None
+        if self.hparams.resampled:
+            log.info(
+                "data.resampled=true draws shards with replacement: the resumed run draws anew "
+                "(set data.resampled=false to continue each pass where it stopped)"
+            )
+            return None
+        saved, now = position.get("layout") or {}, self.layout(world)
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+        if changed:
+            log.warning(
+                "the checkpoint's data position cannot be continued (%s): the data order "
+                "starts anew, so some samples of this pass may repeat or be missed",
+                "; ".join(changed),
+            )
+            return None
+        row = position["ranks"][rank]
+        return int(position["start_step"]), int(row["next_worker"]), tuple(map(tuple, row["at"]))
 
     def setup(self, stage: str | None = None) -> None:
         self.check_shard_kind()
@@ -324,37 +404,40 @@ class WebDataModule(L.LightningDataModule):
             )
         return LatentTransform(info["files"], info["dtype"], info["latent_shape"])
 
-    def pipeline(self, order: DataOrder | None = None) -> wds.DataPipeline | Endless:
+    def pipeline(self, order: DataOrder | None = None) -> Endless:
         """Shards -> samples -> batches for one rank; `order` defaults to data_order()."""
         h = self.hparams
         order = self.data_order() if order is None else order
-        decode = DecodeStage(self.transform())
+        cursor = Cursor(order)
+        decode = DecodeStage(self.transform(), order)
         if h.resampled:
-            shards = [ResampledShardList(self.urls, order)]
+            shards = [ResampledShardList(self.urls, order, cursor)]
         else:
             shards = [
-                ShuffledShardList(self.urls, order),
+                ShuffledShardList(self.urls, order, cursor),
                 SplitByRank(order.rank, order.world_size),
-                SplitByWorker(),
+                SplitByWorker(cursor),
             ]
         stages = [
             *shards,
             wds.tarfile_to_samples(handler=decode.shard_error),
-            ShuffleStage(h.shuffle_buffer, order),
+            ShuffleStage(h.shuffle_buffer, order, cursor),
+            PositionStage(cursor),
             decode,
             wds.batched(h.batch_size, collation_fn=Collate(self.tokenizer), partial=False),
         ]
-        pipe = wds.DataPipeline(*stages)
-        return pipe if h.resampled else Endless(pipe, order.rank)
+        return Endless(wds.DataPipeline(*stages), cursor, order.rank)
 
     def train_dataloader(self) -> wds.WebLoader:
-        order = self.data_order()  # read now: on resume the trainer has just restored its step
+        # read now: on resume the trainer has just restored its step and the data position
+        order = self.order = self.data_order()
         log.info(
-            "data order: seed %d, start step %d, rank %d of %d",
+            "data order: seed %d, start step %d, rank %d of %d%s",
             order.seed,
             order.start_step,
             order.rank,
             order.world_size,
+            ", continuing where the checkpoint left off" if order.resume else "",
         )
         workers = self.hparams.num_workers
         return wds.WebLoader(

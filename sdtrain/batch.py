@@ -14,6 +14,8 @@ embeddings are a data concern, not a model change.
 | `captions` | list of B str | the caption text (for logs; optional) |
 | `keys` | list of B str | the samples' WebDataset keys (optional) |
 | `skipped` | int | unusable samples the loader dropped while making this batch (optional) |
+| `skipped_kinds`, `skipped_shards` | {str: int} | the same by kind (`SKIP_KINDS`) and by shard url (optional) |
+| `position` | [worker, workers, pass, drawn] ints | where the data stands after this batch: the DataLoader worker that made it (its virtual id), how many there are, its pass over the shards and the samples it has drawn in that pass (optional; `sdtrain.datamodules.position`) |
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ CONTEXT = "context"
 CAPTIONS = "captions"
 KEYS = "keys"
 SKIPPED = "skipped"
+POSITION = "position"
 SKIPPED_KINDS = "skipped_kinds"  # {kind: count} over SKIP_KINDS
+SKIPPED_SHARDS = "skipped_shards"  # {shard url: count}
 # Why a sample (or a shard's remainder) was skipped: logged as data/skipped/<kind>.
 SKIP_KINDS = (
     "no_image",

@@ -5,13 +5,14 @@ A checkpoint is Lightning's dictionary plus one entry of ours, `checkpoint["sdtr
 | key | what |
 | --- | --- |
 | `state_dict` (Lightning) | the trainable weights only, `unet.`-prefixed; the frozen VAE and text encoder are left out and reload from `run.pretrained` |
-| `optimizer_states`, `lr_schedulers`, `loops`, `global_step`, `epoch`, `callbacks` (Lightning) | the training position; `callbacks` holds the sampling callback's bookkeeping |
+| `optimizer_states`, `lr_schedulers`, `loops`, `global_step`, `epoch`, `callbacks` (Lightning) | the training position; `callbacks` holds the sampling callback's bookkeeping and `DataPosition`: the data position per rank and worker (`sdtrain.datamodules.position`) |
 | `sdtrain.version` | `VERSION`, the schema of this layout |
 | `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None) |
 | `sdtrain.ema` | `EMA.state_dict()`: fp32 `shadow` by parameter name, `num_updates`, `last_step`, `decay`; None without EMA |
 | `sdtrain.skipped_total` | unusable data samples skipped so far, summed over ranks |
 | `sdtrain.skipped_by_kind` | the same by kind (`sdtrain.batch.SKIP_KINDS`), non-zero kinds only (absent: none) |
 | `sdtrain.skipped_nonfinite` | optimizer steps skipped for NaN/inf gradients so far (absent: 0) |
+| `sdtrain.drawn_total` | data samples drawn so far, usable or not, summed over ranks (absent: 0) |
 
 Every value is a tensor or a plain Python type, so checkpoints load with
 `torch.load(weights_only=True)`: loading one never unpickles code. Resume (the module's
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ def build(
     skipped_total: int,
     skipped_nonfinite: int = 0,
     skipped_by_kind: dict[str, int] | None = None,
+    drawn_total: int = 0,
 ) -> dict[str, Any]:
     """The `checkpoint["sdtrain"]` entry for a checkpoint being written."""
     unknown = set(run) - set(RUN_KEYS)
@@ -59,6 +62,7 @@ def build(
         "skipped_total": int(skipped_total),
         "skipped_nonfinite": int(skipped_nonfinite),
         "skipped_by_kind": {k: int(v) for k, v in (skipped_by_kind or {}).items() if v},
+        "drawn_total": int(drawn_total),
     }
 
 
@@ -97,6 +101,13 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} is not a file")
+    if not zipfile.is_zipfile(
+        path
+    ):  # torch.save writes a zip archive; torch's own error is cryptic
+        raise CheckpointError(
+            f"{path} is not a loadable checkpoint: not the zip archive torch.save writes "
+            "(truncated, damaged or another kind of file)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:

@@ -13,22 +13,38 @@ import argparse
 from pathlib import Path
 
 from sdtrain import checkpoint
+from sdtrain.models import Parts
 
 
 def export(
     ckpt_path: str | Path, out: str | Path, ema: bool = True, pretrained: str | Path | None = None
 ) -> Path:
     """Write the diffusers folder `out` from the checkpoint at `ckpt_path`; return `out`."""
-    from sdtrain.models import assemble_pipeline, load_parts, load_scheduler
+    from sdtrain.models import assemble_pipeline, load_scheduler
+
+    parts = checkpoint_parts(ckpt_path, ema, pretrained)
+    scheduler = load_scheduler(parts.pretrained)  # the folder's own sampler (PNDM stays PNDM)
+    scheduler.register_to_config(prediction_type=parts.noise_scheduler.config.prediction_type)
+    pipe = assemble_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, scheduler)
+    out = Path(out)
+    pipe.save_pretrained(out)
+    return out
+
+
+def checkpoint_parts(
+    ckpt_path: str | Path, ema: bool = True, pretrained: str | Path | None = None
+) -> Parts:
+    """The parts a checkpoint trained: its U-Net (EMA or raw weights) with the frozen parts and
+    noise scheduler (with the run's prediction type) of the model folder it records."""
+    from sdtrain.models import load_parts
 
     ckpt = checkpoint.load(ckpt_path)  # weights_only, upgraded to the current schema
     run = checkpoint.run_info(ckpt)
     folder = pretrained or run["pretrained"]
     if folder is None or not Path(folder).is_dir():
         raise FileNotFoundError(f"the run's model folder {folder} is gone; pass --pretrained")
-    parts = load_parts(folder, unet_config=run["unet_config"])  # a U-Net of the run's shape
-    scheduler = load_scheduler(folder)  # the folder's own sampler (SD-1.5's PNDM stays PNDM)
-    scheduler.register_to_config(prediction_type=run["prediction_type"])
+    # a U-Net of the run's shape, the noise schedule it trained for
+    parts = load_parts(folder, run["unet_config"], run["prediction_type"])
     unet = parts.unet
     weights = checkpoint.unet_weights(ckpt, ema, str(ckpt_path))
     missing, unexpected = unet.load_state_dict(weights, strict=False)
@@ -38,10 +54,7 @@ def export(
             f"{ckpt_path}: U-Net weights do not match its config "
             f"(missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})"
         )
-    pipe = assemble_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, unet, scheduler)
-    out = Path(out)
-    pipe.save_pretrained(out)
-    return out
+    return parts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         out = export(a.ckpt, a.out, a.ema, a.pretrained)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(
+            f"sdtrain-export: {e}; pass a .ckpt that sdtrain-train wrote "
+            "(<run folder>/checkpoints/last.ckpt)"
+        ) from e
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"sdtrain-export: {e}") from e
     print(f"wrote {out}")

@@ -27,7 +27,11 @@ def check_model_folder(path: str | Path, need_unet: bool = True) -> Path:
     needed = [p for p in REQUIRED if need_unet or p != "unet"]
     missing = [p for p in needed if not (path / p).is_dir()]
     if missing:
-        raise FileNotFoundError(f"model.pretrained: {path} lacks the subfolder(s) {missing}")
+        raise FileNotFoundError(
+            f"model.pretrained: {path} lacks {', '.join(f'{p}/' for p in missing)}; point it at a "
+            f"diffusers-format Stable Diffusion folder ({' '.join(f'{p}/' for p in REQUIRED)}), "
+            "or make a tiny one with `sdtrain-tiny-model OUT`"
+        )
     return path
 
 

@@ -16,9 +16,11 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from sdtrain import batch as B
 from sdtrain import checkpoint, diffusion, speed
 from sdtrain.cache import check_latent_cache
+from sdtrain.datamodules.position import DataPosition
 from sdtrain.ema import EMA
 from sdtrain.models import Parts, tokenize
 from sdtrain.nonfinite import NonFiniteGuard
+from sdtrain.skips import SkipTally
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class StableDiffusionModule(L.LightningModule):
         channels_last: NHWC memory format for the U-Net (faster convolutions on GPUs).
         max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
             stops; each such step is skipped on every rank (`sdtrain.nonfinite`).
+        max_bad_data_fraction: stop with an error naming the worst shards once more than this
+            share of the data samples drawn was unusable (`sdtrain.skips`); None: never.
         seed: base of the training draws (timesteps, noise, caption dropout), mixed with the rank
             and step (see `diffusion.step_generator`).
     """
@@ -63,6 +67,7 @@ class StableDiffusionModule(L.LightningModule):
         compile: str | None = None,
         channels_last: bool = False,
         max_nonfinite_in_a_row: int = 10,
+        max_bad_data_fraction: float | None = 0.5,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -82,8 +87,7 @@ class StableDiffusionModule(L.LightningModule):
         self.ema = ema
         self._fast = False  # compile / channels-last applied (configure_model runs once)
         self.strict_loading = False  # checkpoints hold the U-Net only; the frozen parts reload
-        self.skipped_total = torch.zeros(())  # data samples skipped so far, all ranks
-        self.skipped_by_kind = torch.zeros(len(B.SKIP_KINDS))  # the same by B.SKIP_KINDS
+        self.skips = SkipTally(max_bad_data_fraction)  # unusable data samples, all ranks
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
         self._skip_update = False  # this optimizer step's gradients were dropped
         self._empty_context: torch.Tensor | None = None
@@ -220,44 +224,39 @@ class StableDiffusionModule(L.LightningModule):
             )
         loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights)
 
-        self.count_skipped(int(batch.get(B.SKIPPED, 0)), batch.get(B.SKIPPED_KINDS))
+        self.count_skipped(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        self.log("data/skipped", self.skipped_total)
-        for kind, n in zip(B.SKIP_KINDS, self.skipped_by_kind, strict=True):
+        self.log("data/skipped", self.skips.total.float())
+        for kind, n in zip(B.SKIP_KINDS, self.skips.by_kind.float(), strict=True):
             self.log(f"data/skipped/{kind}", n)
         return loss
 
-    def count_skipped(self, n: int, kinds: dict[str, int] | None = None) -> None:
-        """Add this rank's skipped samples (and their {kind: count}), summed over all ranks, to
-        the run's totals.
-
-        The totals are the same on every rank, so the checkpoint (written from rank 0) restores
-        them right on all of them. They stay device tensors: no host sync on the hot path.
-        """
-        kinds = kinds or {}
-        counts = [float(n)] + [float(kinds.get(k, 0)) for k in B.SKIP_KINDS]
-        counts = torch.tensor(counts, device=self.device)
+    def count_skipped(self, batch: dict[str, Any]) -> None:
+        """Add the samples skipped while this batch was made, summed over all ranks, to the
+        run's totals (`sdtrain.skips`; it stops the run past `max_bad_data_fraction`)."""
+        reduce = None
         if self._trainer is not None and self._trainer.world_size > 1:
-            counts = self._trainer.strategy.reduce(counts, reduce_op="sum")
-        self.skipped_total = self.skipped_total.to(self.device) + counts[0]
-        self.skipped_by_kind = self.skipped_by_kind.to(self.device) + counts[1:]
+            reduce = partial(self._trainer.strategy.reduce, reduce_op="sum")
+        self.skips.add(batch, self.device, reduce)
 
     def on_train_end(self) -> None:
         """One summary line of what was skipped (the warnings name each sample)."""
         if self._trainer is not None and not self._trainer.is_global_zero:
             return
-        counts = {
-            k: int(n) for k, n in zip(B.SKIP_KINDS, self.skipped_by_kind.tolist(), strict=True) if n
-        }
+        counts = self.skips.kinds()
         if counts or self.nonfinite.total:
             kinds = ", ".join(f"{k} {n}" for k, n in counts.items()) or "none"
             log.warning(
                 "skipped %d data samples (%s) and %d non-finite steps in this run",
-                int(self.skipped_total.item()),
+                int(self.skips.total.item()),
                 kinds,
                 self.nonfinite.total,
             )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks every run needs whatever the config lists: the data position in checkpoints."""
+        return [DataPosition()]
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(params=[p for _, p in self.trainable_parameters()])
@@ -346,9 +345,10 @@ class StableDiffusionModule(L.LightningModule):
             "wandb_run_id": wandb_ids[0] if wandb_ids else None,  # a resume logs on into it
         }
         ema = self.ema.state_dict() if self.ema is not None else None
-        skipped = int(self.skipped_total.item())
-        by_kind = dict(zip(B.SKIP_KINDS, map(int, self.skipped_by_kind.tolist()), strict=True))
-        ckpt[checkpoint.ROOT] = checkpoint.build(run, ema, skipped, self.nonfinite.total, by_kind)
+        skips = self.skips.state()
+        ckpt[checkpoint.ROOT] = checkpoint.build(
+            run, ema, skips["total"], self.nonfinite.total, skips["by_kind"], skips["drawn"]
+        )
 
     def on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
         checkpoint.upgrade(ckpt)
@@ -362,7 +362,7 @@ class StableDiffusionModule(L.LightningModule):
         ema_state = checkpoint.ema_state(ckpt)
         if self.ema is not None and ema_state is not None:
             self.ema.load_state_dict(ema_state)
-        self.skipped_total = torch.tensor(float(checkpoint.skipped_total(ckpt)))
-        self.nonfinite.total = int(ckpt[checkpoint.ROOT].get("skipped_nonfinite", 0))
-        by_kind = ckpt[checkpoint.ROOT].get("skipped_by_kind") or {}
-        self.skipped_by_kind = torch.tensor([float(by_kind.get(k, 0)) for k in B.SKIP_KINDS])
+        entry = ckpt[checkpoint.ROOT]
+        self.nonfinite.total = int(entry.get("skipped_nonfinite", 0))
+        by_kind = entry.get("skipped_by_kind") or {}
+        self.skips.load(checkpoint.skipped_total(ckpt), by_kind, int(entry.get("drawn_total", 0)))

@@ -7,13 +7,19 @@ torchrun:          torchrun --nproc_per_node 8 -m sdtrain.train trainer=gpu trai
 SLURM:             sbatch scripts/slurm.sh  (srun sdtrain-train trainer.num_nodes=N ...)
 Resume:            sdtrain-train hydra.run.dir=<previous run folder> ckpt_path=last
 Sweep:             sdtrain-train -m model.optimizer.lr=1e-4,3e-4
+Print the config:  sdtrain-train --cfg job
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
+import os
 import sys
 import warnings
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +73,11 @@ def checkpoint_file(cfg: DictConfig) -> Path | None:
     return path
 
 
-def resume_wandb_run(cfg: DictConfig, ckpt: Path | None) -> None:
-    """Point the W&B logger at the run the checkpoint was logging to, so the curves continue."""
-    if ckpt is None or not OmegaConf.select(cfg, "logger.wandb"):
+def resume_wandb_run(cfg: DictConfig, saved: dict[str, Any]) -> None:
+    """Point the W&B logger at the run the checkpoint `saved` was logging to, so curves continue."""
+    if not OmegaConf.select(cfg, "logger.wandb"):
         return
-    run_id = checkpoint.run_info(checkpoint.load(ckpt))["wandb_run_id"]
+    run_id = checkpoint.run_info(saved)["wandb_run_id"]
     if run_id and not cfg.logger.wandb.get("id"):
         with open_dict(cfg):
             cfg.logger.wandb.id = run_id
@@ -93,18 +99,101 @@ def build_model(model_cfg: DictConfig) -> L.LightningModule:
     return hydra.utils.instantiate(node, _convert_="all")
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Build datamodule, module, callbacks, loggers and trainer from `cfg`, fit, return the metric."""
+def unknown_arguments(node: DictConfig, where: str, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a key of a `_target_` node that its class does not take, suggesting the nearest.
+
+    `+trainer.max_step=10` composes (the `+` adds a key), and would only fail inside Lightning.
+    """
+    target = node.get("_target_")
+    if not target:
+        return
+    try:
+        params = inspect.signature(hydra.utils.get_object(target)).parameters
+    except (ImportError, ValueError, TypeError):  # instantiate will say what is wrong
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n in params if n != "self"]
+    for key in node:
+        if key.startswith("_") or key in names or key in ignore:
+            continue
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean {where}.{close[0]}?" if close else f"it takes {', '.join(names)}"
+        raise ValueError(f"{where}.{key}: {target} takes no argument {key!r}; {hint}")
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every key of every class the run builds is one its class takes."""
+    unknown_arguments(cfg.trainer, "trainer", ignore=("callbacks", "logger"))
+    unknown_arguments(cfg.data, "data")
+    unknown_arguments(cfg.model, "model", ignore=LOADER_INPUTS)
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            if node:
+                unknown_arguments(node, f"{group}.{name}")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint `ckpt_path` names, read now: a bad file is named before any model loads."""
+    try:
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"ckpt_path: {e}; resume from a .ckpt that sdtrain-train wrote (ckpt_path=last, or "
+            "another file in the run's checkpoints/)"
+        ) from None
+
+
+def finished(cfg: DictConfig, ckpt: Path, saved: dict[str, Any]) -> bool:
+    """True, with a log line saying how to go on, when the checkpoint is already at max_steps."""
+    step, max_steps = int(saved.get("global_step", 0)), cfg.trainer.get("max_steps")
+    if max_steps is None or max_steps < 0 or cfg.trainer.get("fast_dev_run") or step < max_steps:
+        return False
+    log.warning(
+        "nothing to train: %s is at step %d and trainer.max_steps=%d, so this run is finished. "
+        "To train on, resume with a larger trainer.max_steps, e.g. sdtrain-train hydra.run.dir=%s "
+        "ckpt_path=%s trainer.max_steps=%d (and the run's overrides)",
+        ckpt,
+        step,
+        max_steps,
+        cfg.paths.output_dir,
+        cfg.ckpt_path,
+        2 * step,
+    )
+    return True
+
+
+@dataclass
+class Prepared:
+    """What `prepare` checked and built: the datamodule and the checkpoint to resume (or None)."""
+
+    datamodule: L.LightningDataModule
+    ckpt: Path | None
+
+
+def prepare(cfg: DictConfig) -> Prepared | None:
+    """Check everything the config names before any model loads, and build the datamodule.
+
+    Every mistake found here (a missing or misspelled key, a bad value, a missing model folder or
+    shard, a file that is not a checkpoint) raises ValueError or FileNotFoundError naming it.
+    Returns None when the checkpoint to resume is already at `trainer.max_steps`.
+    """
     missing = missing_keys(cfg)
     if missing:
         raise ValueError(
             f"these config keys need a value: {', '.join(missing)} (set them on the command line, "
             "e.g. model.pretrained=/models/sd15 \"data.train_shards='/data/{00000..00099}.tar'\" or a shard folder)"
         )
+    check_targets(cfg)
+    ckpt = checkpoint_file(cfg)
+    if ckpt is not None:
+        saved = load_checkpoint(ckpt)
+        if finished(cfg, ckpt, saved):
+            return None
+        resume_wandb_run(cfg, saved)
+        del saved  # memory-mapped; Lightning reads the file again in fit
     L.seed_everything(cfg.seed, workers=True)
     speed.set_float32_matmul_precision(cfg.get("float32_matmul_precision"))
-    ckpt = checkpoint_file(cfg)
-    resume_wandb_run(cfg, ckpt)
     try:
         datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     except InstantiationException as e:  # show the datamodule's own message, naming key and value
@@ -114,6 +203,11 @@ def train(cfg: DictConfig) -> float | None:
     if getattr(datamodule, "latent_cache_info", None) is None:  # a cache was checked when made
         check_model_folder(cfg.model.pretrained, need_unet=not cfg.model.get("unet_config"))
         check_resolution(cfg.model.pretrained, OmegaConf.select(cfg, "data.resolution"))
+    return Prepared(datamodule, ckpt)
+
+
+def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
+    """Build module, callbacks, loggers and trainer, fit, and return the metric."""
     model = build_model(cfg.model)
     callbacks = instantiate_map(cfg.get("callbacks"))
     loggers = instantiate_map(cfg.get("logger"))
@@ -124,7 +218,9 @@ def train(cfg: DictConfig) -> float | None:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
         with preemption.usr1_stops_like_sigterm():
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+            trainer.fit(
+                model, datamodule=prepared.datamodule, ckpt_path=prepared.ckpt, weights_only=True
+            )
     except SIGTERMException:  # SIGTERM or SIGUSR1: checkpoint saved at the step reached
         if trainer.is_global_zero:
             log.warning(
@@ -142,6 +238,13 @@ def train(cfg: DictConfig) -> float | None:
     return None if metric is None else float(metric)
 
 
+def train(cfg: DictConfig) -> float | None:
+    """Check `cfg`, then build datamodule, module, callbacks, loggers and trainer, fit, and return
+    the metric a sweeper optimizes (None when there was nothing to train)."""
+    prepared = prepare(cfg)
+    return None if prepared is None else fit(cfg, prepared)
+
+
 def finish_wandb() -> None:
     """Close this process's W&B run, flushing it to disk, so the next train() starts a new one."""
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
@@ -149,8 +252,104 @@ def finish_wandb() -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sdtrain.conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+def app(cfg: DictConfig) -> float | None:
+    """The Hydra app: a mistake `prepare` finds is one line on stderr and exit status 1."""
+    try:
+        prepared = prepare(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"sdtrain-train: {e}")
+    return None if prepared is None else fit(cfg, prepared)
+
+
+def main() -> None:
+    """`sdtrain-train`: the Hydra app, keeping a resumed run's first Hydra record, and with a
+    suggestion when Hydra refuses a key that is not in the config."""
+    sys.argv[1:] = resume_record(sys.argv[1:])
+    try:
+        app()
+    except SystemExit as e:
+        hint = did_you_mean(sys.argv[1:]) if e.code == 1 else None  # 1: Hydra's own errors
+        if hint:
+            print(hint, file=sys.stderr)
+        raise
+
+
+def plain_overrides(args: list[str]) -> list[Any]:
+    """The command line's overrides, parsed by Hydra's grammar ([] if they do not parse)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides(
+            [a for a in args if "=" in a and not a.startswith("-")]
+        )
+    except HydraException:
+        return []
+
+
+def resume_record(args: list[str]) -> list[str]:
+    """`args`, plus `hydra.output_subdir=.hydra/resume-<n>` when they resume a run in its folder.
+
+    Hydra writes the composed config and overrides to `<run>/.hydra/`; a resume with
+    `hydra.run.dir=<run> ckpt_path=...` would overwrite the first run's. Its record goes beside
+    it instead, numbered from 1. Only rank 0 of a torchrun or SLURM launch writes one (the others
+    get `hydra.output_subdir=null`, as Lightning gives the processes it starts itself).
+    """
+    values = {o.key_or_group: o.value() for o in plain_overrides(args) if not o.is_delete()}
+    run_dir, ckpt = values.get("hydra.run.dir"), values.get("ckpt_path")
+    if "hydra.output_subdir" in values or not run_dir or ckpt in (None, "null"):
+        return args
+    if {"-m", "--multirun"} & set(args) or not (Path(str(run_dir)) / ".hydra").is_dir():
+        return args
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        return [*args, "hydra.output_subdir=null"]
+    taken = [p.name for p in (Path(str(run_dir)) / ".hydra").glob("resume-*")]
+    n = 1 + max((int(t[7:]) for t in taken if t[7:].isdigit()), default=0)
+    return [f"hydra.output_subdir=.hydra/resume-{n}", *args]
+
+
+def did_you_mean(args: list[str]) -> str | None:
+    """ "did you mean trainer.max_steps=10?" for an override whose key the config lacks, or None.
+
+    Hydra refuses `trainer.max_step=10` ("Could not override"); this finds, part by part, the
+    closest key of each config node (difflib), composing the config with the group choices only.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [
+        o for o in plain_overrides(args) if not (o.is_add() or o.is_force_add() or o.is_delete())
+    ]
+    group_names = {p.name for p in resources.files("sdtrain.conf").iterdir() if p.is_dir()}
+    groups = [o for o in overrides if o.key_or_group in group_names]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("sdtrain.conf", version_base="1.3"):
+            cfg = compose("train", [o.input_line for o in groups], return_hydra_config=True)
+    except Exception:  # a bad group choice: Hydra's message lists the options
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    tree = OmegaConf.to_container(cfg, resolve=False)  # unresolved: `${hydra:...}` stays a string
+    hints = []
+    for o in (o for o in overrides if o not in groups):
+        node, found = tree, []
+        for part in o.key_or_group.split("."):
+            if not isinstance(node, dict):
+                break
+            if part not in node:
+                close = difflib.get_close_matches(part, [str(k) for k in node], n=1)
+                if not close:
+                    break
+                part = close[0]
+            node = node[part]
+            found.append(part)
+        else:
+            key = ".".join(found)
+            if key != o.key_or_group:
+                value = o.input_line.split("=", 1)[1]
+                hints.append(f"did you mean {key}={value}?")
+    return " ".join(hints) or None
 
 
 if __name__ == "__main__":

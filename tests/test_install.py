@@ -253,6 +253,7 @@ def test_installed_copy_is_what_imports(installed: Install):
         "sdtrain-shards",
         "sdtrain-tiny-model",
         "sdtrain-export",
+        "sdtrain-sample",
     }
 
 

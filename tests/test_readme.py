@@ -188,6 +188,7 @@ RUNNERS = {
     "scripts/torchrun.sh": "train",
     "sbatch": "train",  # the shim below runs the job script here
     "sdtrain-export": "export",
+    "sdtrain-sample": "sample",
     "sdtrain-shards": "shards",
     "sdtrain-tiny-model": "tiny-model",
     "sdtrain-cache-latents": "cache-latents",
@@ -195,6 +196,7 @@ RUNNERS = {
 APPEND = {
     "train": TRAIN_ARGS,
     "tiny-model": ["--vae-steps", "20"],
+    "sample": ["--steps", "2", "--device", "cpu"],
     "cache-latents": ["--resolution", "32", "--accelerator", "cpu", "--num-workers", "0"],
 }
 
@@ -262,6 +264,11 @@ def check_output(kind: str, args: list[str], cwd: Path, before: dict[Path, int])
         out = cwd / positional[1]
         assert (out / "model_index.json").is_file()
         assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    elif kind == "sample":
+        out = cwd / args[args.index("--out") + 1]
+        prompts, seeds = args.count("--prompt"), max(1, args.count("--seed"))
+        assert len(list(out.glob("*_seed*.png"))) == prompts * seeds
+        assert (out / "grid.png").is_file()
     elif kind == "shards":
         src, out = cwd / positional[0], cwd / positional[1]
         images = [n for t in out.glob("*.tar") for n in tarfile.open(t).getnames()]

@@ -261,7 +261,7 @@ def test_accumulation_ema_and_samples_once_per_optimizer_step(
             ValueError,
             r"data.resolution=31 is not a multiple of 2.*use 30 or 32",
         ),
-        ("model.pretrained=EMPTY", FileNotFoundError, r"model.pretrained: .*lacks.*'unet'"),
+        ("model.pretrained=EMPTY", FileNotFoundError, r"model.pretrained: .*lacks unet/, vae/"),
     ],
 )
 def test_config_errors_fail_before_a_model_is_built(

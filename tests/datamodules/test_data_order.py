@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sdtrain.datamodules import order
+from sdtrain.datamodules.position import DataPosition
 from sdtrain.datamodules.webdataset import DataOrder, WebDataModule
 
 SAMPLES, PER_SHARD = 96, 24  # the `shards` fixture: 4 shards x 24 samples
@@ -74,26 +75,38 @@ def test_samples_are_shuffled_apart_in_each_pass(shards: str, tiny_model: Path):
         assert [k for k in one if shard_of(k) == shard] != [k for k in two if shard_of(k) == shard]
 
 
-def test_seed_depends_on_every_input(monkeypatch: pytest.MonkeyPatch):
+def test_seed_depends_on_every_input():
     base = DataOrder(seed=0, start_step=0, rank=0, world_size=2)
     draws = {
-        "base": base.rng("samples", 0).random(),
-        "seed": DataOrder(1, 0, 0, 2).rng("samples", 0).random(),
-        "step": DataOrder(0, 10, 0, 2).rng("samples", 0).random(),
-        "rank": DataOrder(0, 0, 1, 2).rng("samples", 0).random(),
-        "pass": base.rng("samples", 1).random(),
-        "purpose": base.rng("shards", 0).random(),
+        "base": base.rng("samples", 0, 0).random(),
+        "seed": DataOrder(1, 0, 0, 2).rng("samples", 0, 0).random(),
+        "step": DataOrder(0, 10, 0, 2).rng("samples", 0, 0).random(),
+        "rank": DataOrder(0, 0, 1, 2).rng("samples", 0, 0).random(),
+        "pass": base.rng("samples", 1, 0).random(),
+        "purpose": base.rng("shards", 0, 0).random(),
+        "worker": base.rng("samples", 0, 1).random(),
     }
-    with monkeypatch.context() as m:  # as DataLoader worker 1 of 2 sees it
-        m.setattr(order, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
-        draws["worker"] = base.rng("samples", 0).random()
     assert len(set(draws.values())) == len(draws)
-    assert base.rng("samples", 0).random() == draws["base"]
+    assert base.rng("samples", 0, 0).random() == draws["base"]
     # the shard permutation ignores the rank, so every rank cuts the same permutation
     assert (
-        DataOrder(0, 0, 1, 2).rng("shards", 0, per_worker=False).random()
-        == base.rng("shards", 0, per_worker=False).random()
+        DataOrder(0, 0, 1, 2).rng("shards", 0, worker=None).random()
+        == base.rng("shards", 0, worker=None).random()
     )
+
+
+def test_cursor_turns_worker_ids_and_starts_at_the_resume_point(monkeypatch: pytest.MonkeyPatch):
+    """A resumed loader's worker 0 plays the worker that was next; each starts at its place."""
+    resumed = DataOrder(seed=0, worker_offset=1, resume=((3, 40), (2, 16)))
+    monkeypatch.setattr(order, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    cursor = order.Cursor(resumed)
+    cursor.start()
+    assert (cursor.worker, cursor.workers, cursor.passes, cursor.skip) == (0, 2, 3, 40)
+    cursor.next_pass()
+    assert (cursor.passes, cursor.skip) == (4, 0)
+    fresh = order.Cursor(DataOrder())
+    fresh.start()
+    assert (fresh.worker, fresh.passes, fresh.skip) == (1, 0, 0)
 
 
 def test_spawned_workers_split_by_rank_and_worker(shards: str, tiny_model: Path):
@@ -151,8 +164,15 @@ class OrderProbe(WebDataModule):
         return super().train_dataloader()
 
 
-def fit(dm: WebDataModule, steps: int, ckpt: Path | None = None) -> tuple[L.Trainer, KeyProbe]:
+def fit(
+    dm: WebDataModule,
+    steps: int,
+    ckpt: Path | None = None,
+    callbacks: list | None = None,
+    model: KeyProbe | None = None,
+) -> tuple[L.Trainer, KeyProbe]:
     trainer = L.Trainer(
+        callbacks=callbacks,
         accelerator="cpu",
         max_steps=steps,
         logger=False,
@@ -160,7 +180,7 @@ def fit(dm: WebDataModule, steps: int, ckpt: Path | None = None) -> tuple[L.Trai
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = KeyProbe()
+    model = model or KeyProbe()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     return trainer, model
 
@@ -180,6 +200,41 @@ def test_resume_starts_the_data_at_the_checkpoint_step(shards: str, tiny_model: 
     assert rerun.keys != run.keys[: len(rerun.keys)]  # not the first run's first batches again
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_each_pass_where_it_stopped(
+    workers: int, shards: str, tiny_model: Path, tmp_path: Path
+):
+    """resampled=false: stopped after 5 batches (an odd number, so with 2 workers the second is
+    next) and resumed, the run trains on exactly the batches an uninterrupted run trains on,
+    across the end of a pass (12 batches), random crops and flips included."""
+    kw = dict(resolution=16, batch_size=8, num_workers=workers, resampled=False, seed=4)
+    kw |= dict(random_flip=True, shuffle_buffer=16)
+
+    def dm():
+        return WebDataModule(shards, str(tiny_model), **kw)
+
+    class PixelProbe(KeyProbe):  # the keys and the pixels, crop and flip included
+        def training_step(self, batch, batch_idx):
+            self.sums = [*getattr(self, "sums", []), batch["pixels"].sum(dim=(1, 2, 3))]
+            return super().training_step(batch, batch_idx)
+
+    _, whole = fit(dm(), steps=15, callbacks=[DataPosition()], model=PixelProbe())
+    trainer, first = fit(dm(), steps=5, callbacks=[DataPosition()], model=PixelProbe())
+    trainer.save_checkpoint(tmp_path / "step5.ckpt")
+    assert first.keys == whole.keys[:40]
+    trainer, rest = fit(
+        dm(), 15, tmp_path / "step5.ckpt", callbacks=[DataPosition()], model=PixelProbe()
+    )
+    assert trainer.global_step == 15
+    assert rest.keys == whole.keys[40:]
+    assert torch.equal(torch.cat(rest.sums), torch.cat(whole.sums)[40:])
+    # the position survives a resume with nothing drawn yet, and a second resume continues
+    trainer.save_checkpoint(tmp_path / "step15.ckpt")
+    _, whole20 = fit(dm(), steps=20, callbacks=[DataPosition()])
+    _, last = fit(dm(), 20, tmp_path / "step15.ckpt", callbacks=[DataPosition()])
+    assert last.keys == whole20.keys[120:]
+
+
 def test_endless_goes_past_empty_passes_and_names_a_rank_that_never_fills_a_batch():
     from sdtrain.datamodules.order import Endless
 
@@ -189,6 +244,8 @@ def test_endless_goes_past_empty_passes_and_names_a_rank_that_never_fills_a_batc
         def __iter__(self):
             return iter(next(passes, []))
 
-    assert list(islice(iter(Endless(Passes(), rank=0, max_empty=5)), 3)) == [1, 2, 3]
+    cursor = order.Cursor(DataOrder())
+    assert list(islice(iter(Endless(Passes(), cursor, rank=0, max_empty=5)), 3)) == [1, 2, 3]
+    assert cursor.passes == 3  # moved on once per pass, empty ones included
     with pytest.raises(RuntimeError, match=r"rank 1: 3 passes .* data.batch_size"):
-        list(Endless([], rank=1, max_empty=3))
+        list(Endless([], order.Cursor(DataOrder()), rank=1, max_empty=3))

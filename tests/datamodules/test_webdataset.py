@@ -222,6 +222,13 @@ def test_empty_folder_is_named(tmp_path: Path):
     assert f"folder {tmp_path} holds no *.tar" in str(err.value)
 
 
+def test_missing_folder_and_missing_shards_are_named_as_written(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=f"folder {tmp_path}/nope/ does not exist"):
+        shard_list(f"{tmp_path}/nope/")
+    with pytest.raises(FileNotFoundError, match=r"1 of 1 shard\(s\) do not exist, e.g. ~/nope.tar"):
+        shard_list("~/nope.tar")
+
+
 def test_shards_from_a_glob_sorted(tmp_path: Path):
     want = shard_folder(tmp_path)
     assert shard_list(f"{tmp_path}/*.tar") == want

@@ -74,6 +74,7 @@ def pin_current_layout(ckpt: dict) -> None:
         "skipped_total",
         "skipped_nonfinite",
         "skipped_by_kind",
+        "drawn_total",
     }
     assert set(entry["run"]) == {"pretrained", "unet_config", "prediction_type", "wandb_run_id"}
     assert set(entry["ema"]) == {"shadow", "num_updates", "last_step", "decay"}

@@ -179,8 +179,11 @@ def test_skipped_total_and_ema_round_trip_through_the_checkpoint():
     """The count is the run's total (summed over ranks as it is counted), restored as saved."""
     m = make(ema=EMA())
     m.on_fit_start()
-    m.count_skipped(3)
-    m.count_skipped(2, {"decode": 1, "bad_shard": 1})
+    pixels = torch.zeros(4, 3, 8, 8)
+    m.count_skipped({B.PIXELS: pixels, B.SKIPPED: 3})
+    m.count_skipped(
+        {B.PIXELS: pixels, B.SKIPPED: 2, B.SKIPPED_KINDS: {"decode": 1, "bad_shard": 1}}
+    )
     m.nonfinite.total = 4  # optimizer steps skipped for NaN/inf gradients
     ckpt = {"state_dict": {f"unet.{k}": v for k, v in m.unet.state_dict().items()}}
     ckpt["state_dict"]["vae.x"] = torch.zeros(1)
@@ -192,10 +195,10 @@ def test_skipped_total_and_ema_round_trip_through_the_checkpoint():
     assert entry["ema"]["shadow"].keys() == dict(m.unet.named_parameters()).keys()
     fresh = make(ema=EMA())
     fresh.on_load_checkpoint(ckpt)
-    assert float(fresh.skipped_total) == 5.0
+    assert int(fresh.skips.total) == 5 and entry["drawn_total"] == int(fresh.skips.drawn) == 13
     assert entry["skipped_nonfinite"] == 4 and fresh.nonfinite.total == 4
     assert entry["skipped_by_kind"] == {"decode": 1, "bad_shard": 1}
-    kinds = dict(zip(B.SKIP_KINDS, fresh.skipped_by_kind.tolist(), strict=True))
+    kinds = dict(zip(B.SKIP_KINDS, fresh.skips.by_kind.tolist(), strict=True))
     assert kinds["decode"] == 1 and kinds["bad_shard"] == 1 and sum(kinds.values()) == 2
     assert fresh.ema.shadow is entry["ema"]["shadow"] or fresh.ema.shadow == entry["ema"]["shadow"]
 
