@@ -51,11 +51,14 @@ def launch(cmd: list[str], log: Path) -> subprocess.Popen:
     )
 
 
-def kill_at_step(proc: subprocess.Popen, ledger: Path, step: int, log: Path) -> None:
-    """SIGKILL the run's whole process group once its ledger shows `step` started."""
+def kill_at_step(
+    proc: subprocess.Popen, ledger: Path, step: int, log: Path, delay: float = 0.0
+) -> None:
+    """SIGKILL the run's whole process group `delay` s after its ledger shows `step` started."""
     end = time.monotonic() + 300
     while time.monotonic() < end:
         if ledger.is_file() and any(s >= step for s in read_ledger(ledger)):
+            time.sleep(delay)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
             return
@@ -164,3 +167,26 @@ def test_ddp_killed_and_resumed_ends_like_an_uninterrupted_run(
         for r in (0, 1)
     ]
     assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == SAMPLES
+
+
+def test_wandb_history_survives_a_sigkill_and_the_resume_logs_on_into_the_same_run(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
+    """Offline W&B: the killed segment's rows are on disk (written every flush_interval_s, not
+    W&B's 15 s), and the resumed segment logs into the same run id: every step has its row."""
+    from tests.wandb_files import history
+
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = command(run, tiny_model, shards, "logger=wandb", "trainer.log_every_n_steps=1", steps=20)
+    proc = launch(cmd, log)
+    kill_at_step(proc, run / "ledger" / "rank0.tsv", 11, log, delay=0.5)  # after checkpoint 10
+    saved = load(run)["global_step"]
+    assert 10 <= saved < 20
+    runs = (run / "wandb").glob("offline-run-*")
+    killed = {r["trainer/global_step"] for d in runs for r in history(d) if "train/loss" in r}
+    assert set(range(saved)) <= killed  # what was logged up to the checkpoint is on disk
+    finish(launch([*cmd, "ckpt_path=last"], log), log)
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs  # one run id
+    steps = {r["trainer/global_step"] for d in runs for r in history(d) if "train/loss" in r}
+    assert steps == set(range(20))
