@@ -235,6 +235,30 @@ def test_resume_continues_each_pass_where_it_stopped(
     assert last.keys == whole20.keys[120:]
 
 
+def test_resampled_resume_draws_anew_with_repeats_bounded(
+    shards: str, tiny_model: Path, tmp_path: Path
+):
+    """resampled=true draws with replacement, so a resume cannot continue a pass: it draws anew
+    (README: Resume). Samples repeat across the resume no more than they do within an
+    uninterrupted run of the same length (plus one batch)."""
+    kw = dict(resolution=16, batch_size=8, num_workers=2, resampled=True, seed=4)
+    kw |= dict(random_flip=False, shuffle_buffer=16)
+
+    def dm():
+        return WebDataModule(shards, str(tiny_model), **kw)
+
+    _, whole = fit(dm(), 12, callbacks=[DataPosition()])
+    trainer, first = fit(dm(), 6, callbacks=[DataPosition()])
+    trainer.save_checkpoint(tmp_path / "step6.ckpt")
+    _, rest = fit(dm(), 12, tmp_path / "step6.ckpt", callbacks=[DataPosition()])
+    assert first.keys == whole.keys[:48] and rest.keys != whole.keys[48:]  # drawn anew
+
+    def repeats(keys: list[str]) -> int:
+        return len(keys) - len(set(keys))
+
+    assert repeats(first.keys + rest.keys) <= repeats(whole.keys) + 8
+
+
 def test_endless_goes_past_empty_passes_and_names_a_rank_that_never_fills_a_batch():
     from sdtrain.datamodules.order import Endless
 
