@@ -3,7 +3,8 @@
 Rank 0 logs `perf/img_per_s` (this rank's images x world size / wall time),
 `perf/img_per_s_per_device`, `perf/mfu` (U-Net training FLOPs per image x img/s per device / the
 device's peak bf16 FLOP/s), `perf/data_wait_frac`, `perf/peak_mem_gb` (CUDA:
-`torch.cuda.max_memory_allocated()` so far / 1e9) and, once, `perf/flops_per_img`.
+`torch.cuda.max_memory_allocated()` so far / 1e9), `perf/state_mem_gb` (this device's parameters,
+gradients, optimizer state and EMA: under FSDP its shards) and, once, `perf/flops_per_img`.
 
 The wait is the time from one step's `on_train_batch_end` to the next `on_train_batch_start`
 (Lightning fetches the batch and moves it to the device in between). On CPU it is host time. On
@@ -71,6 +72,21 @@ def mfu(flops_per_img: float, img_per_s_per_device: float, peak_flops: float) ->
 def wait_fraction(wait_s: float, total_s: float) -> float:
     """Share of `total_s` seconds spent waiting (`wait_s`); 0 for an empty window."""
     return wait_s / total_s if total_s > 0 else 0.0
+
+
+def training_state_bytes(trainer, pl_module) -> int:
+    """Bytes this device holds for the training state: the trainable parameters, their
+    gradients, the optimizer's state and the EMA shadow (under FSDP, this rank's shards)."""
+    from sdtrain.sharding import local
+
+    params = [p for _, p in getattr(pl_module, "trainable_parameters", lambda: [])()]
+    tensors = params + [p.grad for p in params if p.grad is not None]
+    for opt in trainer.optimizers:
+        tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    ema = getattr(pl_module, "ema", None)
+    if ema is not None and ema.shadow is not None:
+        tensors += list(ema.shadow.values())
+    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def unet_input_shapes(batch: dict[str, Any], unet, vae, text_encoder):
@@ -194,6 +210,7 @@ class ThroughputMonitor(L.Callback):
             metrics["perf/mfu"] = mfu(self.flops_per_img, per_device, self._peak)
         if pl_module.device.type == "cuda":
             metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 1e9
+        metrics["perf/state_mem_gb"] = training_state_bytes(trainer, pl_module) / 1e9
         return metrics
 
     def _count_flops(self, trainer, pl_module, batch: dict[str, Any]) -> None:

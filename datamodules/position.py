@@ -44,9 +44,14 @@ class DataPosition(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restored = state_dict or None
+        if self.trainer is not None:  # restored after on_fit_start (FSDP restores after setup)
+            self.hand_over(self.trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After the checkpoint is restored, before the train dataloader is built."""
+        """After the checkpoint is restored (DDP, one device), before the dataloader is built."""
+        self.hand_over(trainer)
+
+    def hand_over(self, trainer: L.Trainer) -> None:
         dm = trainer.datamodule
         if self.restored and hasattr(dm, "resume_at"):
             dm.resume_at(self.restored)

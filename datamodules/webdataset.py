@@ -215,6 +215,10 @@ class WebDataModule(L.LightningDataModule):
             text or asymmetric subject no longer matches its caption). A latent cache holds
             unflipped images, so True is refused for one.
         batch_size: per device.
+        global_batch_size: the global batch `batch_size` was derived from, or None; recorded
+            only (with the checkpoint's hyperparameters): `sdtrain.batching` derives
+            `batch_size` and the trainer's accumulation from it before this is built.
+        max_batch_size_per_device: the per-device cap of that derivation; recorded only.
         num_workers: DataLoader worker processes.
         shuffle_buffer: samples held for shuffling (per worker).
         resampled: draw shards with replacement forever, each rank and worker on its own seed
@@ -241,6 +245,8 @@ class WebDataModule(L.LightningDataModule):
         center_crop: bool = False,
         random_flip: bool = False,
         batch_size: int = 16,
+        global_batch_size: int | None = None,
+        max_batch_size_per_device: int | None = None,
         num_workers: int = 4,
         shuffle_buffer: int = 1000,
         resampled: bool = True,

@@ -199,7 +199,8 @@ def pipeline(a: argparse.Namespace) -> dict:
             f"data.train_shards={a.cache}",
             f"data.batch_size={a.batch}",
             f"data.num_workers={a.workers}",
-            "trainer=gpu",
+            "trainer=gpu" if a.gpus == 1 else f"trainer={a.strategy}",
+            f"trainer.devices={a.gpus}",
             f"trainer.max_steps={a.warmup + a.steps}",
             "trainer.enable_progress_bar=false",
             "trainer.log_every_n_steps=5",
@@ -207,8 +208,10 @@ def pipeline(a: argparse.Namespace) -> dict:
             "~callbacks.sample_images",
             "~callbacks.model_checkpoint",
             "+trainer.enable_checkpointing=false",
-            f"model.compile={a.compile}",
-            "model.channels_last=true",
+            f"model.compile={a.compile or 'null'}",
+            f"model.fsdp_reduce_dtype={a.reduce_dtype}",
+            f"model.fsdp_param_dtype={a.param_dtype or 'null'}",
+            f"model.channels_last={str(a.channels_last).lower()}",
             "+model.optimizer.fused=true",
             "trainer.benchmark=true",
             "callbacks.throughput.window=5",
@@ -228,6 +231,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "flops_per_img": col("perf/flops_per_img", -1)[0],
         "data_wait_frac": statistics.median(col("perf/data_wait_frac", warm)),
         "peak_mem_gb": max(col("perf/peak_mem_gb", -1)),
+        "state_mem_gb": max(col("perf/state_mem_gb", -1)),
         "warmup_s": None,
         "run_wall_s": wall,
     }
@@ -242,7 +246,7 @@ def child(a: argparse.Namespace) -> None:
     peak = peak_flops_for(gpu)
     row = {
         "gpu": gpu,
-        "gpus": 1,
+        "gpus": a.gpus,
         "px": a.px,
         "batch": a.batch,
         "variant": a.child,
@@ -250,7 +254,9 @@ def child(a: argparse.Namespace) -> None:
         "mfu": round(r["flops_per_img"] * r["img_per_s"] / peak, 3) if peak else None,
         "peak_mem_gb": round(r["peak_mem_gb"], 1),
         "data_wait_frac": round(r["data_wait_frac"], 4),
-        "strategy": "single",
+        "strategy": "single" if a.gpus == 1 else a.strategy,
+        "channels_last": a.channels_last if a.child == "pipeline" else None,
+        "state_mem_gb": round(r["state_mem_gb"], 2) if r.get("state_mem_gb") else None,
         "compile": None if a.child == "raw_eager_onthefly" else a.compile,
         "tflop_per_img": round(r["flops_per_img"] / 1e12, 3),
         "warmup_s": None if r.get("warmup_s") is None else round(r["warmup_s"], 1),
@@ -263,7 +269,11 @@ def child(a: argparse.Namespace) -> None:
 def run_variant(
     a, spec: str, case: str, folder: Path, cache: Path | None, work: Path
 ) -> dict | None:
-    """One variant in its own process; its output goes to a log file; returns its row."""
+    """One variant in its own process; its output goes to a log file; returns its row.
+
+    `spec` is VARIANT[:COMPILE][@GPUSxSTRATEGY], e.g. pipeline:None@4xfsdp."""
+    spec, _, par = spec.partition("@")
+    gpus, strategy = par.split("x") if par else (str(a.gpus), a.strategy)
     v, _, comp = spec.partition(":")
     comp = comp or str(a.compile)
     px, bs = case.split("x")
@@ -281,7 +291,10 @@ def run_variant(
     ]
     cmd += ["--cache", str(cache), "--compile", comp, "--steps", str(a.steps)]
     cmd += ["--warmup", str(a.warmup), "--workers", str(a.workers)]
-    log_file = Path(a.logs or work) / f"{v}-{comp}-{case}.log"
+    cmd += ["--gpus", gpus, "--strategy", strategy, "--reduce-dtype", a.reduce_dtype]
+    cmd += ["--param-dtype", str(a.param_dtype)]
+    cmd += ["--channels-last" if a.channels_last else "--no-channels-last"]
+    log_file = Path(a.logs or work) / f"{v}-{comp}-{gpus}x{strategy}-{case}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as f:
         # own process group: a timed-out pipeline's training process must not outlive it
@@ -304,7 +317,12 @@ def run_variant(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cases", nargs="+", default=["512x32", "256x64"], help="PXxBATCH")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="VARIANT[:COMPILE] each")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        help="VARIANT[:COMPILE][@GPUSxSTRATEGY] each, e.g. pipeline:None@4xfsdp",
+    )
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=15, help="untimed steps first (compile)")
     p.add_argument("--compile", default="unet", help="unet, blocks or None (fast variants)")
@@ -313,6 +331,13 @@ def main() -> None:
     p.add_argument("--work", help="folder for the model and caches (default: a temp folder)")
     p.add_argument("--timeout", type=int, default=420, help="seconds per variant")
     p.add_argument("--out", help="JSON list to append the rows to")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs for the pipeline variant")
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="pipeline"
+    )
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with --gpus > 1")
+    p.add_argument("--reduce-dtype", default="float32", help="fsdp: gradient reduce dtype")
+    p.add_argument("--param-dtype", default=None, help="fsdp: bfloat16, or None (autocast)")
     p.add_argument("--logs", help="folder for each variant's log (default: --work)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--px", type=int, help=argparse.SUPPRESS)
@@ -322,6 +347,8 @@ def main() -> None:
     a = p.parse_args()
     if a.compile == "None":
         a.compile = None
+    if a.param_dtype == "None":
+        a.param_dtype = None
     if a.child:
         return child(a)
     work = Path(a.work or tempfile.mkdtemp(prefix="sdtrain-bench-"))
@@ -343,12 +370,15 @@ def main() -> None:
                 old = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else []
                 Path(a.out).write_text(json.dumps(old + [row], indent=1) + "\n")
     print(
-        f"\n{'variant':<20} {'compile':>7} {'px':>4} {'batch':>5} {'img/s':>7} {'MFU':>6} {'wait':>6} {'GB':>5}  gpu"
+        f"\n{'variant':<20} {'compile':>7} {'gpus':>4} {'strategy':>8} {'px':>4} {'batch':>5} "
+        f"{'img/s':>7} {'MFU':>6} {'wait':>6} {'GB':>5} {'stateGB':>7}  gpu"
     )
     for r in rows:
         print(
-            f"{r['variant']:<20} {str(r['compile']):>7} {r['px']:>4} {r['batch']:>5} {r['img_per_s']:>7} "
-            f"{r['mfu'] or '-':>6} {r['data_wait_frac']:>6} {r['peak_mem_gb']:>5}  {r['gpu']}"
+            f"{r['variant']:<20} {str(r['compile']):>7} {r['gpus']:>4} {r['strategy']:>8} "
+            f"{r['px']:>4} {r['batch']:>5} {r['img_per_s']:>7} {r['mfu'] or '-':>6} "
+            f"{r['data_wait_frac']:>6} {r['peak_mem_gb']:>5} {r.get('state_mem_gb') or '-':>7}  "
+            f"{r['gpu']}"
         )
 
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# --signal=USR1@90: SLURM warns 90 s before the time limit; the run saves at the step reached.
 # Multi-node training under SLURM: one task per GPU; Lightning reads the SLURM environment.
 #   sbatch --nodes=2 scripts/slurm.sh model.pretrained=/models/sd15 "data.train_shards='/data/{00000..09999}.tar'"
+# Preemption and time limits: SLURM sends SIGUSR1 90 s ahead (--signal); Lightning's handler
+# saves hpc_ckpt_<n>.ckpt in the run folder and requeues the job (`scontrol requeue`, allowed by
+# --requeue), whose SIGTERM stops the run at the step reached with checkpoints/last.ckpt.
+# The run folder is outputs/slurm/<job id> (a requeued job keeps its id; SDTRAIN_RUN_DIR sets
+# another), and a start that finds checkpoints/last.ckpt there resumes from it (ckpt_path=last).
 #SBATCH --job-name=sdtrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -9,8 +13,17 @@
 #SBATCH --cpus-per-task=12
 #SBATCH --time=72:00:00
 #SBATCH --output=slurm-%j.out
+#SBATCH --open-mode=append
 #SBATCH --signal=USR1@90
+#SBATCH --requeue
 set -euo pipefail
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"  # keep NVLink multicast off where it is unsupported
-srun sdtrain-train experiment=finetune_sd15 trainer.devices="$SLURM_NTASKS_PER_NODE" \
-  trainer.num_nodes="$SLURM_NNODES" trainer.strategy=ddp "$@"
+run="${SDTRAIN_RUN_DIR:-outputs/slurm/${SLURM_JOB_ID:?run under sbatch (SLURM_JOB_ID is unset)}}"
+resume=()
+if [[ -f "$run/checkpoints/last.ckpt" ]]; then
+  resume=(ckpt_path=last)
+  echo "slurm.sh: resuming $run from checkpoints/last.ckpt (restart ${SLURM_RESTART_COUNT:-?})"
+fi
+# exec: srun's tasks get the signals; the overrides given here ("$@") come last and win
+exec srun sdtrain-train experiment=finetune_sd15 trainer.devices="$SLURM_NTASKS_PER_NODE" \
+  trainer.num_nodes="$SLURM_NNODES" trainer.strategy=ddp hydra.run.dir="$run" "${resume[@]}" "$@"

@@ -6,6 +6,7 @@ prompt names must be the colour that comes out (see `dominant_colour`).
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -21,6 +22,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (20, 20, 20)
+
+log = logging.getLogger(__name__)
 
 
 def render(colour: str, shape: str, size: int, rng: random.Random) -> Image.Image:
@@ -54,9 +57,12 @@ def write_folder(out: str | Path, n: int, size: int, seed: int = 0) -> Path:
     """Write the demo set as a folder of PNGs with same-stem .txt captions (the shard tool's input)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    every = max(100, n // 10)  # a line every 10% (sets under 100 images need none)
     for i, (img, caption) in enumerate(samples(n, size, seed)):
         img.save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(caption)
+        if (i + 1) % every == 0 and i + 1 < n:
+            log.info("demo images: %d/%d (%d%%)", i + 1, n, 100 * (i + 1) // n)
     return out
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from sdtrain import sharding
+
 
 def ema_decay(step: int, max_decay: float, warmup: bool) -> float:
     """Decay for the `step`-th update (0-based).
@@ -71,7 +73,8 @@ class EMA:
                     "EMA state in the checkpoint does not match the trainable parameters "
                     f"(only in the checkpoint: {extra}; only in the model: {lacking})"
                 )
-            self.shadow = {k: v.to(params[k].device) for k, v in self.shadow.items()}
+            # a whole tensor from a checkpoint goes where its parameter is: under FSDP, sharded
+            self.shadow = {k: sharding.like(v.float(), params[k]) for k, v in self.shadow.items()}
 
     @torch.no_grad()
     def update(self, params: Iterable[tuple[str, torch.nn.Parameter]], step: int) -> None:
@@ -101,7 +104,10 @@ class EMA:
                     p.copy_(backup[k])
 
     def state_dict(self) -> dict[str, Any]:
-        shadow = None if self.shadow is None else {k: v.cpu() for k, v in self.shadow.items()}
+        # whole tensors: under FSDP each shard is gathered (a collective: call on every rank)
+        shadow = None
+        if self.shadow is not None:
+            shadow = {k: sharding.full(v).cpu() for k, v in self.shadow.items()}
         return {
             "shadow": shadow,
             "num_updates": self.num_updates,
@@ -110,6 +116,11 @@ class EMA:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.shadow = state["shadow"]
+        """Take a saved EMA. Loaded before `attach` (the usual order), the shadow is placed there;
+        loaded after it (FSDP restores after the model is sharded), it is placed like the
+        attached shadow at once."""
+        attached, self.shadow = self.shadow, state["shadow"]
+        if attached is not None and self.shadow is not None:
+            self.attach(attached.items())
         self.num_updates = int(state["num_updates"])
         self.last_step = state.get("last_step")

@@ -47,6 +47,11 @@ def wandb(
 
     settings = kwargs.pop("settings", None) or wb.Settings()
     settings.x_transaction_log_flush_interval = flush_interval_s
-    return WandbLogger(
+    logger = WandbLogger(
         project=project, save_dir=save_dir, name=name, offline=offline, settings=settings, **kwargs
     )
+    # Lightning passes anonymous=None to wandb.init, which W&B >= 0.19 answers with "The anonymous
+    # setting has no effect" on every run; an unset value is the same as none.
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    return logger

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from sdtrain import batch as B
-from sdtrain import checkpoint, diffusion, speed
+from sdtrain import checkpoint, diffusion, sharding, speed
 from sdtrain.cache import check_latent_cache
 from sdtrain.datamodules.position import DataPosition
 from sdtrain.ema import EMA
@@ -50,6 +50,10 @@ class StableDiffusionModule(L.LightningModule):
             stops; each such step is skipped on every rank (`sdtrain.nonfinite`).
         max_bad_data_fraction: stop with an error naming the worst shards once more than this
             share of the data samples drawn was unusable (`sdtrain.skips`); None: never.
+        fsdp_reduce_dtype: under trainer=fsdp, the dtype gradients are reduced in ("float32" or
+            "bfloat16"; `sdtrain.sharding`).
+        fsdp_param_dtype: under trainer=fsdp, None computes under the trainer's autocast as DDP
+            does; "bfloat16" gathers and computes the U-Net in bf16 (`sdtrain.sharding`).
         seed: base of the training draws (timesteps, noise, caption dropout), mixed with the rank
             and step (see `diffusion.step_generator`).
     """
@@ -68,6 +72,8 @@ class StableDiffusionModule(L.LightningModule):
         channels_last: bool = False,
         max_nonfinite_in_a_row: int = 10,
         max_bad_data_fraction: float | None = 0.5,
+        fsdp_reduce_dtype: str = "float32",
+        fsdp_param_dtype: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -171,11 +177,19 @@ class StableDiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ the step
 
     def configure_model(self) -> None:
-        """The fast settings (sdtrain.speed), applied in place once the strategy is set up."""
+        """FSDP sharding (trainer=fsdp, sdtrain.sharding) and the fast settings (sdtrain.speed),
+        applied in place once the strategy is set up."""
         if self._fast:
             return
         self._fast = True
-        if self.hparams.channels_last:
+        fsdp = self._trainer is not None and sharding.is_fsdp(self._trainer.strategy)
+        if fsdp:
+            mesh = self.device_mesh["data_parallel"]
+            h = self.hparams
+            sharding.shard_unet(self.unet, mesh, h.fsdp_reduce_dtype, h.fsdp_param_dtype)
+        if self.hparams.channels_last and fsdp:  # FSDP2 shards need contiguous parameters
+            log.warning("model.channels_last=true is ignored under trainer=fsdp")
+        elif self.hparams.channels_last:
             speed.to_channels_last(self.unet)
         speed.compile_unet(self.unet, self.hparams.compile)
 
@@ -352,9 +366,9 @@ class StableDiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
         checkpoint.upgrade(ckpt)
-        sd = ckpt["state_dict"]
+        sd = ckpt.get("state_dict")  # absent under FSDP: the strategy loaded the weights itself
         prefix = checkpoint.UNET_PREFIX
-        missing = [k for k in self.unet.state_dict() if f"{prefix}{k}" not in sd]
+        missing = [k for k in self.unet.state_dict() if sd is not None and f"{prefix}{k}" not in sd]
         if missing:
             raise KeyError(
                 f"checkpoint lacks {len(missing)} U-Net weights, e.g. {prefix}{missing[0]}"

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from sdtrain import sharding
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,8 @@ class NonFiniteGuard:
         params = [p for p in params if p.grad is not None]
         if not params:
             return False
-        norms = torch._foreach_norm([p.grad for p in params])  # one fused kernel (torch >= 1.13)
+        # one fused kernel; under FSDP each rank checks its shard (the reduce covers them all)
+        norms = torch._foreach_norm([sharding.local(p.grad) for p in params])
         bad = (~torch.isfinite(torch.stack(norms))).any().float()
         if reduce_sum is not None:  # any rank's bad step is every rank's
             bad = reduce_sum(bad)

@@ -9,27 +9,35 @@ and interrupted runs never see a half-written folder.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+log = logging.getLogger(__name__)
 
-def _build_once(path: str | Path, build: Callable[[Path], None]) -> Path:
+
+def _build_once(path: str | Path, build: Callable[[Path], None], what: str) -> Path:
+    """`path`, built by `build` in a temporary folder first if missing; logs what it makes."""
     from filelock import FileLock
 
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
+            log.info("first run: making %s in %s (once; later runs reuse it)", what, path)
+            start = time.perf_counter()
             tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
             try:
                 build(tmp)
                 tmp.rename(path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            log.info("made %s in %.1f s", what, time.perf_counter() - start)
     return path
 
 
@@ -37,7 +45,10 @@ def demo_model(path: str, resolution: int = 32) -> str:
     """Path of the tiny demo model, made there first if missing."""
     from sdtrain.tiny import make_tiny_model
 
-    return str(_build_once(path, lambda tmp: make_tiny_model(tmp, resolution=int(resolution))))
+    what = "the tiny demo model (a random U-Net and text encoder; its VAE gets an autoencoder fit)"
+    return str(
+        _build_once(path, lambda tmp: make_tiny_model(tmp, resolution=int(resolution)), what)
+    )
 
 
 def demo_shards(path: str, resolution: int = 32, count: int = 960) -> str:
@@ -50,7 +61,7 @@ def demo_shards(path: str, resolution: int = 32, count: int = 960) -> str:
         write_shards(folder, tmp, samples_per_shard=-(-int(count) // 4))
         shutil.rmtree(folder)
 
-    out = _build_once(path, build)
+    out = _build_once(path, build, f"the demo data ({int(count)} captioned images in 4 shards)")
     n = len(list(out.glob("*.tar")))
     return f"{out}/{{00000..{n - 1:05d}}}.tar"
 

@@ -171,8 +171,10 @@ def fit_vae(vae, resolution: int, steps: int, batch_size: int = 16, seed: int = 
         loss.backward()
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            log.info("vae fit step %d: loss %.4f", step, loss.item())
+        done = step + 1
+        if done % max(1, steps // 10) == 0 or done == steps:  # every 10%: a few lines
+            pct = 100 * done // steps
+            log.info("VAE fit: step %d/%d (%d%%), loss %.4f", done, steps, pct, loss.item())
     vae.eval()
     with torch.no_grad():
         z = vae.encode(x_all[:256]).latent_dist.sample()

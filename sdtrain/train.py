@@ -17,7 +17,6 @@ import inspect
 import logging
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,14 +28,13 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdtrain import checkpoint, preemption, speed
+from sdtrain import batching, checkpoint, preemption, quiet, speed
+from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
 from sdtrain.models import check_model_folder, check_resolution
 from sdtrain.resolvers import register
 
 log = logging.getLogger(__name__)
 register()
-# The frozen VAE and text encoder stay in eval mode on purpose (StableDiffusionModule.train).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 def instantiate_map(group: DictConfig | None) -> list[Any]:
@@ -85,8 +83,9 @@ def resume_wandb_run(cfg: DictConfig, saved: dict[str, Any]) -> None:
 
 
 # Keys of the `model` config that feed the loader (`model.parts` interpolates them) rather than
-# the module: users set `model.pretrained=...`, the module receives the parts built from it.
-LOADER_INPUTS = ("pretrained", "unet_config", "prediction_type")
+# the module: users set `model.pretrained=...`, the module receives the parts built from it. The
+# LR scaling rule's keys (batching.MODEL_KEYS) are not module arguments either.
+LOADER_INPUTS = ("pretrained", "unet_config", "prediction_type", *batching.MODEL_KEYS)
 
 
 def build_model(model_cfg: DictConfig) -> L.LightningModule:
@@ -178,6 +177,8 @@ def prepare(cfg: DictConfig) -> Prepared | None:
     shard, a file that is not a checkpoint) raises ValueError or FileNotFoundError naming it.
     Returns None when the checkpoint to resume is already at `trainer.max_steps`.
     """
+    # first: making the demo model and data (on first use) is as quiet as training
+    quiet.apply(verbose=bool(cfg.get("verbose")), resuming=cfg.get("ckpt_path") is not None)
     missing = missing_keys(cfg)
     if missing:
         raise ValueError(
@@ -185,6 +186,7 @@ def prepare(cfg: DictConfig) -> Prepared | None:
             "e.g. model.pretrained=/models/sd15 \"data.train_shards='/data/{00000..00099}.tar'\" or a shard folder)"
         )
     check_targets(cfg)
+    batching.apply(cfg)  # data.batch_size, accumulation and lr from the global batch
     ckpt = checkpoint_file(cfg)
     if ckpt is not None:
         saved = load_checkpoint(ckpt)
@@ -217,7 +219,7 @@ def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        with preemption.usr1_stops_like_sigterm():
+        with preemption.usr1_stops_like_sigterm(trainer):
             trainer.fit(
                 model, datamodule=prepared.datamodule, ckpt_path=prepared.ckpt, weights_only=True
             )
@@ -232,8 +234,8 @@ def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
         return None
     finally:
         finish_wandb()
-    if trainer.is_global_zero:
-        log.info("run folder: %s (checkpoints/, samples/, wandb/)", cfg.paths.output_dir)
+    if trainer.is_global_zero and not any(isinstance(c, ProgressLog) for c in trainer.callbacks):
+        log.info(run_folder_line(trainer))  # else ProgressLog's summary said it
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "train/loss")
     return None if metric is None else float(metric)
 

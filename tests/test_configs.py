@@ -67,7 +67,13 @@ def test_defaults_are_the_demo(tmp_path: Path):
     cfg = compose_cfg(tmp_path)
     assert cfg.hydra.runtime.choices.data == "demo"
     assert cfg.hydra.runtime.choices.model == "demo"
-    assert set(cfg.callbacks) == {"sample_images", "model_checkpoint", "throughput", "report"}
+    assert set(cfg.callbacks) == {
+        "sample_images",
+        "model_checkpoint",
+        "throughput",
+        "report",
+        "progress_log",
+    }
     assert cfg.model.ema._target_ == "sdtrain.ema.EMA"
     assert "wandb" in cfg.logger
 

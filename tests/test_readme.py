@@ -204,7 +204,7 @@ APPEND = {
 SHIMS = {
     "sbatch": """#!/usr/bin/env bash
 while [[ "${1:-}" == -* ]]; do shift; done  # sbatch's own options: --nodes=4, ...
-export SLURM_NNODES=1 SLURM_NTASKS_PER_NODE=1
+export SLURM_NNODES=1 SLURM_NTASKS_PER_NODE=1 SLURM_JOB_ID=1
 exec bash "$@"
 """,
     "srun": """#!/usr/bin/env bash

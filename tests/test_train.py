@@ -123,10 +123,15 @@ def test_wandb_offline_without_credentials(tmp_path: Path, monkeypatch):
     assert wandb_has_credentials()
 
 
-def _cli(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _cli(
+    args: list[str], tmp_path: Path, timeout: int = 600, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """`sdtrain-train args` in a subprocess run in `tmp_path`, without the `unset` variables."""
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     )
+    for name in unset:
+        env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-m", "sdtrain.train", *args],
         cwd=tmp_path,
