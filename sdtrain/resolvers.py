@@ -1,6 +1,6 @@
 """OmegaConf resolvers that make the built-in demo's model and data on first use (then reuse them).
 
-    model.pretrained: ${sdtrain.demo_model:${paths.cache_dir}/tiny-sd-v1-32,32}
+    model.pretrained: ${sdtrain.demo_model:${paths.cache_dir}/tiny-sd-v2-32,32}
     data.train_shards: ${sdtrain.demo_shards:${paths.cache_dir}/demo-shards-v1-32,32,960}
 
 Both build in a temporary folder under a file lock and rename it into place, so concurrent ranks

@@ -82,7 +82,7 @@ def tiny_overrides(model: Path, shards: str, steps: int = 4) -> list[str]:
 def demo_run(tmp_path_factory) -> Path:
     """The README's demo command, exactly: `sdtrain-train` with no overrides but the run folder.
 
-    Made from nothing (empty cache), so it covers first use; ~2 min on a 2-core CPU.
+    Made from nothing (empty cache), so it covers first use; ~2.6 min on an idle 2-core CPU (1200 steps).
     """
     run_dir = tmp_path_factory.mktemp("demo") / "run"
     env = dict(os.environ, SDTRAIN_CACHE=str(tmp_path_factory.mktemp("demo-cache")))
