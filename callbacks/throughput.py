@@ -81,7 +81,7 @@ def training_state_bytes(trainer, pl_module) -> int:
 
     params = [p for _, p in getattr(pl_module, "trainable_parameters", lambda: [])()]
     tensors = params + [p.grad for p in params if p.grad is not None]
-    for opt in trainer.optimizers:
+    for opt in getattr(trainer, "optimizers", []):
         tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
     ema = getattr(pl_module, "ema", None)
     if ema is not None and ema.shadow is not None:
