@@ -210,7 +210,9 @@ class ThroughputMonitor(L.Callback):
             metrics["perf/mfu"] = mfu(self.flops_per_img, per_device, self._peak)
         if pl_module.device.type == "cuda":
             metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 1e9
-        metrics["perf/state_mem_gb"] = training_state_bytes(trainer, pl_module) / 1e9
+        state = training_state_bytes(trainer, pl_module)
+        if state:  # a module with trainable parameters
+            metrics["perf/state_mem_gb"] = state / 1e9
         return metrics
 
     def _count_flops(self, trainer, pl_module, batch: dict[str, Any]) -> None:
