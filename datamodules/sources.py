@@ -1,0 +1,105 @@
+"""Where training data comes from: the shard list that `data.train_shards` names, and the
+latent-cache description (cache.json) beside a cache's shards."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# A latent cache is one folder of shards plus this file, which sdtrain-cache-latents writes last:
+# a folder holding it is a complete cache.
+CACHE_FILE = "cache.json"
+CACHE_FORMAT = "sdtrain-latent-cache"
+CACHE_FORMAT_VERSION = 1
+
+
+def expand_shards(urls: str | list[str], allow_pipe: bool = False) -> list[str]:
+    """The shard list that `data.train_shards` names, in order.
+
+    Each entry (one string or a list; "a::b" also separates) is brace-expanded
+    ("/data/{00000..00099}.tar"). A local entry may also be a folder (every `*.tar` in it,
+    sorted) or a glob ("/data/*.tar", sorted). Remote urls ("s3://...", "https://...") pass
+    through as webdataset opens them; "pipe:" commands (a shell command per shard) only with
+    `allow_pipe`, since a config must not run code unless it says so.
+
+    Raises:
+        FileNotFoundError: a folder holds no `*.tar`, a glob matches nothing, or local shards do
+            not exist (caught here: a stream of unreadable shards would otherwise spin forever).
+        ValueError: nothing is named at all, or a "pipe:" url without `allow_pipe`.
+    """
+    import glob
+
+    from braceexpand import braceexpand
+
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    missing: list[str] = []
+    for url in (u for p in patterns for part in str(p).split("::") for u in braceexpand(part)):
+        if url.startswith("pipe:") and not allow_pipe:
+            raise ValueError(
+                f"data.train_shards: {url!r} is a shell command (webdataset's pipe: url); "
+                "set data.allow_pipe=true (sdtrain-cache-latents: --allow-pipe) to run it"
+            )
+        if "://" in url or url.startswith("pipe:"):
+            out.append(url)
+            continue
+        path = Path(url).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
+            if not found:
+                raise FileNotFoundError(f"data.train_shards: folder {path} holds no *.tar shards")
+        elif glob.has_magic(str(path)):
+            found = sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"data.train_shards: {path} matches no files")
+        elif url.endswith(("/", os.sep)):
+            raise FileNotFoundError(f"data.train_shards: folder {url} does not exist")
+        else:
+            found = [str(path)]
+            missing += [] if path.is_file() else [url]
+        out += found
+    if not out:
+        raise ValueError(f"data.train_shards={urls!r} names no shards")
+    if missing:
+        raise FileNotFoundError(
+            f"data.train_shards: {len(missing)} of {len(out)} shard(s) do not exist, e.g. "
+            f"{', '.join(missing[:3])}"
+        )
+    return out
+
+
+def read_latent_cache(urls: list[str]) -> dict | None:
+    """The parsed cache.json of the latent cache that `urls` come from (with "folder" added), or
+    None when their folders hold none (image shards).
+
+    Raises:
+        ValueError: the shards mix a latent cache with other shards or a second cache (one
+            cache.json must describe every shard), or cache.json is unreadable or of another
+            format version.
+    """
+    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    folders = sorted(
+        {str(Path(u).parent) for u in urls if "://" not in u and not u.startswith("pipe:")}
+    )
+    caches = [f for f in folders if (Path(f) / CACHE_FILE).is_file()]
+    if not caches:
+        return None
+    others = [f for f in folders if f != caches[0]] + remote
+    if others:
+        raise ValueError(
+            f"data.train_shards mixes the latent cache {caches[0]} with shards from "
+            f"{', '.join(others[:3])}: train on one cache folder, or on image shards only"
+        )
+    path = Path(caches[0]) / CACHE_FILE
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    found = (info.get("format"), info.get("format_version"))
+    if found != (CACHE_FORMAT, CACHE_FORMAT_VERSION):
+        raise ValueError(
+            f"{path}: format {found[0]!r} version {found[1]!r}; this sdtrain reads "
+            f"{CACHE_FORMAT!r} version {CACHE_FORMAT_VERSION} (cache again with sdtrain-cache-latents)"
+        )
+    return info | {"folder": str(path.parent)}
