@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from sdtrain import batch as B
+from sdtrain.datamodules.captions import CaptionProcessor
 from sdtrain.models import tokenize
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -178,12 +179,21 @@ class ImageTextTransform:
         random_flip: bool,
         with_meta: bool = False,
         max_pixels: int | None = MAX_IMAGE_PIXELS,
+        captions: CaptionProcessor | None = None,
     ):
         self.resolution = resolution
+        self.captions = captions  # template / tag shuffling (datamodules.captions), or None
         self.max_pixels = max_pixels
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.with_meta = with_meta
+
+    def place(
+        self, width: int, height: int, rng: random.Random
+    ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        """Where a `width` x `height` image is resized and cropped (`crop_box`'s result): a
+        `resolution` square here; aspect-ratio buckets (datamodules.buckets) override it."""
+        return crop_box(width, height, self.resolution, self.center_crop, rng)
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
         """`rng` draws the random crop and flip (default: the `random` module); the data
@@ -193,11 +203,13 @@ class ImageTextTransform:
         caption = find_caption(sample)
         img = decode_image(find_image(sample), self.max_pixels)
         original = img.size  # (w, h) as decoded, EXIF orientation applied
-        box = crop_box(*original, self.resolution, self.center_crop, rng)
+        box = self.place(*original, rng)
         img = resize_crop(img, self.resolution, self.center_crop, box)
         flipped = self.random_flip and rng.random() < 0.5
         if flipped:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.captions is not None:  # drawn after the crop and flip: those stay as without it
+            caption = self.captions(caption, rng)
         example = {B.PIXELS: to_tensor(img), "caption": caption}
         if self.with_meta:
             example["meta"] = {
@@ -229,14 +241,28 @@ class LatentTransform:
         latent_shape: (2C, h, w) every sample must have, so batches stack.
     """
 
-    def __init__(self, files: dict[str, str], dtype: str, latent_shape: list[int]) -> None:
+    def __init__(
+        self,
+        files: dict[str, str],
+        dtype: str,
+        latent_shape: list[int],
+        captions: CaptionProcessor | None = None,
+    ) -> None:
+        if captions is not None and B.CONTEXT in files:
+            raise ValueError(
+                "data.caption_template / data.shuffle_tags cannot change the captions of a latent "
+                "cache that holds text contexts (made with --text): cache again without --text"
+            )
+        self.captions = captions  # template / tag shuffling of the captions it tokenizes
         self.files = files
         self.dtype = dtype
         self.latent_shape = tuple(latent_shape)
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
-        """`rng` is unused (nothing is random here); it keeps the transforms' one signature."""
+        """`rng` draws the tag shuffle of `captions` (nothing else here is random)."""
         caption = find_caption(sample)
+        if self.captions is not None:
+            caption = self.captions(caption, rng)
         example = {"caption": caption}
         for name, ext in self.files.items():
             if not sample.get(ext):

@@ -14,6 +14,9 @@ import lightning as L
 import torch
 import webdataset as wds
 
+from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_buckets
+from sdtrain.datamodules.captions import caption_processor
+from sdtrain.datamodules.heldout import HeldOut, split_heldout
 from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
     Cursor,
     DataOrder,
@@ -142,6 +145,15 @@ class WebDataModule(L.LightningDataModule):
         allow_pipe: let `train_shards` hold "pipe:CMD" urls, which run CMD in a shell.
         max_image_pixels: skip (as `too_large`) images with more pixels, read from the header
             before decoding; None: no limit but Pillow's decompression-bomb check.
+        val_shards: held-out shards for the validation loss (`heldout_dataloader`), or None.
+        val_split_shards: hold out the last this many of `train_shards` instead (0: none).
+        caption_template, shuffle_tags, keep_tags, tag_separator: rewrite each caption as it
+            loads (`datamodules.captions.CaptionProcessor`); refused for a cache of contexts.
+        buckets: aspect-ratio buckets (`datamodules.buckets`): None (square `resolution` crops),
+            "auto" (derived from `resolution`, `bucket_step`, `bucket_max_aspect`) or a list of
+            [width, height]; every batch then has one bucket's shape. Refused for a latent cache.
+        bucket_step: the multiple every bucket side is of (64 for SD: VAE 8 x U-Net 8).
+        bucket_max_aspect: the longest side at most this times the shortest ("auto" only).
     """
 
     def __init__(
@@ -162,6 +174,15 @@ class WebDataModule(L.LightningDataModule):
         latent_cache: bool | None = None,
         allow_pipe: bool = False,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        val_shards: str | list[str] | None = None,
+        val_split_shards: int = 0,
+        caption_template: str | None = None,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_separator: str = ",",
+        buckets: str | list[list[int]] | None = None,
+        bucket_step: int = 64,
+        bucket_max_aspect: float = 2.0,
     ) -> None:
         super().__init__()
         for key, value, least in (
@@ -174,7 +195,12 @@ class WebDataModule(L.LightningDataModule):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"data.{key}={value!r} must be a whole number >= {least}")
         self.save_hyperparameters()
+        self.buckets = parse_buckets(buckets, resolution, bucket_step, bucket_max_aspect)
+        self.captions = caption_processor(caption_template, shuffle_tags, keep_tags, tag_separator)
         self.urls = expand_shards(train_shards, allow_pipe)
+        self.urls, self.val_urls = split_heldout(
+            self.urls, val_shards, val_split_shards, allow_pipe
+        )
         self.latent_cache_info = read_latent_cache(self.urls)
         self.tokenizer = None
         self._rank: tuple[int, int] | None = None  # (rank, world size) from set_rank
@@ -229,6 +255,7 @@ class WebDataModule(L.LightningDataModule):
             "shuffle_buffer": h.shuffle_buffer,
             "workers": max(1, h.num_workers),
             "world_size": world,
+            "buckets": None if self.buckets is None else [list(b) for b in self.buckets],
         }
 
     def resume_at(self, position: dict) -> None:
@@ -294,6 +321,11 @@ class WebDataModule(L.LightningDataModule):
                 )
             return
         where = f"the latent cache {info['folder']}"
+        if self.buckets is not None:
+            raise ValueError(
+                f"data.buckets={h.buckets!r} cannot apply to {where}: its images were cropped "
+                "square when cached. Set data.buckets=null, or train on the image shards."
+            )
         if h.latent_cache is False:
             raise ValueError(f"data.latent_cache=false, but data.train_shards is {where}")
         if h.resolution is not None and h.resolution != info["resolution"]:
@@ -307,15 +339,29 @@ class WebDataModule(L.LightningDataModule):
                 f"data.random_flip=true cannot apply to {where}: its images were cached "
                 "unflipped. Set data.random_flip=false, or train on the image shards to flip."
             )
+        self.transform()  # refuses caption options a cache of text contexts cannot honour
 
     def transform(self) -> ImageTextTransform | LatentTransform:
         """Raw sample -> example for these shards: decode and crop an image, or load latents."""
         h, info = self.hparams, self.latent_cache_info
+        if info is None and self.buckets is not None:
+            return BucketTransform(
+                self.buckets,
+                h.center_crop,
+                h.random_flip,
+                max_pixels=h.max_image_pixels,
+                captions=self.captions,
+            )
         if info is None:
             return ImageTextTransform(
-                h.resolution, h.center_crop, h.random_flip, max_pixels=h.max_image_pixels
+                h.resolution,
+                h.center_crop,
+                h.random_flip,
+                max_pixels=h.max_image_pixels,
+                captions=self.captions,
             )
-        return LatentTransform(info["files"], info["dtype"], info["latent_shape"])
+        files, shape = info["files"], info["latent_shape"]
+        return LatentTransform(files, info["dtype"], shape, self.captions)
 
     def pipeline(self, order: DataOrder | None = None) -> Endless:
         """Shards -> samples -> batches for one rank; `order` defaults to data_order()."""
@@ -337,9 +383,17 @@ class WebDataModule(L.LightningDataModule):
             ShuffleStage(h.shuffle_buffer, order, cursor),
             PositionStage(cursor),
             decode,
-            wds.batched(h.batch_size, collation_fn=Collate(self.tokenizer), partial=False),
+            self.batcher(),
         ]
         return Endless(wds.DataPipeline(*stages), cursor, order.rank)
+
+    def batcher(self):
+        """Examples -> batches: `batch_size` in arrival order, or with buckets the first bucket
+        to hold `batch_size` (one shape per batch; partial buckets wait for the next pass)."""
+        collate, size = Collate(self.tokenizer), self.hparams.batch_size
+        if self.buckets is not None:
+            return BucketBatcher(size, collate)
+        return wds.batched(size, collation_fn=collate, partial=False)
 
     def train_dataloader(self) -> wds.WebLoader:
         # read now: on resume the trainer has just restored its step and the data position
@@ -362,4 +416,34 @@ class WebDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             # DataLoader refuses a start method when there are no worker processes
             multiprocessing_context=self.hparams.worker_start_method if workers > 0 else None,
+        )
+
+    def heldout_dataloader(self) -> HeldOut | None:
+        """This rank's held-out batches for `sdtrain.validation` (None without held-out shards):
+        read in order, centre-cropped, never flipped. Not named `val_dataloader`: the validation
+        loss runs from a callback at optimizer steps, not in Lightning's val loop."""
+        if not self.val_urls:
+            return None
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+        info = read_latent_cache(self.val_urls)
+        h = self.hparams  # the caption template applies (prompts look like it); no tag shuffle
+        template = caption_processor(h.caption_template, False, 0, h.tag_separator)
+        if info is not None:
+            transform = LatentTransform(
+                info["files"], info["dtype"], info["latent_shape"], template
+            )
+        else:
+            resolution = h.resolution or (self.latent_cache_info or {}).get("resolution")
+            transform = ImageTextTransform(
+                resolution, True, False, max_pixels=h.max_image_pixels, captions=template
+            )
+        order = self.data_order()
+        return HeldOut(
+            self.val_urls,
+            transform,
+            Collate(self.tokenizer),
+            self.hparams.batch_size,
+            order.rank,
+            order.world_size,
         )

@@ -200,6 +200,7 @@ def pipeline(a: argparse.Namespace) -> dict:
             f"data.batch_size={a.batch}",
             f"data.num_workers={a.workers}",
             "trainer=gpu" if a.gpus == 1 else f"trainer={a.strategy}",
+            "trainer.precision=bf16-mixed",  # explicit: every variant in bf16 autocast
             f"trainer.devices={a.gpus}",
             f"trainer.max_steps={a.warmup + a.steps}",
             "trainer.enable_progress_bar=false",
@@ -216,6 +217,7 @@ def pipeline(a: argparse.Namespace) -> dict:
             "trainer.benchmark=true",
             "callbacks.throughput.window=5",
             f"hydra.run.dir={run}",
+            *a.extra,
         ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -262,6 +264,7 @@ def child(a: argparse.Namespace) -> None:
         "warmup_s": None if r.get("warmup_s") is None else round(r["warmup_s"], 1),
         "wall_s": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
+        "overrides": a.extra or None,
     }
     print("ROW " + json.dumps(row), flush=True)
 
@@ -294,6 +297,7 @@ def run_variant(
     cmd += ["--gpus", gpus, "--strategy", strategy, "--reduce-dtype", a.reduce_dtype]
     cmd += ["--param-dtype", str(a.param_dtype)]
     cmd += ["--channels-last" if a.channels_last else "--no-channels-last"]
+    cmd += [f"--extra={x}" for x in a.extra]
     log_file = Path(a.logs or work) / f"{v}-{comp}-{gpus}x{strategy}-{case}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as f:
@@ -338,6 +342,9 @@ def main() -> None:
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with --gpus > 1")
     p.add_argument("--reduce-dtype", default="float32", help="fsdp: gradient reduce dtype")
     p.add_argument("--param-dtype", default=None, help="fsdp: bfloat16, or None (autocast)")
+    p.add_argument(
+        "--extra", action="append", default=[], help="an sdtrain-train override (pipeline)"
+    )
     p.add_argument("--logs", help="folder for each variant's log (default: --work)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--px", type=int, help=argparse.SUPPRESS)

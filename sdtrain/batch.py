@@ -16,6 +16,7 @@ embeddings are a data concern, not a model change.
 | `skipped` | int | unusable samples the loader dropped while making this batch (optional) |
 | `skipped_kinds`, `skipped_shards` | {str: int} | the same by kind (`SKIP_KINDS`) and by shard url (optional) |
 | `position` | [worker, workers, pass, drawn] ints | where the data stands after this batch: the DataLoader worker that made it (its virtual id), how many there are, its pass over the shards and the samples it has drawn in that pass (optional; `sdtrain.datamodules.position`) |
+| `original_size`, `crop_top_left` | (B, 2) long | with aspect-ratio buckets: each image's (height, width) as decoded, and the (top, left) of its crop in resized pixels: SDXL's size conditioning, unused by SD-1 (optional; `sdtrain.datamodules.buckets`) |
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ SKIPPED = "skipped"
 POSITION = "position"
 SKIPPED_KINDS = "skipped_kinds"  # {kind: count} over SKIP_KINDS
 SKIPPED_SHARDS = "skipped_shards"  # {shard url: count}
+ORIGINAL_SIZE = "original_size"  # (B, 2) (height, width) before resizing
+CROP_TOP_LEFT = "crop_top_left"  # (B, 2) (top, left) of the crop, resized pixels
 # Why a sample (or a shard's remainder) was skipped: logged as data/skipped/<kind>.
 SKIP_KINDS = (
     "no_image",

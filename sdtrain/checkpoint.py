@@ -4,10 +4,10 @@ A checkpoint is Lightning's dictionary plus one entry of ours, `checkpoint["sdtr
 
 | key | what |
 | --- | --- |
-| `state_dict` (Lightning) | the trainable weights only, `unet.`-prefixed; the frozen VAE and text encoder are left out and reload from `run.pretrained` |
+| `state_dict` (Lightning) | the trainable weights only: the U-Net's (`unet.`-prefixed; with LoRA only its adapters), the text encoder's when it trains (`text_encoder.`); frozen parts are left out and reload from `run.pretrained` |
 | `optimizer_states`, `lr_schedulers`, `loops`, `global_step`, `epoch`, `callbacks` (Lightning) | the training position; `callbacks` holds the sampling callback's bookkeeping and `DataPosition`: the data position per rank and worker (`sdtrain.datamodules.position`) |
 | `sdtrain.version` | `VERSION`, the schema of this layout |
-| `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None) |
+| `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None), `lora` (`model.lora`'s settings, None without LoRA; absent before it), `single_file_config` (the configs folder of a single-file `pretrained`; None for a folder; absent before it), `zero_terminal_snr` (whether the noise schedule was rescaled to zero terminal SNR; export and sampling rebuild it; absent before it) |
 | `sdtrain.ema` | `EMA.state_dict()`: fp32 `shadow` by parameter name, `num_updates`, `last_step`, `decay`; None without EMA |
 | `sdtrain.skipped_total` | unusable data samples skipped so far, summed over ranks |
 | `sdtrain.skipped_by_kind` | the same by kind (`sdtrain.batch.SKIP_KINDS`), non-zero kinds only (absent: none) |
@@ -36,7 +36,16 @@ import torch
 VERSION = 2
 ROOT = "sdtrain"
 UNET_PREFIX = "unet."  # the trainable weights' prefix in Lightning's state_dict
-RUN_KEYS = ("pretrained", "unet_config", "prediction_type", "wandb_run_id")
+RUN_KEYS = (
+    "pretrained",
+    "unet_config",
+    "prediction_type",
+    "wandb_run_id",
+    "lora",
+    "single_file_config",
+    "zero_terminal_snr",
+)
+TEXT_PREFIX = "text_encoder."  # a trained text encoder's weights, in state_dict and EMA shadow
 
 
 class CheckpointError(ValueError):
@@ -66,9 +75,11 @@ def build(
     }
 
 
-def trainable_only(state_dict: dict[str, torch.Tensor]) -> None:
-    """Drop every weight but the trainable U-Net's from Lightning's state_dict, in place."""
-    for key in [k for k in state_dict if not k.startswith(UNET_PREFIX)]:
+def trainable_only(state_dict: dict[str, torch.Tensor], keep: set[str] | None = None) -> None:
+    """Drop every weight but the trainable ones (`keep`; None: the U-Net's) from Lightning's
+    state_dict, in place."""
+    kept = keep.__contains__ if keep is not None else lambda k: k.startswith(UNET_PREFIX)
+    for key in [k for k in state_dict if not kept(k)]:
         del state_dict[key]
 
 
@@ -142,9 +153,17 @@ def unet_weights(ckpt: dict[str, Any], ema: bool, where: str = "checkpoint") -> 
                 f"{where} holds no EMA weights (trained with model.ema=null?); "
                 "pass --no-ema to export the raw U-Net"
             )
-        return dict(state["shadow"])
+        return {k: v for k, v in state["shadow"].items() if not k.startswith(TEXT_PREFIX)}
     sd = ckpt["state_dict"]
     return {k[len(UNET_PREFIX) :]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+
+
+def text_encoder_weights(ckpt: dict[str, Any], ema: bool) -> dict[str, Any]:
+    """The trained text encoder's weights (full or LoRA; EMA or raw), unprefixed; {} if frozen."""
+    state = ema_state(ckpt) if ema else None
+    source = state["shadow"] if state and state.get("shadow") is not None else ckpt["state_dict"]
+    n = len(TEXT_PREFIX)
+    return {k[n:]: v for k, v in source.items() if k.startswith(TEXT_PREFIX)}
 
 
 def plain(value: Any) -> Any:

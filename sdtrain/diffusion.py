@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -89,10 +91,163 @@ def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps:
 
 
 def diffusion_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    kind: str = "mse",
+    c: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between prediction and target, averaged per sample, optionally weighted, then averaged."""
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """The loss (`elementwise_loss`: MSE by default) between prediction and target, averaged per
+    sample, optionally weighted, then averaged."""
+    per_sample = elementwise_loss(pred, target, kind, c).mean(dim=(1, 2, 3))
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
+
+
+# ---------------------------------------------------------------------- loss options (issue 10)
+
+LOSSES = ("mse", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def check_options(
+    loss: str,
+    huber_c: float,
+    huber_schedule: str,
+    input_perturbation: float,
+    timestep_sampling: str,
+    logit_normal: tuple[float, float] | list[float],
+    timestep_range: tuple[int, int] | list[int] | None,
+    num_train_timesteps: int,
+) -> None:
+    """Refuse a bad loss option at build time, naming the `model.` key and its value."""
+    choices = (
+        ("loss", loss, LOSSES),
+        ("huber_schedule", huber_schedule, HUBER_SCHEDULES),
+        ("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLING),
+    )
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise ValueError(f"model.{key}={value!r}; use one of {', '.join(allowed)}")
+    if not 0.0 < huber_c <= 1.0:
+        raise ValueError(f"model.huber_c={huber_c} is not in (0, 1]")
+    if input_perturbation < 0.0:
+        raise ValueError(f"model.input_perturbation={input_perturbation} is negative")
+    if len(logit_normal) != 2 or logit_normal[1] <= 0:
+        raise ValueError(f"model.logit_normal={list(logit_normal)} is not [mean, std > 0]")
+    if timestep_range is not None:
+        whole = len(timestep_range) == 2 and all(type(v) is int for v in timestep_range)
+        low, high = timestep_range if whole else (-1, -1)
+        if not 0 <= low < high <= num_train_timesteps:
+            raise ValueError(
+                f"model.timestep_range={list(timestep_range)} is not [low, high) with "
+                f"0 <= low < high <= {num_train_timesteps} (the scheduler's num_train_timesteps)"
+            )
+
+
+def sample_timesteps(
+    batch: int,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+    device: torch.device | str,
+    kind: str = "uniform",
+    logit_normal: tuple[float, float] | list[float] = (0.0, 1.0),
+    timestep_range: tuple[int, int] | list[int] | None = None,
+) -> torch.Tensor:
+    """Training timesteps (B,) int64 in [low, high) (default [0, T)), drawn from `generator`.
+
+    uniform: every step equally likely, one `randint` call (the draws of runs before these options).
+    logit_normal: SD3's sampler (Esser et al. 2024, eq. 19): u ~ N(mean, std), t = sigmoid(u) in
+    (0, 1), mapped to floor(low + t (high - low)). With mean 0 and std 1 it favours the middle
+    steps, where the target is hardest to predict, over the nearly clean and nearly pure-noise ends.
+    `timestep_range` narrows either kind to [low, high): e.g. [0, 500) trains only the detail steps.
+    """
+    low, high = timestep_range if timestep_range is not None else (0, num_train_timesteps)
+    if kind == "uniform":
+        return torch.randint(low, high, (batch,), device=device, generator=generator)
+    if kind == "logit_normal":
+        mean, std = logit_normal
+        u = torch.randn(batch, device=device, generator=generator) * std + mean
+        t = low + torch.sigmoid(u.double()) * (high - low)  # float64: floor exact at the bounds
+        return t.floor().long().clamp(low, high - 1)
+    raise ValueError(f"model.timestep_sampling={kind!r}; use one of {', '.join(TIMESTEP_SAMPLING)}")
+
+
+def perturbed_noise(noise: torch.Tensor, extra: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """The noise the inputs are made with under input perturbation (Ning et al. 2023, eq. 9):
+    eps + gamma * xi, xi ~ N(0, I); the target stays eps. The model then sees, in training, inputs
+    a little off the forward process, as its own imperfect predictions put them at sampling time
+    (exposure bias). gamma = 0.1 is the paper's value; 0 (or no `extra`) returns `noise` itself."""
+    if not gamma or extra is None:
+        return noise
+    return noise + gamma * extra
+
+
+def zero_terminal_snr(scheduler):
+    """A copy of the noise scheduler whose betas are rescaled to zero SNR at t = T - 1 (Lin et al.
+    2023, Algorithm 1, diffusers' `rescale_betas_zero_snr`), with "trailing" timestep spacing
+    (their section 3.3) so the samplers built from its config start from pure noise, t = T - 1.
+
+    SD's schedule leaves SNR ~0.005 at the last step: training always sees a trace of the image's
+    mean brightness that sampling from pure noise lacks, so images come out mid-grey. The rescale
+    needs v-prediction: at SNR 0 the input is pure noise, an epsilon target is the input itself
+    (nothing to learn) and x0 = (x_T - sqrt(1 - a) eps) / sqrt(a) divides by sqrt(a) = 0.
+    """
+    kind = scheduler.config.prediction_type
+    if kind != "v_prediction":
+        raise ValueError(
+            f"model.zero_terminal_snr=true needs model.prediction_type=v_prediction, not {kind!r}: "
+            "at zero SNR an epsilon model cannot predict x0 (Lin et al. 2023, section 3.2)"
+        )
+    return type(scheduler).from_config(
+        scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+
+
+def huber_c_at(
+    c: float, schedule: str, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, num_train: int
+) -> torch.Tensor:
+    """The pseudo-Huber parameter per sample (B,), scheduled as in Khrapov & Popov 2024
+    ("scheduled pseudo-Huber loss", diffusers' research example): constant c; exponential
+    c_t = exp(-alpha t), alpha = -ln(c) / T, so 1 at t = 0 falling to c at t = T; snr
+    c_t = (1 - c) / (1 + sigma_t)^2 + c, sigma_t = sqrt((1 - a_t) / a_t), so near 1 at the clean
+    steps (fine detail: MSE-like) and c at the noisy ones (composition: robust to outliers)."""
+    t = timesteps.to(torch.float64)
+    if schedule == "constant":
+        out = torch.full_like(t, c)
+    elif schedule == "exponential":
+        out = torch.exp(math.log(c) / num_train * t)
+    elif schedule == "snr":
+        a = alphas_cumprod.to(timesteps.device, torch.float64)[timesteps]
+        sigma = ((1.0 - a) / a).sqrt()  # inf at zero terminal SNR: c_t = c there
+        out = (1.0 - c) / (1.0 + sigma) ** 2 + c
+    else:
+        raise ValueError(f"model.huber_schedule={schedule!r}; use one of {HUBER_SCHEDULES}")
+    return out.float()
+
+
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", c: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-element loss in fp32, shape of `pred`. d = pred - target, c (B,) from `huber_c_at`:
+
+    mse: d^2. huber (pseudo-Huber): 2 c (sqrt(d^2 + c^2) - c), ~d^2 for |d| << c and ~2 c |d|
+    beyond, so a few outlier samples (bad captions, corrupted images) pull less. smooth_l1: the
+    same over c, 2 (sqrt(d^2 + c^2) - c): ~d^2 / c near 0, ~2 |d| beyond. Both as in Khrapov &
+    Popov 2024 and diffusers' scheduled-Huber example.
+    """
+    pred, target = pred.float(), target.float()
+    if kind == "mse":
+        return F.mse_loss(pred, target, reduction="none")
+    if c is None:
+        raise ValueError(f"model.loss={kind!r} needs the Huber parameter c")
+    c = c.float().view(-1, *([1] * (pred.ndim - 1)))  # (B, 1, 1, 1)
+    d2 = (pred - target) ** 2
+    root = d2 / (torch.sqrt(d2 + c**2) + c)  # = sqrt(d^2 + c^2) - c, without fp32 cancellation
+    if kind == "huber":
+        return 2.0 * c * root
+    if kind == "smooth_l1":
+        return 2.0 * root
+    raise ValueError(f"model.loss={kind!r}; use one of {', '.join(LOSSES)}")

@@ -17,7 +17,11 @@ REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 def check_model_folder(path: str | Path, need_unet: bool = True) -> Path:
     """Fail early, naming the folder and what is missing, if `path` is no diffusers SD folder."""
+    from sdtrain.single_file import check_single_file, is_single_file
+
     path = Path(path).expanduser()
+    if is_single_file(path):  # an original-layout .safetensors (sdtrain.single_file)
+        return check_single_file(path)
     if not path.is_dir():
         raise FileNotFoundError(
             f"model.pretrained: {path} is not a folder. Point it at a diffusers-format Stable "
@@ -84,8 +88,10 @@ class Parts:
     """The models a Stable Diffusion trains with, built.
 
     `unet` trains; `vae` and `text_encoder` are frozen by the module. `noise_scheduler` holds the
-    training noise schedule and `prediction_type`. `pretrained` is the folder the frozen parts
-    came from (recorded in checkpoints, so export can reload them); None for parts built in memory.
+    training noise schedule and `prediction_type`. `pretrained` is the folder (or single file) the
+    frozen parts came from (recorded in checkpoints, so export can reload them); None for parts
+    built in memory. `single_file_config` is a single file's folder of configs and tokenizer
+    (recorded too); None for a folder.
     """
 
     unet: Any
@@ -94,11 +100,12 @@ class Parts:
     tokenizer: Any
     noise_scheduler: Any
     pretrained: str | None = None
+    single_file_config: str | None = None
 
 
 def check_resolution(folder: str | Path, resolution: int | None) -> None:
     """Refuse a training size the folder's VAE cannot encode whole (it would crop silently)."""
-    if resolution is None:
+    if resolution is None or Path(folder).expanduser().is_file():  # a single file: no configs
         return
     cfg_file = Path(folder).expanduser() / "vae" / "config.json"
     blocks = json.loads(cfg_file.read_text()).get("block_out_channels", [0, 0, 0, 0])
@@ -115,25 +122,60 @@ def load_parts(
     pretrained: str | Path,
     unet_config: str | dict[str, Any] | None = None,
     prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
+    single_file_config: str | Path | None = None,
 ) -> Parts:
-    """All parts from a diffusers folder.
+    """All parts from a diffusers folder, or from a single-file SD checkpoint.
 
     Args:
-        pretrained: folder with vae/, text_encoder/, tokenizer/, scheduler/ (and unet/).
+        pretrained: folder with vae/, text_encoder/, tokenizer/, scheduler/ (and unet/), or an
+            original-layout .safetensors (SD-1.x / SD-2.x, as AUTOMATIC1111 and ComfyUI load).
         unet_config: None to load the folder's U-Net; a dict of UNet2DConditionModel arguments or
             a config.json path for a fresh U-Net of that shape (pretraining).
         prediction_type: "epsilon" or "v_prediction" to override the folder's scheduler; None
             keeps the folder's.
+        zero_terminal_snr: rescale the noise schedule to zero SNR at its last step (needs
+            v_prediction; `sdtrain.diffusion.zero_terminal_snr`).
+        single_file_config: for a single file, the diffusers-format folder of its configs and
+            tokenizer (`sdtrain.single_file.load_single_file`); unused for a folder.
     """
+    from sdtrain.single_file import is_single_file
+
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(
             f"model.prediction_type={prediction_type!r}; use 'epsilon' or 'v_prediction'"
         )
-    vae, text_encoder, tokenizer, scheduler = load_frozen(pretrained)
+    unet, vae, text_encoder, tokenizer, scheduler = load_models(
+        pretrained, unet_config, single_file_config
+    )
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
-    unet = load_unet(pretrained, unet_config)
-    return Parts(unet, vae, text_encoder, tokenizer, scheduler, str(Path(pretrained).expanduser()))
+    if zero_terminal_snr:
+        from sdtrain.diffusion import zero_terminal_snr as rescale
+
+        scheduler = rescale(scheduler)
+    configs = single_file_config if is_single_file(pretrained) else None
+    return Parts(
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        str(Path(pretrained).expanduser()),
+        str(Path(configs).expanduser()) if configs else None,
+    )
+
+
+def load_models(pretrained: str | Path, unet_config, single_file_config: str | Path | None):
+    """(unet, vae, text_encoder, tokenizer, noise scheduler) from a folder or a single file."""
+    from sdtrain.single_file import is_single_file, load_single_file
+
+    if is_single_file(pretrained):
+        fresh = None if unet_config is None else load_unet(pretrained, unet_config)
+        p = load_single_file(pretrained, single_file_config, unet=fresh)
+        return p.unet, p.vae, p.text_encoder, p.tokenizer, p.noise_scheduler
+    vae, text_encoder, tokenizer, scheduler = load_frozen(pretrained)
+    return load_unet(pretrained, unet_config), vae, text_encoder, tokenizer, scheduler
 
 
 def load_unet(path: str | Path, config: str | dict[str, Any] | None = None):

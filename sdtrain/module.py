@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from sdtrain import batch as B
-from sdtrain import checkpoint, diffusion, sharding, speed
+from sdtrain import checkpoint, diffusion, lora, sharding, speed
 from sdtrain.cache import check_latent_cache
 from sdtrain.datamodules.position import DataPosition
 from sdtrain.ema import EMA
@@ -39,10 +39,18 @@ class StableDiffusionModule(L.LightningModule):
         optimizer: partial optimizer, finished with the trainable parameters.
         lr_scheduler: partial LR scheduler, finished with the optimizer; stepped every step.
         ema: an EMA of the trainable weights, updated once per optimizer step; None for none.
+        train_text_encoder: fine-tune the whole text encoder too (its own optimizer group).
+        text_encoder_lr: the text encoder's learning rate (full or LoRA); None: the optimizer's.
         caption_dropout: probability of training on the empty caption (for classifier-free
             guidance at sampling time).
         min_snr_gamma: gamma for min-SNR loss weighting, None for plain MSE.
         noise_offset: scale of the per-channel noise offset, 0 to turn off.
+        loss, huber_c, huber_schedule: "mse", or the pseudo-Huber "huber" / "smooth_l1" with its
+            parameter c and how c follows the timestep (`diffusion.elementwise_loss`).
+        input_perturbation: gamma of input perturbation, 0 to turn off (`diffusion.perturbed_noise`).
+        timestep_sampling, logit_normal, timestep_range: how training timesteps are drawn:
+            "uniform" or "logit_normal" with [mean, std], within [low, high) or all of [0, T)
+            (`diffusion.sample_timesteps`).
         gradient_checkpointing: trade compute for memory in the U-Net.
         compile: torch.compile the U-Net: None (eager), "unet" (whole) or "blocks" (regional).
         channels_last: NHWC memory format for the U-Net (faster convolutions on GPUs).
@@ -64,9 +72,18 @@ class StableDiffusionModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         ema: EMA | None = None,
+        train_text_encoder: bool = False,
+        text_encoder_lr: float | None = None,
         caption_dropout: float = 0.1,
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
+        loss: str = "mse",
+        huber_c: float = 0.1,
+        huber_schedule: str = "snr",
+        input_perturbation: float = 0.0,
+        timestep_sampling: str = "uniform",
+        logit_normal: tuple[float, float] = (0.0, 1.0),
+        timestep_range: tuple[int, int] | None = None,
         gradient_checkpointing: bool = False,
         compile: str | None = None,
         channels_last: bool = False,
@@ -80,19 +97,26 @@ class StableDiffusionModule(L.LightningModule):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
         speed.check(compile)
+        num_train = parts.noise_scheduler.config.num_train_timesteps
+        diffusion.check_options(loss, huber_c, huber_schedule, input_perturbation,
+                                timestep_sampling, logit_normal, timestep_range, num_train)  # fmt: skip
         self.save_hyperparameters(ignore=["parts", "optimizer", "lr_scheduler", "ema"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.pretrained = parts.pretrained
-        for frozen in (self.vae, self.text_encoder):
-            frozen.requires_grad_(False).eval()
+        self.single_file_config = parts.single_file_config  # recorded: export reloads with it
+        self.vae.requires_grad_(False).eval()
+        # trains fully (train_text_encoder), through LoRA adapters the loader added, or not at all
+        self.text_encoder_trains = lora.set_text_encoder_training(
+            self.text_encoder, train_text_encoder
+        )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema = ema
         self._fast = False  # compile / channels-last applied (configure_model runs once)
-        self.strict_loading = False  # checkpoints hold the U-Net only; the frozen parts reload
+        self.strict_loading = False  # checkpoints hold what trains; the frozen parts reload
         self.skips = SkipTally(max_bad_data_fraction)  # unusable data samples, all ranks
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
         self._skip_update = False  # this optimizer step's gradients were dropped
@@ -108,31 +132,37 @@ class StableDiffusionModule(L.LightningModule):
             self.tokenizer,
             self.noise_scheduler,
             self.pretrained,
+            self.single_file_config,
         )
 
     def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        """(name, parameter) of the U-Net parameters that train: the optimizer's and the EMA's."""
-        return ((n, p) for n, p in self.unet.named_parameters() if p.requires_grad)
+        """(name, parameter) of all that trains (U-Net, LoRA adapters, text encoder; names in
+        `sdtrain.lora`): the optimizer's, the EMA's and the checkpoint's."""
+        return lora.trainable(self.unet, self.text_encoder)
 
     def train(self, mode: bool = True):
         """Keep the frozen parts in eval mode whatever Lightning asks (no dropout, fixed norms)."""
         super().train(mode)
         self.vae.eval()
-        self.text_encoder.eval()
+        if not self.text_encoder_trains:
+            self.text_encoder.eval()
         return self
 
     # ------------------------------------------------------------------ encoding
 
-    @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, 77) token ids -> (B, 77, D) CLIP last hidden states."""
-        return self.text_encoder(input_ids)[0]
+        """(B, 77) token ids -> (B, 77, D) CLIP last hidden states (with grad if it trains)."""
+        with torch.set_grad_enabled(self.text_encoder_trains and torch.is_grad_enabled()):
+            return self.text_encoder(input_ids)[0]
 
     def empty_context(self, batch_size: int) -> torch.Tensor:
         """CLIP embedding of the empty caption, (B, 77, D): the unconditional input for CFG.
 
-        Computed once per device; the text encoder is frozen, so it never changes.
+        Computed once per device while the text encoder is frozen; every step while it trains.
         """
+        if self.text_encoder_trains:
+            ids = tokenize(self.tokenizer, "").to(self.device)
+            return self.encode_text(ids).float().expand(batch_size, -1, -1)
         if self._empty_context is None or self._empty_context.device != self.device:
             ids = tokenize(self.tokenizer, "").to(self.device)
             self._empty_context = self.encode_text(ids).float()  # (1, 77, D)
@@ -166,6 +196,8 @@ class StableDiffusionModule(L.LightningModule):
         else:
             posterior = self.encode_images(batch[B.PIXELS])
         if B.text_key(batch) == B.CONTEXT:
+            if self.text_encoder_trains:  # cached contexts come from the text encoder as it was
+                raise ValueError("the text encoder trains: use a latent cache made without --text")
             context = batch[B.CONTEXT].float()
         else:
             context = self.encode_text(batch[B.INPUT_IDS]).float()
@@ -183,6 +215,8 @@ class StableDiffusionModule(L.LightningModule):
             return
         self._fast = True
         fsdp = self._trainer is not None and sharding.is_fsdp(self._trainer.strategy)
+        if fsdp and self.text_encoder_trains:  # only the U-Net is sharded (and its grads reduced)
+            raise ValueError("a training text encoder needs trainer=ddp, not trainer=fsdp")
         if fsdp:
             mesh = self.device_mesh["data_parallel"]
             h = self.hparams
@@ -210,17 +244,22 @@ class StableDiffusionModule(L.LightningModule):
 
     def draw(self, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
         """Timesteps `t` (B,), fp32 `noise` like `latents`, and the caption-dropout mask (B,)."""
-        b = latents.shape[0]
-        t = torch.randint(
-            0,
+        b, h = latents.shape[0], self.hparams
+        t = diffusion.sample_timesteps(
+            b,
             self.noise_scheduler.config.num_train_timesteps,
-            (b,),
-            device=self.device,
-            generator=g,
+            g,
+            self.device,
+            h.timestep_sampling,
+            h.logit_normal,
+            h.timestep_range,
         )
         noise = diffusion.sample_noise(latents, self.hparams.noise_offset, generator=g)
         drop = torch.rand(b, device=self.device, generator=g) < self.hparams.caption_dropout
-        return {"t": t, "noise": noise, "drop": drop}
+        draws = {"t": t, "noise": noise, "drop": drop}
+        if h.input_perturbation:  # drawn last: the other draws stay those of a run without it
+            draws["perturb"] = torch.randn(noise.shape, device=noise.device, generator=g)
+        return draws
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         g = self.step_generator()
@@ -228,7 +267,9 @@ class StableDiffusionModule(L.LightningModule):
         b, t, noise = latents.shape[0], draws["t"], draws["noise"]
         if self.hparams.caption_dropout > 0:
             context = torch.where(draws["drop"][:, None, None], self.empty_context(b), context)
-        noisy = diffusion.add_noise(self.noise_scheduler.alphas_cumprod, latents, noise, t)
+        h, alphas = self.hparams, self.noise_scheduler.alphas_cumprod
+        model_noise = diffusion.perturbed_noise(noise, draws.get("perturb"), h.input_perturbation)
+        noisy = diffusion.add_noise(alphas, latents, model_noise, t)  # the target keeps `noise`
         target = diffusion.target_for(self.noise_scheduler, latents, noise, t)
         weights = None
         if self.hparams.min_snr_gamma:
@@ -236,7 +277,11 @@ class StableDiffusionModule(L.LightningModule):
             weights = diffusion.min_snr_weights(
                 snr_t, self.hparams.min_snr_gamma, self.noise_scheduler.config.prediction_type
             )
-        loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights)
+        c = None
+        if h.loss != "mse":
+            num_train = self.noise_scheduler.config.num_train_timesteps
+            c = diffusion.huber_c_at(h.huber_c, h.huber_schedule, t, alphas, num_train)
+        loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights, h.loss, c)
 
         self.count_skipped(batch)
         self.log("train/loss", loss, prog_bar=True)
@@ -273,7 +318,8 @@ class StableDiffusionModule(L.LightningModule):
         return [DataPosition()]
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(params=[p for _, p in self.trainable_parameters()])
+        lr = self.hparams.text_encoder_lr  # a group of its own when the text encoder trains
+        opt = self.optimizer_factory(params=lora.param_groups(self.trainable_parameters(), lr))
         if self.lr_scheduler_factory is None:
             return opt
         sched = self.lr_scheduler_factory(optimizer=opt)
@@ -350,13 +396,18 @@ class StableDiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, ckpt: dict[str, Any]) -> None:
         """Keep the trainable weights only; add the schema's entry (sdtrain.checkpoint)."""
-        checkpoint.trainable_only(ckpt["state_dict"])
+        keep = lora.checkpoint_keys(self.unet, self.text_encoder)
+        checkpoint.trainable_only(ckpt["state_dict"], keep)
         wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
+        cfg = self.noise_scheduler.config
         run = {
             "pretrained": self.pretrained,
+            "single_file_config": self.single_file_config,  # a single file's configs folder
             "unet_config": checkpoint.plain(dict(self.unet.config)),
             "prediction_type": self.noise_scheduler.config.prediction_type,
             "wandb_run_id": wandb_ids[0] if wandb_ids else None,  # a resume logs on into it
+            "lora": lora.describe(self.unet, self.text_encoder),  # export rebuilds the adapters
+            "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),  # export keeps it
         }
         ema = self.ema.state_dict() if self.ema is not None else None
         skips = self.skips.state()
@@ -367,12 +418,10 @@ class StableDiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
         checkpoint.upgrade(ckpt)
         sd = ckpt.get("state_dict")  # absent under FSDP: the strategy loaded the weights itself
-        prefix = checkpoint.UNET_PREFIX
-        missing = [k for k in self.unet.state_dict() if sd is not None and f"{prefix}{k}" not in sd]
+        keys = lora.checkpoint_keys(self.unet, self.text_encoder)  # what this run trains
+        missing = sorted(k for k in keys if sd is not None and k not in sd)
         if missing:
-            raise KeyError(
-                f"checkpoint lacks {len(missing)} U-Net weights, e.g. {prefix}{missing[0]}"
-            )
+            raise KeyError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[0]}")
         ema_state = checkpoint.ema_state(ckpt)
         if self.ema is not None and ema_state is not None:
             self.ema.load_state_dict(ema_state)

@@ -51,13 +51,14 @@ def demo_model(path: str, resolution: int = 32) -> str:
     )
 
 
-def demo_shards(path: str, resolution: int = 32, count: int = 960) -> str:
-    """Brace pattern of the demo shards, made there first if missing (4 shards)."""
+def demo_shards(path: str, resolution: int = 32, count: int = 960, seed: int = 0) -> str:
+    """Brace pattern of the demo shards, made there first if missing (4 shards); another `seed`
+    draws other shapes (the held-out set)."""
     from sdtrain import demo
     from sdtrain.shards import write_shards
 
     def build(tmp: Path) -> None:
-        folder = demo.write_folder(tmp / "images", int(count), int(resolution))
+        folder = demo.write_folder(tmp / "images", int(count), int(resolution), int(seed))
         write_shards(folder, tmp, samples_per_shard=-(-int(count) // 4))
         shutil.rmtree(folder)
 
@@ -66,7 +67,33 @@ def demo_shards(path: str, resolution: int = 32, count: int = 960) -> str:
     return f"{out}/{{00000..{n - 1:05d}}}.tar"
 
 
+def model_configs(pretrained: str, single_file_config: str | None = None) -> str:
+    """The folder of the model's configs and tokenizer (what `data.tokenizer` reads):
+    `model.pretrained`, or `model.single_file_config` when pretrained is a single file."""
+    from sdtrain.single_file import is_single_file
+
+    if single_file_config and is_single_file(pretrained):
+        return str(single_file_config)
+    return pretrained
+
+
+def sweep_group() -> str | None:
+    """In a multirun, its sweep folder's name (one W&B group per sweep: `logger.wandb.group`);
+    None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(HydraConfig.get().sweep.dir)).name
+
+
 def register() -> None:
-    for name, fn in (("sdtrain.demo_model", demo_model), ("sdtrain.demo_shards", demo_shards)):
+    for name, fn in (
+        ("sdtrain.demo_model", demo_model),
+        ("sdtrain.demo_shards", demo_shards),
+        ("sdtrain.sweep_group", sweep_group),
+        ("sdtrain.model_configs", model_configs),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

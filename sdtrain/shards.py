@@ -1,11 +1,17 @@
 """Turn a folder of captioned images into WebDataset shards.
 
-    sdtrain-shards SRC OUT [--samples-per-shard 1000] [--max-shard-mb 1000]
+    sdtrain-shards SRC OUT [--samples-per-shard 1000] [--max-shard-mb 1000] [--strict]
 
-Captions come from `SRC/metadata.jsonl` or `SRC/metadata.csv` (columns `file_name`, `text`), else
-from a same-stem `.txt` beside each image. Shards are `OUT/00000.tar`, ... holding `KEY.<ext>`
-(the image bytes as they are), `KEY.txt` (the caption) and `KEY.json` (caption and source file),
-the layout img2dataset writes, so both train the same way.
+Images are found in SRC and every folder below it. Captions come from `SRC/metadata.jsonl` or
+`SRC/metadata.csv` (columns `file_name`, `text`, paths relative to SRC), else from a same-stem
+`.txt`, else `.caption`, beside each image. Shards are `OUT/00000.tar`, ... holding `KEY.<ext>`
+(the image bytes as they are), `KEY.txt` (the caption) and `KEY.json` (caption, source file and
+the image's width and height as a viewer shows it), the layout img2dataset writes, so both train
+the same way.
+
+Files that do not open as images, or have no caption, are left out and reported at the end (how
+many, and the first few paths): one bad file in a folder of thousands should not cost the rest.
+`--strict` stops on the first instead.
 """
 
 from __future__ import annotations
@@ -15,12 +21,27 @@ import csv
 import json
 import logging
 import re
+import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+CAPTION_SUFFIXES = (".txt", ".caption")  # the first that exists beside the image wins
+EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image a quarter: width and height swap
+REPORT_FIRST = 5  # paths named in the report of files left out
+
+
+class BadFile(ValueError):
+    """An image that cannot go into the shards; `kind` is "unreadable" or "uncaptioned"."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _read_metadata(src: Path) -> dict[str, str] | None:
@@ -52,8 +73,39 @@ def _read_metadata(src: Path) -> dict[str, str] | None:
     return captions
 
 
-def captioned_images(src: str | Path, allow_missing: bool = False) -> Iterator[tuple[Path, str]]:
-    """Yield (image path, caption) for every image under `src`, in sorted order."""
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image as a viewer shows it (EXIF orientation applied).
+
+    Reads the header and checks the file's structure (`Image.verify`) without decoding the pixels,
+    so a folder of thousands is checked in seconds. Raises BadFile when the file is no image.
+    """
+    try:
+        with Image.open(path) as img:
+            img.verify()  # must come first: the image cannot be used after it
+        with Image.open(path) as img:
+            (w, h), orientation = img.size, img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception as e:  # PIL raises many types for broken files
+        why = f"{path} is not a readable image ({type(e).__name__}: {e})"
+        raise BadFile(why, "unreadable") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _caption(img: Path, rel: str, meta: dict[str, str] | None) -> str | None:
+    """The caption from the metadata row, else the first caption file beside the image."""
+    if meta is not None:
+        return meta.get(rel)
+    for suffix in CAPTION_SUFFIXES:
+        if (txt := img.with_suffix(suffix)).is_file():
+            return txt.read_text(encoding="utf-8").strip()
+    return None
+
+
+def captioned_images(
+    src: str | Path, allow_missing: bool = False, strict: bool = True
+) -> Iterator[tuple[Path, str, tuple[int, int]] | BadFile]:
+    """Yield (image path, caption, (width, height)) for every image under `src` (nested folders
+    too), in sorted order. A file that cannot go in raises BadFile with `strict`, else is yielded
+    as its BadFile, for the caller to report. `allow_missing` lets an image in uncaptioned ("")."""
     src = Path(src)
     if not src.is_dir():
         raise NotADirectoryError(f"SRC {src} is not a folder")
@@ -62,19 +114,23 @@ def captioned_images(src: str | Path, allow_missing: bool = False) -> Iterator[t
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
     for img in images:
-        rel = img.relative_to(src).as_posix()
-        if meta is not None:
-            caption = meta.get(rel)
-        else:
-            txt = img.with_suffix(".txt")
-            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
-        if caption is None and not allow_missing:
-            raise ValueError(
-                f"{img} has no caption (no {img.with_suffix('.txt').name}"
-                f"{' and no metadata row' if meta is not None else ''}); "
-                "add one or pass --allow-missing-captions to write it uncaptioned"
-            )
-        yield img, caption or ""
+        try:
+            caption = _caption(img, img.relative_to(src).as_posix(), meta)
+            if caption is None and not allow_missing:
+                looked = " or ".join(img.with_suffix(s).name for s in CAPTION_SUFFIXES)
+                raise BadFile(
+                    f"{img} has no caption (no {looked}"
+                    f"{' and no metadata row' if meta is not None else ''}); "
+                    "add one or pass --allow-missing-captions to write it uncaptioned",
+                    "uncaptioned",
+                )
+            size = image_size(img)
+        except BadFile as bad:
+            if strict:
+                raise
+            yield bad
+            continue
+        yield img, caption or "", size
 
 
 def write_shards(
@@ -83,54 +139,93 @@ def write_shards(
     samples_per_shard: int = 1000,
     max_shard_mb: float = 1000.0,
     allow_missing: bool = False,
+    strict: bool = True,
+    left_out: list[BadFile] | None = None,
 ) -> list[Path]:
-    """Write `src`'s captioned images as shards in `out`; return the shard paths."""
+    """Write `src`'s captioned images as shards in `out`; return the shard paths.
+
+    With `strict=False` files that cannot go in are appended to `left_out` (and logged) instead
+    of stopping the run; a folder with no usable image at all is still an error.
+    """
     import webdataset as wds
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise FileExistsError(f"OUT {out} already holds .tar shards; choose an empty folder")
+    # every file is checked before the first shard opens: a stop leaves OUT without shards
+    items = []
+    for item in captioned_images(src, allow_missing, strict):
+        if isinstance(item, BadFile):
+            log.warning("left out: %s", item)
+            if left_out is not None:
+                left_out.append(item)
+        else:
+            items.append(item)
+    if not items:
+        raise ValueError(f"no usable images under {src}: every one was left out")
     with wds.ShardWriter(
         str(out / "%05d.tar"),
         maxcount=samples_per_shard,
         maxsize=int(max_shard_mb * 1e6),
         verbose=0,
     ) as sink:
-        for i, (img, caption) in enumerate(captioned_images(src, allow_missing)):
+        for i, (img, caption, (width, height)) in enumerate(items):
             key = f"{i:09d}_{re.sub(r'[^A-Za-z0-9_-]', '_', img.stem)}"  # no dots in keys
             ext = img.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            sample = {
-                "__key__": key,
-                ext: img.read_bytes(),
-                "json": json.dumps({"caption": caption, "file_name": str(img)}).encode(),
-            }
+            meta = {"caption": caption, "file_name": str(img), "width": width, "height": height}
+            sample = {"__key__": key, ext: img.read_bytes(), "json": json.dumps(meta).encode()}
             if caption:
                 sample["txt"] = caption.encode("utf-8")
             sink.write(sample)
     return sorted(out.glob("*.tar"))
 
 
+def report(left_out: list[BadFile], first: int = REPORT_FIRST) -> str:
+    """One line per problem kind and the first `first` files: what the end of a run prints."""
+    kinds = Counter(bad.kind for bad in left_out)
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    lines = [f"sdtrain-shards: left out {len(left_out)} file(s) ({counts}); the first:"]
+    lines += [f"  {bad}" for bad in left_out[:first]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("src", help="folder of images with captions")
+    p.add_argument("src", help="folder of images with captions (nested folders are read too)")
     p.add_argument("out", help="folder for the .tar shards (created)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--max-shard-mb", type=float, default=1000.0)
     p.add_argument(
         "--allow-missing-captions",
         action="store_true",
-        help="write uncaptioned images (training skips them) instead of failing",
+        help="write uncaptioned images (training skips them) instead of leaving them out",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop on the first unreadable or uncaptioned file instead of reporting them at the end",
     )
     a = p.parse_args(argv)
+    left_out: list[BadFile] = []
     try:
         shards = write_shards(
-            a.src, a.out, a.samples_per_shard, a.max_shard_mb, a.allow_missing_captions
+            a.src,
+            a.out,
+            a.samples_per_shard,
+            a.max_shard_mb,
+            a.allow_missing_captions,
+            strict=a.strict,
+            left_out=left_out,
         )
     except (OSError, ValueError) as e:
+        if left_out:
+            print(report(left_out), file=sys.stderr)
         raise SystemExit(f"sdtrain-shards: {e}") from e
     n = len(shards)
     print(f"wrote {n} shard(s): {a.out}/{{00000..{n - 1:05d}}}.tar")
+    if left_out:
+        print(report(left_out), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from sdtrain import batching, checkpoint, preemption, quiet, speed
 from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
 from sdtrain.models import check_model_folder, check_resolution
 from sdtrain.resolvers import register
+from sdtrain.single_file import check_config_folder, is_single_file
+from sdtrain.validation import check_optimized_metric, in_sweep, optimized_value
 
 log = logging.getLogger(__name__)
 register()
@@ -85,7 +87,15 @@ def resume_wandb_run(cfg: DictConfig, saved: dict[str, Any]) -> None:
 # Keys of the `model` config that feed the loader (`model.parts` interpolates them) rather than
 # the module: users set `model.pretrained=...`, the module receives the parts built from it. The
 # LR scaling rule's keys (batching.MODEL_KEYS) are not module arguments either.
-LOADER_INPUTS = ("pretrained", "unet_config", "prediction_type", *batching.MODEL_KEYS)
+LOADER_INPUTS = (
+    "pretrained",
+    "single_file_config",
+    "unet_config",
+    "prediction_type",
+    "zero_terminal_snr",
+    "lora",
+    *batching.MODEL_KEYS,
+)
 
 
 def build_model(model_cfg: DictConfig) -> L.LightningModule:
@@ -202,8 +212,11 @@ def prepare(cfg: DictConfig) -> Prepared | None:
         if isinstance(e.__cause__, (ValueError, FileNotFoundError)):
             raise e.__cause__ from None
         raise
+    check_optimized_metric(cfg, datamodule)  # a sweep must rank by a metric the run logs
     if getattr(datamodule, "latent_cache_info", None) is None:  # a cache was checked when made
         check_model_folder(cfg.model.pretrained, need_unet=not cfg.model.get("unet_config"))
+        if is_single_file(cfg.model.pretrained):  # its configs and tokenizer come from a folder
+            check_config_folder(cfg.model.get("single_file_config"), cfg.model.pretrained)
         check_resolution(cfg.model.pretrained, OmegaConf.select(cfg, "data.resolution"))
     return Prepared(datamodule, ckpt)
 
@@ -236,8 +249,8 @@ def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
         finish_wandb()
     if trainer.is_global_zero and not any(isinstance(c, ProgressLog) for c in trainer.callbacks):
         log.info(run_folder_line(trainer))  # else ProgressLog's summary said it
-    metric = trainer.callback_metrics.get(cfg.get("optimized_metric") or "train/loss")
-    return None if metric is None else float(metric)
+    key = cfg.get("optimized_metric") or "train/loss"
+    return optimized_value(trainer.callback_metrics, key, sweep=in_sweep())
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -67,6 +67,7 @@ def tiny_overrides(model: Path, shards: str, steps: int = 4) -> list[str]:
     return [
         f"model.pretrained={model}",
         f"data.train_shards='{shards}'",
+        "data.val_shards=null",  # no validation loss (tests of it turn it on)
         "data.num_workers=0",
         "data.batch_size=4",
         "trainer.accelerator=cpu",

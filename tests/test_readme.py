@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from sdtrain import demo
 from sdtrain.datamodules.webdataset import expand_shards
@@ -174,6 +175,7 @@ TRAIN_ARGS = [
     "data.num_workers=0",
     "data.batch_size=4",
     "data.resolution=32",
+    "data.bucket_step=8",  # buckets=auto at 32 px: 24x40, 32x32, 40x24 (64 px steps fit none)
     "model.compile=null",  # the GPU block's compile: minutes of C++ builds on a CPU
     "model.optimizer.fused=null",
     "trainer.benchmark=false",
@@ -260,10 +262,16 @@ def check_output(kind: str, args: list[str], cwd: Path, before: dict[Path, int])
         assert len(written) == expected_runs(args), written
         for ckpt in written:
             assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+    elif kind == "export" and "--lora" in args:
+        out = cwd / positional[1]
+        assert (out / "pytorch_lora_weights.safetensors").is_file()
+        assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
     elif kind == "export":
         out = cwd / positional[1]
         assert (out / "model_index.json").is_file()
         assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        if "--single-file" in args:
+            assert (cwd / args[args.index("--single-file") + 1]).stat().st_size > 0
     elif kind == "sample":
         out = cwd / args[args.index("--out") + 1]
         prompts, seeds = args.count("--prompt"), max(1, args.count("--seed"))
@@ -329,6 +337,9 @@ def test_readme_block_runs(
     s = StandIns(str(tiny_model), shard_dir, shard_range, run="")
     (tmp_path / "scripts").symlink_to(ROOT / "scripts")
     demo.write_folder(tmp_path / "my_images", 48, 32)
+    for i, (w, h) in enumerate([(48, 24), (24, 48)] * 4):  # "images of any shapes"
+        Image.new("RGB", (w, h), (200, 40 + 20 * i, 40)).save(tmp_path / "my_images" / f"s{i}.png")
+        (tmp_path / "my_images" / f"s{i}.txt").write_text("a red rectangle")
     path = os.pathsep.join([str(shims), str(Path(sys.executable).parent), os.environ["PATH"]])
     # One thread a process: the tiny model gains nothing from more, and on a 2-core machine two
     # threads per process thrash (10x slower) once another process (DDP's second rank) shares it.

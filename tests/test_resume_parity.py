@@ -140,7 +140,12 @@ def test_ddp_killed_and_resumed_ends_like_an_uninterrupted_run(
     """2 ranks x 2 workers: each rank's part of a pass (48 samples, 12 steps) once, the ranks'
     parts disjoint, and the weights bit for bit the uninterrupted run's."""
     steps = 16
-    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    ddp = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.devices=2",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     log = tmp_path / "killed.log"
     proc = launch(command(killed, tiny_model, shards, *ddp, steps=steps), log)

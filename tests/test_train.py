@@ -148,6 +148,7 @@ def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path,
     args = tiny_overrides(tiny_model, shards, 4) + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
         "trainer.devices=2",
         "logger=csv",
         "model._target_=tests.sdtrain.recording.RecordingModule",
@@ -302,6 +303,7 @@ def test_uneven_shards_on_two_ranks_never_hang(tiny_model: Path, tmp_path: Path)
     args = tiny_overrides(tiny_model, str(tmp_path), 8) + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
         "trainer.devices=2",
         "logger=csv",
         "data.resampled=false",
@@ -314,3 +316,33 @@ def test_uneven_shards_on_two_ranks_never_hang(tiny_model: Path, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 8
+
+
+@pytest.mark.parametrize("experiment", ["pretrain", "finetune", "finetune_sd15"])
+def test_each_experiment_trains_the_tiny_model(
+    experiment: str, tiny_model: Path, shards: str, tmp_path: Path
+):
+    """Every conf/experiment file trains as written but for the size (2 CPU steps at 32 px); LoRA's
+    is run by tests/sdtrain/test_lora.py. pretrain's U-Net starts fresh: its weights are not the
+    folder's."""
+    from diffusers import UNet2DConditionModel
+
+    args = tiny_overrides(tiny_model, shards, 2) + [
+        f"experiment={experiment}",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "data.resolution=32",
+        "data.batch_size=4",
+        "data.bucket_step=8",
+        "logger=none",
+        "~callbacks.sample_images",
+    ]
+    cfg = compose_cfg(tmp_path, args)
+    assert cfg.task_name == experiment
+    train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
+    key = "conv_in.weight"
+    moved = (ckpt["state_dict"][f"unet.{key}"] - base[key]).abs().max().item()
+    assert (moved > 0.01) if experiment == "pretrain" else (0 < moved < 0.01)

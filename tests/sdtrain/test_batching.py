@@ -109,6 +109,7 @@ def test_prepare_derives_batch_and_accumulation(
     overrides = tiny_overrides(tiny_model, shards) + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
         f"trainer.devices={devices}",
         "data.global_batch_size=16",
         f"data.max_batch_size_per_device={cap}",
@@ -139,7 +140,9 @@ def test_prepare_scales_lr_without_a_global_batch(tiny_model: Path, shards: str,
 def test_prepare_refuses_an_indivisible_global_batch(tiny_model: Path, shards: str, tmp_path: Path):
     overrides = tiny_overrides(tiny_model, shards) + ["trainer=ddp", "trainer.devices=2"]
     cfg = compose_cfg(
-        tmp_path, overrides + ["trainer.accelerator=cpu", "data.global_batch_size=15"]
+        tmp_path,
+        overrides
+        + ["trainer.accelerator=cpu", "trainer.precision=32-true", "data.global_batch_size=15"],
     )
     with pytest.raises(ValueError, match=r"global_batch_size=15 .* 2 process.*14 or 16"):
         prepare(cfg)
@@ -151,6 +154,7 @@ def test_two_ddp_processes_split_the_global_batch(tiny_model: Path, shards: str,
     args = tiny_overrides(tiny_model, shards, 2) + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
         "trainer.devices=2",
         "data.global_batch_size=16",
         "data.max_batch_size_per_device=16",

@@ -76,7 +76,10 @@ def pin_current_layout(ckpt: dict) -> None:
         "skipped_by_kind",
         "drawn_total",
     }
-    assert set(entry["run"]) == {"pretrained", "unet_config", "prediction_type", "wandb_run_id"}
+    run_keys = {"pretrained", "unet_config", "prediction_type", "wandb_run_id", "lora"}
+    run_keys.add("single_file_config")  # None: a model folder (sdtrain.single_file)
+    run_keys.add("zero_terminal_snr")  # the tiny model's schedule is rescaled
+    assert set(entry["run"]) == run_keys and entry["run"]["lora"] is None  # lora: sdtrain.lora
     assert set(entry["ema"]) == {"shadow", "num_updates", "last_step", "decay"}
     assert all(k.startswith("unet.") for k in ckpt["state_dict"])
     assert "EMA" not in ckpt["callbacks"]

@@ -69,7 +69,7 @@ def test_missing_caption_names_the_file(tmp_path: Path):
     names = make_images(tmp_path / "src", 2)
     (tmp_path / "src" / names[0]).with_suffix(".txt").write_text("only one")
     with pytest.raises(SystemExit, match=names[1].replace(".", r"\.")):
-        main([str(tmp_path / "src"), str(tmp_path / "out")])
+        main([str(tmp_path / "src"), str(tmp_path / "out"), "--strict"])
     main([str(tmp_path / "src"), str(tmp_path / "out2"), "--allow-missing-captions"])
     samples = read_tar(tmp_path / "out2" / "00000.tar")
     assert sorted("txt" in s for s in samples.values()) == [False, True]
@@ -88,3 +88,56 @@ def test_refuses_to_mix_with_existing_shards(tmp_path: Path):
     main([str(tmp_path / "src"), str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="already holds"):
         main([str(tmp_path / "src"), str(tmp_path / "out")])
+
+
+def test_nested_folders_caption_files_and_original_sizes(tmp_path: Path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    Image.new("RGB", (30, 12)).save(src / "top.png")
+    (src / "top.txt").write_text("from txt")
+    Image.new("RGB", (8, 20)).save(src / "a" / "b" / "deep.jpg")
+    (src / "a" / "b" / "deep.caption").write_text("from caption\n")
+    turned = Image.new("RGB", (40, 10))
+    exif = turned.getexif()
+    exif[0x0112] = 6  # rotate 90: a viewer shows it 10 wide, 40 high
+    turned.save(src / "a" / "turned.jpg", exif=exif)
+    (src / "a" / "turned.txt").write_text("turned")
+    main([str(src), str(tmp_path / "out")])
+    samples = read_tar(tmp_path / "out" / "00000.tar").values()
+    meta = {s["txt"].decode(): json.loads(s["json"]) for s in samples}
+    sizes = {cap: (m["width"], m["height"]) for cap, m in meta.items()}
+    assert sizes == {"from txt": (30, 12), "from caption": (8, 20), "turned": (10, 40)}
+
+
+def test_bad_files_are_left_out_and_reported_at_the_end(tmp_path: Path, capsys):
+    src = tmp_path / "src"
+    names = make_images(src, 9)
+    for n in names[:7]:
+        (src / n).with_suffix(".txt").write_text("ok")
+    (src / names[0]).write_bytes(b"not an image")  # unreadable, captioned
+    (src / names[1]).write_bytes((src / names[2]).read_bytes()[:30])  # truncated PNG
+    main([str(src), str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert "wrote 1 shard(s)" in out.out
+    assert "left out 4 file(s) (2 uncaptioned, 2 unreadable)" in out.err
+    for n in (names[0], names[1], names[7], names[8]):
+        assert str(src / n) in out.err
+    samples = read_tar(tmp_path / "out" / "00000.tar").values()
+    assert sorted(json.loads(s["json"])["file_name"] for s in samples) == [
+        str(src / n) for n in names[2:7]
+    ]
+    with pytest.raises(
+        SystemExit, match=f"{names[0]}.*not a readable image".replace(".", r"\.", 1)
+    ):
+        main([str(src), str(tmp_path / "strict"), "--strict"])
+    assert not list((tmp_path / "strict").glob("*.tar"))
+
+
+def test_report_names_only_the_first_paths_and_all_bad_is_an_error(tmp_path: Path, capsys):
+    src = tmp_path / "src"
+    names = make_images(src, 8)  # none captioned
+    with pytest.raises(SystemExit, match="no usable images"):
+        main([str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "left out 8 file(s) (8 uncaptioned)" in err
+    assert sum(str(src / n) in err for n in names) == 5

@@ -28,6 +28,7 @@ def test_a_two_point_multirun_prints_its_table(tiny_model: Path, shards: str, tm
         "-m",
         *keep,
         "model.optimizer.lr=1e-3,3e-3",
+        "optimized_metric=train/loss",  # no held-out data here for the default val/loss_ema
         "callbacks=[progress_log]",  # each run's summary: its loss, to compare with the table
         "logger=none",
         f"hydra.sweep.dir={sweep}",

@@ -1,0 +1,173 @@
+"""Aspect-ratio buckets: train on images near their own shape instead of square crops.
+
+A bucket is a (width, height) of about the pixel count of `resolution`²; each image goes to the
+bucket nearest its aspect ratio, is resized until it covers the bucket and cropped to it (at
+random or centred), so a wide photo loses a sliver instead of its sides. `BucketBatcher` keeps one
+buffer per bucket inside each DataLoader worker and emits a batch as soon as one holds
+`batch_size` samples, so every batch has one shape. Buffers outlive a pass over the shards: a
+partial bucket at the end of a pass fills up in the next one, nothing is dropped.
+
+Each example records SDXL's size conditioning (`original_size` as (height, width) and
+`crop_top_left` as (top, left) in resized pixels); SD-1 ignores them, they are kept so a model
+that uses them needs no new data pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from sdtrain import batch as B
+from sdtrain.datamodules.captions import CaptionProcessor
+from sdtrain.datamodules.transforms import MAX_IMAGE_PIXELS, ImageTextTransform
+
+Bucket = tuple[int, int]  # (width, height) in pixels
+
+
+def derive_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[Bucket]:
+    """Buckets of at most `resolution`² pixels, sides multiples of `step`, no side more than
+    `max_aspect` times the other; sorted wide-last by aspect ratio.
+
+    For each width w (a multiple of `step`) the height is the largest multiple of `step` with
+    w x h <= resolution², as NovelAI's and kohya's bucketing do; each bucket comes with its
+    transpose so portrait and landscape are served alike. At 512 px, step 64, aspect 2:
+    (384, 640), (448, 576), (512, 512), (576, 448), (640, 384) and a few more.
+    """
+    if resolution % step:
+        raise ValueError(
+            f"data.resolution={resolution} is not a multiple of data.bucket_step={step}"
+        )
+    if max_aspect < 1:
+        raise ValueError(f"data.bucket_max_aspect={max_aspect} must be >= 1")
+    area = resolution * resolution
+    found = set()
+    for w in range(step, int(resolution * math.sqrt(max_aspect)) + step, step):
+        h = area // w // step * step
+        if h >= step and max(w / h, h / w) <= max_aspect:
+            found.update({(w, h), (h, w)})
+    return sort_buckets(found)
+
+
+def sort_buckets(buckets) -> list[Bucket]:
+    """Unique buckets by aspect ratio (tall first), then width."""
+    return sorted(set(map(tuple, buckets)), key=lambda b: (b[0] / b[1], b[0]))
+
+
+def parse_buckets(
+    buckets: str | Sequence[Sequence[int]] | None,
+    resolution: int | None,
+    step: int = 64,
+    max_aspect: float = 2.0,
+) -> list[Bucket] | None:
+    """`data.buckets` as a bucket list: None (off), "auto" (derive_buckets from `resolution`) or
+    a list of [width, height], each side a positive multiple of `step` (the latent has to halve
+    evenly through the VAE and every U-Net down block: 8 x 8 = 64 for SD)."""
+    if buckets is None:
+        return None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"data.bucket_step={step!r} must be a whole number >= 1")
+    if buckets == "auto":
+        if resolution is None:
+            raise ValueError("data.buckets=auto derives buckets from data.resolution: set one")
+        return derive_buckets(resolution, step, max_aspect)
+    if isinstance(buckets, str) or not buckets:
+        raise ValueError(
+            f"data.buckets={buckets!r} must be null, auto or a list of [width, height]"
+        )
+    for b in buckets:
+        ok = isinstance(b, Sequence) and len(b) == 2
+        if not ok or any(not isinstance(v, int) or v < step or v % step for v in b):
+            raise ValueError(
+                f"data.buckets entry {b!r} must be [width, height], each a multiple of "
+                f"data.bucket_step={step}"
+            )
+    return sort_buckets(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
+    """The bucket whose aspect ratio is nearest the image's (on a log scale, so 2:1 and 1:2 are
+    equally far from 1:1); the first such bucket on a tie."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
+
+
+def bucket_crop_box(
+    width: int, height: int, bucket: Bucket, center_crop: bool, rng: random.Random | None = None
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where a `width` x `height` image is cut for `bucket`: (resized (w, h), (left, top, right,
+    bottom) in resized pixels). The resize is the smallest that covers the bucket, so only the
+    overhang of the longer relative side is cropped."""
+    rng = rng or random
+    bw, bh = bucket
+    scale = max(bw / width, bh / height)
+    nw, nh = max(bw, round(width * scale)), max(bh, round(height * scale))
+    if center_crop:
+        left, top = (nw - bw) // 2, (nh - bh) // 2
+    else:
+        left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
+    return (nw, nh), (left, top, left + bw, top + bh)
+
+
+class BucketTransform(ImageTextTransform):
+    """Raw sample -> {"pixels" (3, bucket h, bucket w), "caption", "original_size",
+    "crop_top_left"}: ImageTextTransform with the image resized to cover its nearest bucket and
+    cropped to it instead of to a square."""
+
+    def __init__(
+        self,
+        buckets: Sequence[Bucket],
+        center_crop: bool,
+        random_flip: bool,
+        max_pixels: int | None = MAX_IMAGE_PIXELS,
+        captions: CaptionProcessor | None = None,
+    ) -> None:
+        side = max(map(max, buckets))
+        super().__init__(
+            side, center_crop, random_flip, with_meta=True, max_pixels=max_pixels, captions=captions
+        )
+        self.buckets = list(buckets)
+
+    def place(
+        self, width: int, height: int, rng: random.Random
+    ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        """The nearest bucket's cover-and-crop box instead of a square's."""
+        bucket = nearest_bucket(width, height, self.buckets)
+        return bucket_crop_box(width, height, bucket, self.center_crop, rng)
+
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
+        example = super().__call__(sample, rng)
+        meta = example.pop("meta")  # with_meta=True: the sizes and crop it took
+        (width, height), (left, top) = meta["original_size"], meta["crop_box"][:2]
+        example[B.ORIGINAL_SIZE], example[B.CROP_TOP_LEFT] = (height, width), (top, left)
+        return example
+
+
+class BucketBatcher:
+    """Pipeline stage: examples -> batches of `batch_size` examples of one bucket, collated by
+    `collate`, with "original_size" and "crop_top_left" as (B, 2) long tensors.
+
+    One instance per pipeline, so each DataLoader worker (which gets its own copy) buffers its
+    own samples; the buffers persist from one pass to the next (see the module docs). A batch's
+    last example is the one that filled it, the newest drawn, so its `position` says where the
+    worker stands after the batch, as without buckets; on a resume the samples still waiting in
+    other buckets are not drawn again (at most buckets x (batch_size - 1) per worker).
+    """
+
+    def __init__(self, batch_size: int, collate) -> None:
+        self.batch_size, self.collate = batch_size, collate
+        self.waiting: dict[tuple[int, ...], list[dict]] = {}
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for example in src:
+            shape = tuple(example[B.PIXELS].shape)
+            bucket = self.waiting.setdefault(shape, [])
+            bucket.append(example)
+            if len(bucket) == self.batch_size:
+                self.waiting[shape] = []
+                batch = self.collate(bucket)
+                for key in (B.ORIGINAL_SIZE, B.CROP_TOP_LEFT):
+                    batch[key] = torch.tensor([e[key] for e in bucket], dtype=torch.long)
+                yield batch
