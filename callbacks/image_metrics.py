@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from sdtrain.callbacks.periodic import EveryNSteps
 from sdtrain.callbacks.sampling import eager
 from sdtrain.sampling import generate
 
@@ -158,7 +159,7 @@ def shares(n: int, rank: int, world: int) -> tuple[list[int], int]:
     return mine, math.ceil(n / world)
 
 
-class ImageMetrics(L.Callback):
+class ImageMetrics(EveryNSteps):
     """Logs `val/clip_score` and `val/fid` of images sampled with fixed seeds (EMA weights).
 
     Every rank samples its share of the images (every world-th prompt; a rank-0-only forward
@@ -264,24 +265,8 @@ class ImageMetrics(L.Callback):
                 raise ValueError(f"{KEY}.fid_reference={self.fid_reference} holds no images")
         return [source[i % len(source)] for i in range(self.num_images)]
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.last_round is None:  # fresh run: the first round comes after optimizer steps
-            self.last_round = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step  # optimizer steps: stays put while gradients accumulate
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_round:
-            self.measure(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self.last_round:
-            self.measure(trainer, pl_module)
-
-    def state_dict(self) -> dict:
-        return {"last_round": self.last_round}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.last_round = state.get("last_round")
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.measure(trainer, pl_module)
 
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from sdtrain.callbacks.periodic import EveryNSteps
 from sdtrain.sampling import generate, grid
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def eager():
     return set_stance("force_eager") if set_stance else nullcontext()
 
 
-class SampleImages(L.Callback):
+class SampleImages(EveryNSteps):
     """Generates one image per prompt with fixed seeds (the module's EMA weights when it has them).
 
     Every rank runs the model (a rank-0-only forward would hang under FSDP); rank 0 writes
@@ -42,6 +43,8 @@ class SampleImages(L.Callback):
             are unreadable at their own size).
         upscale: "nearest" (crisp, whole factors) or "lanczos" (smooth).
     """
+
+    state_key_last = "last_sampled"  # its checkpoint key since the first release
 
     def __init__(
         self,
@@ -74,31 +77,14 @@ class SampleImages(L.Callback):
         self.out_dir = out_dir
         self.tile_px = tile_px
         self.upscale = upscale
-        self.last_sampled: int | None = None  # step of the last round (checkpointed)
+        self.last_round: int | None = None  # step of the last round (checkpointed)
         self.saved: list[Path] = []
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.last_sampled is None:  # fresh run: the first round comes after optimizer steps
-            self.last_sampled = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # global_step counts optimizer steps; while gradients accumulate it stays put.
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_sampled:
-            self.sample(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self.last_sampled:
-            self.sample(trainer, pl_module)
-
-    def state_dict(self) -> dict:
-        return {"last_sampled": self.last_sampled}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.last_sampled = state.get("last_sampled")
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.sample(trainer, pl_module)
 
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = self.last_sampled = trainer.global_step
+        step = self.last_round = trainer.global_step
         pipe = pl_module.pipeline(self.sampler)
         was_training = pl_module.training
         pl_module.eval()

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 
 import lightning as L
@@ -16,6 +13,7 @@ import webdataset as wds
 
 from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_buckets
 from sdtrain.datamodules.captions import caption_processor
+from sdtrain.datamodules.decode import DecodeStage  # noqa: F401  (re-exported: sdtrain.cache)
 from sdtrain.datamodules.heldout import HeldOut, split_heldout
 from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
     Cursor,
@@ -41,69 +39,10 @@ from sdtrain.datamodules.transforms import (
     Collate,
     ImageTextTransform,
     LatentTransform,
-    SkipSample,
 )
 from sdtrain.models import load_tokenizer
-from sdtrain.seeds import derive_seed
 
 log = logging.getLogger(__name__)
-
-
-class DecodeStage:
-    """Pipeline stage: apply `transform`, skipping unusable samples, counted by kind.
-
-    Each example carries {kind: count} of the samples skipped since the previous one; the counts
-    live on the stage, so skips at the end of one pass over the shards reach the next pass's
-    examples. `shard_error` is the tar reader's handler: a truncated or unreadable shard counts as
-    one `bad_shard` and the stream goes on.
-    """
-
-    def __init__(
-        self, transform: ImageTextTransform | LatentTransform, order: DataOrder | None = None
-    ) -> None:
-        self.transform = transform
-        self.order = order
-        self.pending: Counter[str] = Counter()
-        self.pending_shards: Counter[str] = Counter()  # the same by shard url
-
-    def shard_error(self, exn: Exception) -> bool:
-        self.pending["bad_shard"] += 1
-        # webdataset appends the url to the exception's args
-        urls = [a for a in exn.args if isinstance(a, str) and not a.startswith("<")]
-        self.pending_shards[urls[-1] if urls else "unknown shard"] += 1
-        log.warning("skipped the rest of a shard: %s", exn)
-        return True  # go on with the next shard
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        for sample in src:
-            # (worker, workers, pass, number), from PositionStage if the pipeline has one
-            position = sample.get("__position__")
-            rng = None
-            if position is not None and self.order is not None:
-                # the crop and flip draw from the sample's place in the data, not from a
-                # generator that every earlier sample moved on: the same after a resume
-                o = self.order
-                seed = derive_seed("augment", o.seed, o.start_step, o.rank, *position)
-                rng = random.Random(seed)
-            try:
-                example = self.transform(sample, rng)
-            except SkipSample as why:
-                self.pending[why.kind] += 1
-                self.pending_shards[str(sample.get("__url__"))] += 1
-                log.warning(
-                    "skipped %s in %s (%s): %s",
-                    sample.get("__key__"),
-                    sample.get("__url__"),
-                    why.kind,
-                    why,
-                )
-                continue
-            example["key"] = sample["__key__"]  # which sample it was: data-order tests, debugging
-            if position is not None:
-                example["position"] = position
-            example["skipped"], self.pending = dict(self.pending), Counter()
-            example["skipped_shards"], self.pending_shards = dict(self.pending_shards), Counter()
-            yield example
 
 
 class WebDataModule(L.LightningDataModule):

@@ -57,6 +57,7 @@ def sampler_for(folder_scheduler, trained):
         return scheduler
     cls = type(scheduler)
     if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+        print(f"{cls.__name__} cannot sample a zero-terminal-SNR schedule: exporting DDIMScheduler")
         cls = DDIMScheduler
     return cls.from_config(
         scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from sdtrain import batch as B
 from sdtrain import diffusion
+from sdtrain.callbacks.periodic import EveryNSteps
 from sdtrain.callbacks.sampling import eager
 from sdtrain.datamodules.heldout import INDEX, WEIGHT
 from sdtrain.seeds import derive_seed
@@ -115,7 +116,7 @@ def sample_draws(seed: int, index: int, shape: tuple[int, ...], k: int) -> torch
 
 def posterior(module: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 (mean, std) of the batch's VAE posterior, or (latents, None) for cached latents."""
-    from sdtrain.module import posterior_from_moments
+    from sdtrain.encoding import posterior_from_moments
 
     image = B.image_key(batch)
     if image == B.LATENTS:
@@ -199,7 +200,7 @@ def evaluate(
     return None if count == 0 else total / count
 
 
-class ValidationLoss(L.Callback):
+class ValidationLoss(EveryNSteps):
     """Logs `val/loss` (raw weights) and `val/loss_ema` (EMA weights) every N optimizer steps and
     at the end of training, with `val/loss_best` and `val/loss_ema_best` (the lowest so far).
 
@@ -216,7 +217,7 @@ class ValidationLoss(L.Callback):
         if not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(f"callbacks.val_loss.every_n_steps={every_n_steps!r} must be >= 0")
         self.every_n_steps, self.timesteps, self.seed = every_n_steps, timesteps, seed
-        self.last: int | None = None  # step of the last evaluation (checkpointed)
+        self.last_round: int | None = None  # step of the last evaluation (checkpointed)
         self.best: dict[str, float] = {}  # lowest value per key so far (checkpointed)
         self.history: list[tuple[int, dict[str, float]]] = []  # this process's evaluations
         self._batches: Any = None
@@ -229,29 +230,17 @@ class ValidationLoss(L.Callback):
                 "no held-out data (data.val_shards, data.val_split_shards): no %s", VAL_LOSS_EMA
             )
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.last is None:  # fresh run: the first evaluation comes after optimizer steps
-            self.last = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step  # optimizer steps; it stays put while gradients accumulate
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last:
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self.last:
-            self.run(trainer, pl_module)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"last": self.last, "best": dict(self.best)}
+        return {**super().state_dict(), "best": dict(self.best)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last, self.best = state.get("last"), dict(state.get("best") or {})
+        super().load_state_dict(state)
+        self.best = dict(state.get("best") or {})
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Evaluate raw and EMA weights, log the values to every logger and to the trainer's
         callback_metrics (what `train()` returns from)."""
-        step = self.last = trainer.global_step
+        step = self.last_round = trainer.global_step
         if self._batches is None:
             return {}
         reduce = None

@@ -174,6 +174,7 @@ def test_hparams_sweep_multirun(tiny_model: Path, shards: str, tmp_path: Path):
         "hparams_search=lr_sweep",
         "logger=none",
         "callbacks=none",
+        "optimized_metric=train/loss",  # no val_loss callback here
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     proc = _cli(args, tmp_path)

@@ -226,6 +226,7 @@ def test_resume_under_buckets_goes_on_without_repeating_the_pass(
     assert not set(rest.keys) & set(first.keys)
 
 
+@pytest.mark.slow  # a real latent cache / 2 processes: ~20 s on 2 cores
 def test_buckets_are_refused_for_a_latent_cache(
     shaped: tuple[str, Path], tiny_model: Path, tmp_path
 ):
@@ -241,6 +242,7 @@ def test_buckets_are_refused_for_a_latent_cache(
         dm.setup("fit")
 
 
+@pytest.mark.slow  # a real latent cache / 2 processes: ~20 s on 2 cores
 def test_ddp_ranks_step_together_with_one_shape_per_batch(
     shaped: tuple[str, Path], tiny_model: Path, tmp_path: Path
 ):

@@ -35,9 +35,26 @@ def test_export_keeps_the_model_folders_scheduler(
     source.save_pretrained(folder / "scheduler")  # the folder now holds a PNDM / Euler scheduler
     export_main([str(checkpoint), str(tmp_path / "out"), "--pretrained", str(folder)])
     written = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
-    assert written["_class_name"] == kind
+    # The tiny model's schedule is rescaled to zero terminal SNR: a sampler that can draw from it
+    # (Euler) is kept; PNDM, which divides by sqrt(alpha_bar) = 0 at the last step, gives way to
+    # DDIM on the same schedule.
+    assert written["_class_name"] == ("DDIMScheduler" if kind == "PNDMScheduler" else kind)
+    assert written["rescale_betas_zero_snr"] and written["timestep_spacing"] == "trailing"
     assert written["prediction_type"] == "v_prediction"  # what the run trained for
     assert written["beta_schedule"] == source.config.beta_schedule
+
+
+def test_export_of_a_plain_schedule_keeps_pndm(checkpoint: Path, tiny_model: Path, tmp_path: Path):
+    """Without a zero-terminal-SNR rescale the folder's PNDM stays PNDM."""
+    import diffusers
+
+    from sdtrain.export import sampler_for
+
+    cfg = json.loads((tiny_model / "scheduler" / "scheduler_config.json").read_text())
+    trained = diffusers.DDPMScheduler.from_config(cfg, rescale_betas_zero_snr=False)
+    folder = diffusers.PNDMScheduler.from_config(cfg)
+    out = sampler_for(folder, trained)
+    assert type(out).__name__ == "PNDMScheduler" and out.alphas_cumprod[-1] > 0
 
 
 class RunsCode:
