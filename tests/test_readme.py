@@ -329,7 +329,16 @@ def test_readme_has_the_ci_blocks_and_commands_to_run():
     assert len(TO_RUN) >= 8 and all(b.commands for b in TO_RUN)
 
 
-@pytest.mark.parametrize("block", TO_RUN, ids=[b.id for b in TO_RUN])
+# Blocks whose programs other default tests already run (2-process DDP, torchrun and SLURM in
+# test_launchers/test_batching, FSDP in test_fsdp): slow here, to keep the default suite short.
+SLOW_BLOCKS = {"several-gpus-and-nodes", "several-gpus-and-nodes-2"}
+
+
+@pytest.mark.parametrize(
+    "block",
+    [pytest.param(b, marks=pytest.mark.slow) if b.id in SLOW_BLOCKS else b for b in TO_RUN],
+    ids=[b.id for b in TO_RUN],
+)
 def test_readme_block_runs(
     block: Block, tiny_model: Path, shards: str, shims: Path, tmp_path: Path
 ):

@@ -106,6 +106,7 @@ def test_webdatamodule_rewrites_captions_deterministically(tag_shards: str, tiny
     assert (a[B.PIXELS] == plain[B.PIXELS]).all()  # the crops draw as without the options
 
 
+@pytest.mark.slow  # makes a real latent cache (~20 s on 2 cores)
 def test_a_latent_cache_with_contexts_is_refused_at_setup(
     tag_shards: str, tiny_model: Path, tmp_path: Path
 ):
