@@ -22,7 +22,11 @@ import torch
 
 from sdtrain import batch as B
 from sdtrain.datamodules.captions import CaptionProcessor
-from sdtrain.datamodules.transforms import MAX_IMAGE_PIXELS, ImageTextTransform
+from sdtrain.datamodules.transforms import (  # noqa: F401  (bucket_crop_box: this module's API)
+    MAX_IMAGE_PIXELS,
+    ImageTextTransform,
+    bucket_crop_box,
+)
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 
@@ -92,23 +96,6 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket
     equally far from 1:1); the first such bucket on a tie."""
     aspect = math.log(width / height)
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
-
-
-def bucket_crop_box(
-    width: int, height: int, bucket: Bucket, center_crop: bool, rng: random.Random | None = None
-) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """Where a `width` x `height` image is cut for `bucket`: (resized (w, h), (left, top, right,
-    bottom) in resized pixels). The resize is the smallest that covers the bucket, so only the
-    overhang of the longer relative side is cropped."""
-    rng = rng or random
-    bw, bh = bucket
-    scale = max(bw / width, bh / height)
-    nw, nh = max(bw, round(width * scale)), max(bh, round(height * scale))
-    if center_crop:
-        left, top = (nw - bw) // 2, (nh - bh) // 2
-    else:
-        left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
-    return (nw, nh), (left, top, left + bw, top + bh)
 
 
 class BucketTransform(ImageTextTransform):

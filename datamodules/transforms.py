@@ -133,17 +133,31 @@ def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Imag
 def crop_box(
     width: int, height: int, size: int, center_crop: bool, rng: random.Random | None = None
 ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """Where `resize_crop` cuts a `width` x `height` image: (resized (w, h), (left, top, right,
-    bottom) in resized pixels). Returned apart so a latent cache can record it per sample.
-    A random crop draws from `rng` (default: the `random` module)."""
+    """Where `resize_crop` cuts a `width` x `height` image to a `size` square: `bucket_crop_box`
+    for the bucket (size, size). Returned apart so a latent cache can record it per sample."""
+    return bucket_crop_box(width, height, (size, size), center_crop, rng)
+
+
+def bucket_crop_box(
+    width: int,
+    height: int,
+    bucket: tuple[int, int],
+    center_crop: bool,
+    rng: random.Random | None = None,
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where a `width` x `height` image is cut for a (w, h) `bucket`: (resized (w, h), (left, top,
+    right, bottom) in resized pixels). The resize is the smallest that covers the bucket, so only
+    the overhang of the longer relative side is cropped. A random crop draws from `rng` (default:
+    the `random` module)."""
     rng = rng or random  # the module's functions: the same methods on its own generator
-    scale = size / min(width, height)
-    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
+    bw, bh = bucket
+    scale = max(bw / width, bh / height)
+    nw, nh = max(bw, round(width * scale)), max(bh, round(height * scale))
     if center_crop:
-        left, top = (nw - size) // 2, (nh - size) // 2
+        left, top = (nw - bw) // 2, (nh - bh) // 2
     else:
-        left, top = rng.randint(0, nw - size), rng.randint(0, nh - size)
-    return (nw, nh), (left, top, left + size, top + size)
+        left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
+    return (nw, nh), (left, top, left + bw, top + bh)
 
 
 def resize_crop(

@@ -22,6 +22,7 @@ from sdtrain.datamodules.buckets import (
 )
 from sdtrain.datamodules.position import DataPosition
 from sdtrain.datamodules.webdataset import WebDataModule
+from tests.datamodules.test_data_order import KeyProbe
 
 # name -> (width, height, count); 90x40 (2.25:1) has no bucket of its own: it goes to 64x32
 SHAPES = {"wide": (64, 32, 8), "tall": (32, 64, 8), "square": (48, 48, 8), "wider": (90, 40, 4)}
@@ -177,22 +178,6 @@ def test_shards_record_each_original_size(shaped: tuple[str, Path]):
     for meta in metas:
         w, h, _ = SHAPES[Path(meta["file_name"]).parent.name]
         assert (meta["width"], meta["height"]) == (w, h)
-
-
-class KeyProbe(L.LightningModule):
-    """The smallest trainable module: records the keys it trains on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.keys: list[str] = []
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.keys += batch["keys"]
-        return (self.w - batch["pixels"].mean()) ** 2
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def fit(dm: WebDataModule, steps: int, ckpt: Path | None = None) -> tuple[L.Trainer, KeyProbe]:
