@@ -179,7 +179,7 @@ def test_wandb_history_survives_a_sigkill_and_the_resume_logs_on_into_the_same_r
 ):
     """Offline W&B: the killed segment's rows are on disk (written every flush_interval_s, not
     W&B's 15 s), and the resumed segment logs into the same run id: every step has its row."""
-    from tests.wandb_files import history
+    from tests.wandb_files import history, run_id
 
     run, log = tmp_path / "run", tmp_path / "run.log"
     every = "callbacks.model_checkpoint.every_n_train_steps=10"
@@ -196,6 +196,6 @@ def test_wandb_history_survives_a_sigkill_and_the_resume_logs_on_into_the_same_r
     assert set(range(saved)) <= killed  # what was logged up to the checkpoint is on disk
     finish(launch([*cmd, "ckpt_path=last"], log), log)
     runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs  # one run id
+    assert len({run_id(r) for r in runs}) == 1, runs  # one run id
     steps = {r["trainer/global_step"] for d in runs for r in history(d) if "train/loss" in r}
     assert steps == set(range(30))

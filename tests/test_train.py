@@ -188,14 +188,14 @@ def test_hparams_sweep_multirun(tiny_model: Path, shards: str, tmp_path: Path):
 
 
 def test_resume_logs_on_into_the_same_wandb_run(tiny_model: Path, shards: str, tmp_path: Path):
-    from tests.wandb_files import history
+    from tests.wandb_files import history, run_id
 
     base = tiny_overrides(tiny_model, shards, 2) + ["trainer.log_every_n_steps=1"]
     train(compose_cfg(tmp_path, base))
     train(compose_cfg(tmp_path, base + ["trainer.max_steps=4", "ckpt_path=last"]))
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     # one run id (two folders, or one when both started within the same second)
-    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
+    assert len({run_id(r) for r in runs}) == 1, runs
     steps = [r["trainer/global_step"] for run in runs for r in history(run) if "train/loss" in r]
     assert steps == [0, 1, 2, 3]
 

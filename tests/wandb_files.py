@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
 BLOCK = 32 * 1024  # LevelDB log format: 32 KiB blocks, 7-byte record headers
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+RUN_FOLDER = re.compile(r"(?:offline-)?run-\d{8}_\d{6}-([0-9a-z]+)(?:-\d+)?$")
+
+
+def run_id(folder: Path) -> str:
+    """The run id in a W&B run folder's name; W&B adds `-1`, `-2` when a folder of that second exists."""
+    match = RUN_FOLDER.match(folder.name)
+    assert match, f"{folder} is no W&B run folder"
+    return match.group(1)
 
 
 def records(path: Path):
