@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from sdtrain import speed
 from sdtrain.batch import POSITION
 
 
@@ -97,7 +98,8 @@ class DataPosition(Callback):
             return row[None]
         table = torch.zeros(world, row.numel(), dtype=torch.int64)
         table[rank] = row
-        return trainer.strategy.reduce(table.to(trainer.strategy.root_device), reduce_op="sum")
+        table = speed.to_device(table, trainer.strategy.root_device)  # no host sync per step
+        return trainer.strategy.reduce(table, reduce_op="sum")
 
     # ------------------------------------------------------------------ saving
 

@@ -108,6 +108,11 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     from sdtrain.models import load_tokenizer, tokenize
 
     dev, bf16 = torch.device("cuda"), torch.bfloat16
+    from sdtrain.speed import set_attention
+
+    for x in a.extra:  # the one pipeline override the plain loop takes too
+        if x.startswith("model.attention="):
+            set_attention(None if x.split("=", 1)[1] in ("null", "None") else x.split("=", 1)[1])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = fast
     unet = UNet2DConditionModel.from_pretrained(a.folder, subfolder="unet").to(dev)
@@ -274,7 +279,10 @@ def run_variant(
 ) -> dict | None:
     """One variant in its own process; its output goes to a log file; returns its row.
 
-    `spec` is VARIANT[:COMPILE][@GPUSxSTRATEGY], e.g. pipeline:None@4xfsdp."""
+    `spec` is VARIANT[:COMPILE][@GPUSxSTRATEGY][|OVERRIDE...], e.g. pipeline:None@4xfsdp or
+    'pipeline:unet|model.attention=cudnn' (overrides for this variant, after --extra's)."""
+    spec, *extra = spec.split("|")
+    label = "-".join(x.rpartition(".")[2] for x in extra)
     spec, _, par = spec.partition("@")
     gpus, strategy = par.split("x") if par else (str(a.gpus), a.strategy)
     v, _, comp = spec.partition(":")
@@ -297,8 +305,12 @@ def run_variant(
     cmd += ["--gpus", gpus, "--strategy", strategy, "--reduce-dtype", a.reduce_dtype]
     cmd += ["--param-dtype", str(a.param_dtype)]
     cmd += ["--channels-last" if a.channels_last else "--no-channels-last"]
-    cmd += [f"--extra={x}" for x in a.extra]
-    log_file = Path(a.logs or work) / f"{v}-{comp}-{gpus}x{strategy}-{case}.log"
+    cmd += [f"--extra={x}" for x in [*a.extra, *extra]]
+    name = f"{v}-{comp}-{gpus}x{strategy}-{case}" + (f"-{label}" if label else "")
+    log_file = (
+        Path(a.logs or work)
+        / f"{''.join(c if c.isalnum() or c in '-_.=' else '_' for c in name)}.log"
+    )
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as f:
         # own process group: a timed-out pipeline's training process must not outlive it
@@ -325,7 +337,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=list(VARIANTS),
-        help="VARIANT[:COMPILE][@GPUSxSTRATEGY] each, e.g. pipeline:None@4xfsdp",
+        help="VARIANT[:COMPILE][@GPUSxSTRATEGY][|OVERRIDE...] each, e.g. pipeline:None@4xfsdp",
     )
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=15, help="untimed steps first (compile)")

@@ -49,6 +49,8 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         gradient_checkpointing: trade compute for memory in the U-Net.
         compile: torch.compile the U-Net: None (eager), "unet" (whole) or "blocks" (regional).
         channels_last: NHWC memory format for the U-Net (faster convolutions on GPUs).
+        attention: the fused attention kernel: None (PyTorch's choice), "flash", "efficient" or
+            "cudnn" (`speed.set_attention`).
         max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
             stops; each such step is skipped on every rank (`sdtrain.nonfinite`).
         max_bad_data_fraction: stop with an error naming the worst shards once more than this
@@ -82,6 +84,7 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         gradient_checkpointing: bool = False,
         compile: str | None = None,
         channels_last: bool = False,
+        attention: str | None = None,
         max_nonfinite_in_a_row: int = 10,
         max_bad_data_fraction: float | None = 0.5,
         fsdp_reduce_dtype: str = "float32",
@@ -91,7 +94,7 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
-        speed.check(compile)
+        speed.check(compile, attention)
         num_train = parts.noise_scheduler.config.num_train_timesteps
         diffusion.check_options(loss, huber_c, huber_schedule, input_perturbation,
                                 timestep_sampling, logit_normal, timestep_range, num_train)  # fmt: skip
@@ -188,6 +191,7 @@ class StableDiffusionModule(Encoders, L.LightningModule):
             log.warning("model.channels_last=true is ignored under trainer=fsdp")
         elif self.hparams.channels_last:
             speed.to_channels_last(self.unet)
+        speed.set_attention(self.hparams.attention)
         speed.compile_unet(self.unet, self.hparams.compile)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
@@ -248,7 +252,7 @@ class StableDiffusionModule(Encoders, L.LightningModule):
 
         self.count_skipped(batch)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/lr", speed.scalar(self.optimizers().param_groups[0]["lr"], self.device))
         self.log("data/skipped", self.skips.total.float())
         for kind, n in zip(B.SKIP_KINDS, self.skips.by_kind.float(), strict=True):
             self.log(f"data/skipped/{kind}", n)
@@ -321,7 +325,8 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         params = (p for _, p in self.trainable_parameters())
         self._skip_update = self.nonfinite.check(params, self.global_step + 1, reduce)
         if self._trainer is not None:
-            self.log("train/skipped_nonfinite", float(self.nonfinite.total), reduce_fx="max")
+            skipped = speed.scalar(self.nonfinite.total, self.device)  # a float would sync
+            self.log("train/skipped_nonfinite", skipped, reduce_fx="max")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch),

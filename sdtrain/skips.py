@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from sdtrain import batch as B
+from sdtrain import speed
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class SkipTally:
         n = int(batch.get(B.SKIPPED, 0))
         kinds = batch.get(B.SKIPPED_KINDS) or {}
         counts = [n] + [kinds.get(k, 0) for k in B.SKIP_KINDS] + [n + B.batch_size(batch)]
-        counts = torch.tensor(counts, dtype=torch.int64, device=device)  # exact past 2**24
+        # int64: exact past 2**24; no host sync on a GPU (it would stall every step)
+        counts = speed.to_device(torch.tensor(counts, dtype=torch.int64), device)
         if reduce is not None:
             counts = reduce(counts)
         self.total = self.total.to(device) + counts[0]

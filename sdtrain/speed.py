@@ -4,6 +4,9 @@
   on its own: regional compile, shorter warm-up, the same kernels where the time goes). Compiled in
   place with `nn.Module.compile`, so parameter names, checkpoints and the EMA are unchanged.
 - `channels_last`: NHWC memory format for the U-Net's convolutions (cuDNN's fast layout on GPUs).
+- `attention`: which fused kernel serves `scaled_dot_product_attention` (the U-Net's attention):
+  None leaves PyTorch's own choice; "flash", "efficient" or "cudnn" allows only that one (the math
+  kernel stays as the fallback for shapes it cannot take). Set per process, before compiling.
 - `float32_matmul_precision`: "high" lets fp32 matmuls use TF32 on Ampere and later ("highest"
   keeps full fp32). Set once per process, before the first matmul.
 """
@@ -18,11 +21,26 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = (None, "unet", "blocks")
+ATTENTION = (None, "flash", "efficient", "cudnn")
 
 
-def check(compile: str | None) -> None:
+def check(compile: str | None, attention: str | None = None) -> None:
     if compile not in COMPILE_MODES:
         raise ValueError(f"model.compile={compile!r} is not one of {list(COMPILE_MODES)}")
+    if attention not in ATTENTION:
+        raise ValueError(f"model.attention={attention!r} is not one of {list(ATTENTION)}")
+
+
+def set_attention(name: str | None) -> None:
+    """Allow only the `name` fused SDPA kernel (plus the math fallback); None changes nothing."""
+    check(None, name)
+    if name is None:
+        return
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_math_sdp(True)
+    log.info("attention: %s kernel (math as the fallback)", name)
 
 
 def compile_unet(unet: nn.Module, mode: str | None, **options) -> None:
@@ -38,6 +56,19 @@ def compile_unet(unet: nn.Module, mode: str | None, **options) -> None:
         if block is not None:
             block.compile(**options)
     log.info("compiled %d U-Net blocks (regional compile)", len(blocks))
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without a host sync: a plain copy to a GPU waits for every
+    kernel queued before it, so per-step counters go through (cached) pinned memory instead."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A float as a 0-d tensor on `device`, filled there (no host-to-device copy, no sync)."""
+    return torch.full((), float(value), device=device)
 
 
 def to_channels_last(unet: nn.Module) -> None:

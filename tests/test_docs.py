@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import sdtrain.train
 from tests.conftest import CONF, ROOT
-from tests.test_readme import BLOCKS
+from tests.readme_blocks import BLOCKS
 from tests.test_train import _cli
 
 

@@ -49,3 +49,42 @@ def test_module_applies_channels_last_and_compile():
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     with pytest.raises(ValueError, match="model.compile"):
         StableDiffusionModule(build_parts(32), optimizer=partial(torch.optim.AdamW), compile="all")
+
+
+@pytest.fixture
+def sdpa_flags():
+    """SDPA kernel switches are process-wide: put them back after the test."""
+    cuda = torch.backends.cuda
+    saved = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled())
+    yield
+    cuda.enable_flash_sdp(saved[0])
+    cuda.enable_mem_efficient_sdp(saved[1])
+    cuda.enable_cudnn_sdp(saved[2])
+    cuda.enable_math_sdp(True)
+
+
+@pytest.mark.parametrize("name", ["flash", "efficient", "cudnn"])
+def test_attention_allows_only_the_named_kernel_and_keeps_outputs(name: str, sdpa_flags):
+    unet = build_parts(32).unet.eval()
+    x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        want = unet(x, t, encoder_hidden_states=c).sample
+    m = StableDiffusionModule(build_parts(32), optimizer=partial(torch.optim.AdamW), attention=name)
+    m.unet.load_state_dict(unet.state_dict())
+    m.configure_model()
+    cuda = torch.backends.cuda
+    on = {
+        "flash": cuda.flash_sdp_enabled(),
+        "efficient": cuda.mem_efficient_sdp_enabled(),
+        "cudnn": cuda.cudnn_sdp_enabled(),
+    }
+    assert on == {k: k == name for k in on} and cuda.math_sdp_enabled()
+    with torch.no_grad():  # on the CPU every choice ends in the math kernel: the same numbers
+        torch.testing.assert_close(m.unet(x, t, encoder_hidden_states=c).sample, want)
+
+
+def test_bad_attention_names_the_key():
+    with pytest.raises(ValueError, match="model.attention='sage'"):
+        StableDiffusionModule(
+            build_parts(32), optimizer=partial(torch.optim.AdamW), attention="sage"
+        )
