@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from sdtrain.export import main as export_main
@@ -14,36 +15,46 @@ from tests.test_resume_parity import assert_same
 from tests.test_train import _cli
 
 
-def test_fsdp_trains_saves_whole_weights_resumes_exactly_and_exports(
-    tiny_model: Path, shards: str, tmp_path: Path
-):
-    def run(folder: Path, *extra: str) -> None:
-        args = tiny_overrides(tiny_model, shards, 4) + [
-            "trainer=fsdp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.precision=32-true",
-            "trainer.enable_progress_bar=false",
-            "logger=csv",
-            "data.resampled=false",
-            "callbacks.model_checkpoint.every_n_train_steps=2",
-            f"hydra.run.dir={folder}",
-            *extra,
-        ]
-        proc = _cli(args, tmp_path, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+def run_two_ranks(strategy: str, folder: Path, tiny_model: Path, shards: str, *extra: str) -> None:
+    """4 steps of the tiny model on 2 CPU processes (gloo) under trainer=STRATEGY, in fp32."""
+    args = tiny_overrides(tiny_model, shards, 4) + [
+        f"trainer={strategy}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        "data.resampled=false",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        f"hydra.run.dir={folder}",
+        *extra,
+    ]
+    proc = _cli(args, folder.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(straight)
+
+@pytest.fixture(scope="module")
+def straight(tiny_model: Path, shards: str, tmp_path_factory) -> Path:
+    """An FSDP run of 4 steps from the start."""
+    folder = tmp_path_factory.mktemp("fsdp") / "straight"
+    run_two_ranks("fsdp", folder, tiny_model, shards)
+    return folder
+
+
+def load(folder: Path) -> dict:
+    return torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_fsdp_trains_saves_whole_weights_resumes_exactly_and_exports(
+    straight: Path, tiny_model: Path, shards: str, tmp_path: Path
+):
+    resumed = tmp_path / "resumed"
     assert "FSDP: U-Net sharded over 2 ranks" in (straight / "train.log").read_text()
     assert (straight / "samples" / "step_0000004.png").is_file()  # sampling ran on both ranks
     step2 = straight / "checkpoints" / "step_0000002.ckpt"
-    run(resumed, f"ckpt_path={step2}")
+    run_two_ranks("fsdp", resumed, tiny_model, shards, f"ckpt_path={step2}")
 
-    a, b = (
-        torch.load(f / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-        for f in (straight, resumed)
-    )
+    a, b = load(straight), load(resumed)
     assert a["global_step"] == b["global_step"] == 4
     shadow = a["sdtrain"]["ema"]["shadow"]
     weights = {k[len("unet.") :]: v for k, v in a["state_dict"].items()}
@@ -59,3 +70,31 @@ def test_fsdp_trains_saves_whole_weights_resumes_exactly_and_exports(
 
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet")
     assert torch.equal(unet.state_dict()["conv_in.weight"], shadow["conv_in.weight"])
+
+
+def test_fsdp_trains_like_ddp(straight: Path, tiny_model: Path, shards: str, tmp_path: Path):
+    """The same 2 ranks, seed and data under DDP: the same weights and EMA after 4 steps (fp32;
+    only the order of the gradient sums differs). Catches a shard-local gradient clip, a
+    gradient sum not averaged over ranks, or an optimizer or EMA step that sees one shard wrong."""
+    ddp = tmp_path / "ddp"
+    run_two_ranks("ddp", ddp, tiny_model, shards)
+    a, b = load(straight), load(ddp)
+    assert a["global_step"] == b["global_step"] == 4
+    start = load_start(tiny_model)
+    moved = 0
+    for key, want in b["state_dict"].items():
+        got = a["state_dict"][key]
+        torch.testing.assert_close(
+            got, want, rtol=1e-4, atol=2e-6, msg=lambda m, k=key: f"{k}: {m}"
+        )
+        moved += not torch.equal(want, start[key[len("unet.") :]])
+    assert moved > len(start) // 2  # the steps changed the weights: the match is not trivial
+    ema_a, ema_b = (c["sdtrain"]["ema"]["shadow"] for c in (a, b))
+    for key in ema_b:
+        torch.testing.assert_close(ema_a[key], ema_b[key], rtol=1e-4, atol=2e-6)
+
+
+def load_start(tiny_model: Path) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
