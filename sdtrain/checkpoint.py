@@ -107,11 +107,57 @@ def upgrade(ckpt: dict[str, Any], where: str = "checkpoint") -> dict[str, Any]:
     return ckpt
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file (`weights_only=True`, on the CPU) and upgrade it to this layout."""
+SHARDED_META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor part
+SHARDED_EMA = "ema_shadow"  # the EMA's shards beside the weights' (sdtrain.sharding.FSDPStrategy)
+
+
+def is_sharded(path: str | Path) -> bool:
+    """A sharded checkpoint: the folder trainer=fsdp writes with save_distributed_checkpoint."""
     path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / SHARDED_META).is_file()
+
+
+def sharded_keys(path: Path, group: str) -> set[str]:
+    """The keys saved under `group` ("state_dict", SHARDED_EMA, ...) in a sharded checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    names = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len(group) + 1 :] for k in names if k.startswith(group + ".")}
+
+
+def load_sharded(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint as one whole checkpoint in memory (no processes needed): meta.pt
+    with the weights and the EMA's shards put together; the optimizer state is left out."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "whole.pt")
+        whole = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
+    ckpt["state_dict"] = whole["state_dict"]
+    ema = (ckpt.get(ROOT) or {}).get("ema")
+    if ema and ema.pop("sharded", False):
+        ema["shadow"] = whole[SHARDED_EMA]
+    return ckpt
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file (`weights_only=True`, on the CPU), or a sharded checkpoint folder,
+    and upgrade it to this layout."""
+    path = Path(path)
+    if is_sharded(path):
+        return upgrade(load_sharded(path), str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} is not a file")
+        raise FileNotFoundError(
+            f"checkpoint {path} is not a file"
+            + (
+                " (a folder, but no sharded checkpoint: no .metadata and meta.pt)"
+                if path.is_dir()
+                else ""
+            )
+        )
     if not zipfile.is_zipfile(
         path
     ):  # torch.save writes a zip archive; torch's own error is cryptic

@@ -103,11 +103,14 @@ class EMA:
                 for k, p in params.items():
                     p.copy_(backup[k])
 
-    def state_dict(self) -> dict[str, Any]:
-        # whole tensors: under FSDP each shard is gathered (a collective: call on every rank)
+    def state_dict(self, gather: bool = True) -> dict[str, Any]:
+        """gather: whole tensors (under FSDP each shard is gathered: a collective, call on every
+        rank); False keeps FSDP's shards as they are, for a sharded checkpoint (no full copy)."""
         shadow = None
-        if self.shadow is not None:
+        if self.shadow is not None and gather:
             shadow = {k: sharding.full(v).cpu() for k, v in self.shadow.items()}
+        elif self.shadow is not None:
+            shadow = dict(self.shadow)
         return {
             "shadow": shadow,
             "num_updates": self.num_updates,

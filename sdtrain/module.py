@@ -377,7 +377,8 @@ class StableDiffusionModule(Encoders, L.LightningModule):
             "lora": lora.describe(self.unet, self.text_encoder),  # export rebuilds the adapters
             "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),  # export keeps it
         }
-        ema = self.ema.state_dict() if self.ema is not None else None
+        gather = not sharding.saves_sharded(self._trainer and self._trainer.strategy)  # or shards
+        ema = self.ema.state_dict(gather) if self.ema is not None else None
         skips = self.skips.state()
         ckpt[checkpoint.ROOT] = checkpoint.build(
             run, ema, skips["total"], self.nonfinite.total, skips["by_kind"], skips["drawn"]

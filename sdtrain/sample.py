@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdtrain.checkpoint import is_sharded
 from sdtrain.sampling import build_pipeline, generate, grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,7 +51,7 @@ def load_pipeline(
 ):
     """A pipeline over a checkpoint's U-Net or an exported folder, with the given sampler."""
     path = Path(model).expanduser()
-    if path.is_file():
+    if path.is_file() or is_sharded(path):  # a checkpoint: one file, or trainer=fsdp's folder
         from sdtrain.export import checkpoint_parts
 
         p = checkpoint_parts(path, ema, pretrained)

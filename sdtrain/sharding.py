@@ -18,6 +18,7 @@ bf16 to halve the traffic).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,9 +55,73 @@ class FSDPStrategy(ModelParallelStrategy):
         self._data_parallel_size = self.world_size  # known once the processes exist
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Sharded (save_distributed_checkpoint): Lightning's layout (a folder of one
+        torch.distributed.checkpoint file per rank plus meta.pt from rank 0) with the EMA's
+        shards beside the weights' instead of a gathered copy in meta.pt."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        import torch.distributed.checkpoint as dcp
+
+        from sdtrain import checkpoint as C
+
+        path = Path(self.broadcast(filepath))
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        for i, optim in enumerate(checkpoint.pop("optimizer_states", [])):
+            state[f"optimizer_{i}"] = optim
+        ema = (checkpoint.get(C.ROOT) or {}).get("ema")
+        if ema and ema.get("shadow") is not None:
+            state[C.SHARDED_EMA], ema["shadow"], ema["sharded"] = ema["shadow"], None, True
+        dcp.save(state, checkpoint_id=path)
+        if self.global_rank == 0:
+            torch.save(checkpoint, path / C.SHARDED_META)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """A sharded folder: what this run trains, its optimizer state and the EMA's shards,
+        each read into this rank's shards; a file: Lightning's own loading."""
+        from sdtrain import checkpoint as C
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not C.is_sharded(path):
+            return super().load_checkpoint(path, weights_only)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        module = self.lightning_module
+        saved = C.sharded_keys(path, "state_dict")
+        weights = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
+        dcp.load({"state_dict": weights}, checkpoint_id=path)
+        set_model_state_dict(self.model, weights, options=StateDictOptions(strict=False))
+        for i, optim in enumerate(self.optimizers):
+            osd = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optim)}
+            dcp.load(osd, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optim, optim_state_dict=osd[f"optimizer_{i}"])
+        meta = torch.load(path / C.SHARDED_META, map_location="cpu", weights_only=weights_only)
+        ema = (meta.get(C.ROOT) or {}).get("ema")
+        if ema and ema.get("sharded"):
+            params = dict(module.trainable_parameters())
+            shadow = {k: torch.empty_like(params[k], dtype=torch.float32) for k in params}
+            dcp.load({C.SHARDED_EMA: shadow}, checkpoint_id=path)
+            ema["shadow"] = shadow
+        return meta
+
 
 def is_fsdp(strategy) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
+
+
+def saves_sharded(strategy) -> bool:
+    """Whether `strategy` writes sharded checkpoints (trainer.strategy.save_distributed_checkpoint)."""
+    return is_fsdp(strategy) and bool(getattr(strategy, "_save_distributed_checkpoint", False))
 
 
 def shard_unet(
@@ -105,7 +170,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`value` (a whole tensor) placed as `param` is: sharded the same way if it is a DTensor."""
+    """`value` (a whole tensor) placed as `param` is: sharded the same way if it is a DTensor.
+    A `value` already sharded as `param` is (from a sharded checkpoint) stays as it is."""
+    if hasattr(value, "device_mesh") and hasattr(param, "device_mesh"):
+        if value.device_mesh == param.device_mesh and value.placements == param.placements:
+            return value
+        value = value.full_tensor()
     value = value.to(param.device if not hasattr(param, "device_mesh") else local(param).device)
     if hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor

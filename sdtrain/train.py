@@ -68,8 +68,10 @@ def checkpoint_file(cfg: DictConfig) -> Path | None:
         dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
         path = Path(dirpath or Path(cfg.paths.output_dir) / "checkpoints") / "last.ckpt"
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: {path} is not a file")
+    if not path.is_file() and not checkpoint.is_sharded(path):
+        raise FileNotFoundError(
+            f"ckpt_path: {path} is not a file (nor a sharded checkpoint folder)"
+        )
     return path
 
 

@@ -98,3 +98,39 @@ def load_start(tiny_model: Path) -> dict[str, torch.Tensor]:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
+
+
+def test_sharded_checkpoints_keep_the_ema_in_shards_resume_exactly_and_export(
+    straight: Path, tiny_model: Path, shards: str, tmp_path: Path
+):
+    """save_distributed_checkpoint=true: a folder per checkpoint (one file per rank + meta.pt)
+    holding the EMA as shards (no gathered copy anywhere), the same training as the gathered
+    files, an exact resume from it, and exports and loads without any processes."""
+    from sdtrain import checkpoint as C
+
+    sharded = ["trainer.strategy.save_distributed_checkpoint=true"]
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    run_two_ranks("fsdp", first, tiny_model, shards, *sharded)
+    last = first / "checkpoints" / "last.ckpt"
+    assert C.is_sharded(last) and len(list(last.glob("*.distcp"))) == 2
+    meta = torch.load(last / C.SHARDED_META, map_location="cpu", weights_only=True)
+    assert meta["sdtrain"]["ema"]["shadow"] is None and meta["sdtrain"]["ema"]["sharded"]
+    gathered = load(straight)
+    assert C.sharded_keys(last, C.SHARDED_EMA) == set(gathered["sdtrain"]["ema"]["shadow"])
+
+    got = C.load(last)  # put together in this one process
+    for key in ("state_dict", "sdtrain"):  # the same training as the gathered run's
+        assert_same(got[key], gathered[key], key)
+
+    step2 = first / "checkpoints" / "step_0000002.ckpt"
+    run_two_ranks("fsdp", resumed, tiny_model, shards, *sharded, f"ckpt_path={step2}")
+    again = C.load(resumed / "checkpoints" / "last.ckpt")
+    for key in ("state_dict", "sdtrain"):
+        assert_same(again[key], gathered[key], key)
+
+    export_main([str(last), str(tmp_path / "export")])
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet")
+    shadow = gathered["sdtrain"]["ema"]["shadow"]
+    assert torch.equal(unet.state_dict()["conv_in.weight"], shadow["conv_in.weight"])
