@@ -143,6 +143,17 @@ def load_sharded(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """What a resume checks first (step, run record): a sharded checkpoint's meta.pt alone (its
+    tensors stay on disk: every rank reads this), or the whole file otherwise (memory-mapped)."""
+    path = Path(path)
+    if not is_sharded(path):
+        return load(path)
+    return upgrade(
+        torch.load(path / SHARDED_META, map_location="cpu", weights_only=True), str(path)
+    )
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file (`weights_only=True`, on the CPU), or a sharded checkpoint folder,
     and upgrade it to this layout."""

@@ -147,12 +147,25 @@ def check_targets(cfg: DictConfig) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint `ckpt_path` names, read now: a bad file is named before any model loads."""
     try:
-        return checkpoint.load(path)
+        return checkpoint.load_meta(path)
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(
             f"ckpt_path: {e}; resume from a .ckpt that sdtrain-train wrote (ckpt_path=last, or "
             "another file in the run's checkpoints/)"
         ) from None
+
+
+def check_sharded_resume(cfg: DictConfig, path: Path) -> None:
+    """A sharded checkpoint holds FSDP's shards and optimizer layout: only trainer=fsdp resumes it."""
+    target = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="") or "")
+    if checkpoint.is_sharded(path) and not target.endswith(
+        ("FSDPStrategy", "ModelParallelStrategy")
+    ):
+        raise ValueError(
+            f"ckpt_path: {path} is a sharded checkpoint (written by trainer=fsdp with "
+            "save_distributed_checkpoint=true): resume it with trainer=fsdp, or export it with "
+            "sdtrain-export and start a new run from the export (model.pretrained=...)"
+        )
 
 
 def finished(cfg: DictConfig, ckpt: Path, saved: dict[str, Any]) -> bool:
@@ -201,6 +214,7 @@ def prepare(cfg: DictConfig) -> Prepared | None:
     batching.apply(cfg)  # data.batch_size, accumulation and lr from the global batch
     ckpt = checkpoint_file(cfg)
     if ckpt is not None:
+        check_sharded_resume(cfg, ckpt)
         saved = load_checkpoint(ckpt)
         if finished(cfg, ckpt, saved):
             return None

@@ -134,3 +134,9 @@ def test_sharded_checkpoints_keep_the_ema_in_shards_resume_exactly_and_export(
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet")
     shadow = gathered["sdtrain"]["ema"]["shadow"]
     assert torch.equal(unet.state_dict()["conv_in.weight"], shadow["conv_in.weight"])
+
+    # only FSDP reads its optimizer layout: DDP refuses it by name before any model loads
+    args = tiny_overrides(tiny_model, shards, 6) + ["trainer=ddp", "trainer.precision=32-true"]
+    proc = _cli([*args, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path)
+    assert proc.returncode != 0
+    assert f"{last} is a sharded checkpoint" in proc.stderr and "trainer=fsdp" in proc.stderr
