@@ -20,7 +20,7 @@ set -euo pipefail
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"  # keep NVLink multicast off where it is unsupported
 run="${SDTRAIN_RUN_DIR:-outputs/slurm/${SLURM_JOB_ID:?run under sbatch (SLURM_JOB_ID is unset)}}"
 resume=()
-if [[ -f "$run/checkpoints/last.ckpt" ]]; then
+if [[ -f "$run/checkpoints/last.ckpt" || -f "$run/checkpoints/last.ckpt/meta.pt" ]]; then  # a file, or trainer=fsdp's sharded folder
   resume=(ckpt_path=last)
   echo "slurm.sh: resuming $run from checkpoints/last.ckpt (restart ${SLURM_RESTART_COUNT:-?})"
 fi

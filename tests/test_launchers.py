@@ -158,3 +158,26 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_resumes(
     out, _ = requeued.communicate(timeout=600)
     assert requeued.returncode == 0, out[-4000:]
     assert step_of(last) == step + 2
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded-folder"])
+def test_slurm_resumes_from_a_last_checkpoint_file_or_sharded_folder(
+    sharded: bool, tmp_path: Path, env: dict[str, str]
+):
+    """The start-up rule alone (srun records its command): checkpoints/last.ckpt as one file,
+    or as trainer=fsdp's sharded folder (meta.pt inside), makes the job resume from `last`."""
+    (tmp_path / "shims" / "srun").write_text('#!/usr/bin/env bash\necho "$@" > "$SRUN_LOG"\n')
+    last = tmp_path / "outputs" / "slurm" / "77" / "checkpoints" / "last.ckpt"
+    if sharded:
+        last.mkdir(parents=True)
+        (last / "meta.pt").write_bytes(b"")
+    else:
+        last.parent.mkdir(parents=True)
+        last.write_bytes(b"")
+    log = tmp_path / "srun.log"
+    proc = slurm(
+        [], dict(slurm_env(env, "77", tmp_path / "scontrol.log"), SRUN_LOG=str(log)), tmp_path
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "resuming" in out and log.read_text().split()[-1] == "ckpt_path=last", log.read_text()
