@@ -125,6 +125,11 @@ def sharded_keys(path: Path, group: str) -> set[str]:
     return {k[len(group) + 1 :] for k in names if k.startswith(group + ".")}
 
 
+def read_meta(path: Path, weights_only: bool | None = True) -> dict[str, Any]:
+    """A sharded checkpoint's meta.pt: everything but the tensors that are sharded."""
+    return torch.load(path / SHARDED_META, map_location="cpu", weights_only=weights_only)
+
+
 def load_sharded(path: Path) -> dict[str, Any]:
     """A sharded checkpoint as one whole checkpoint in memory (no processes needed): meta.pt
     with the weights and the EMA's shards put together; the optimizer state is left out."""
@@ -132,7 +137,7 @@ def load_sharded(path: Path) -> dict[str, Any]:
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    ckpt = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+    ckpt = read_meta(path)
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, Path(tmp) / "whole.pt")
         whole = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
@@ -149,9 +154,7 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not is_sharded(path):
         return load(path)
-    return upgrade(
-        torch.load(path / SHARDED_META, map_location="cpu", weights_only=True), str(path)
-    )
+    return upgrade(read_meta(path), str(path))
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -96,8 +96,13 @@ class FSDPStrategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
+        from sdtrain import lora
+
         module = self.lightning_module
         saved = C.sharded_keys(path, "state_dict")
+        missing = sorted(lora.checkpoint_keys(module.unet, module.text_encoder) - saved)
+        if missing:  # what this run trains must all be there (the frozen parts reload)
+            raise KeyError(f"{path} lacks {len(missing)} trained weights, e.g. {missing[0]}")
         weights = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
         dcp.load({"state_dict": weights}, checkpoint_id=path)
         set_model_state_dict(self.model, weights, options=StateDictOptions(strict=False))
@@ -105,7 +110,7 @@ class FSDPStrategy(ModelParallelStrategy):
             osd = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optim)}
             dcp.load(osd, checkpoint_id=path)
             set_optimizer_state_dict(self.model, optim, optim_state_dict=osd[f"optimizer_{i}"])
-        meta = torch.load(path / C.SHARDED_META, map_location="cpu", weights_only=weights_only)
+        meta = C.read_meta(path, weights_only)
         ema = (meta.get(C.ROOT) or {}).get("ema")
         if ema and ema.get("sharded"):
             params = dict(module.trainable_parameters())
