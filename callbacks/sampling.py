@@ -84,7 +84,7 @@ class SampleImages(EveryNSteps):
         self.sample(trainer, pl_module)
 
     def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = self.last_round = trainer.global_step
+        step = trainer.global_step  # EveryNSteps has recorded it as last_round
         pipe = pl_module.pipeline(self.sampler)
         was_training = pl_module.training
         pl_module.eval()

@@ -240,7 +240,7 @@ class ValidationLoss(EveryNSteps):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Evaluate raw and EMA weights, log the values to every logger and to the trainer's
         callback_metrics (what `train()` returns from)."""
-        step = self.last_round = trainer.global_step
+        step = trainer.global_step  # EveryNSteps has recorded it as last_round
         if self._batches is None:
             return {}
         reduce = None
