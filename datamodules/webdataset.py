@@ -10,6 +10,7 @@ from dataclasses import replace
 import lightning as L
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader
 
 from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_buckets
 from sdtrain.datamodules.captions import caption_processor
@@ -334,7 +335,7 @@ class WebDataModule(L.LightningDataModule):
             return BucketBatcher(size, collate)
         return wds.batched(size, collation_fn=collate, partial=False)
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_dataloader(self) -> DataLoader:
         # read now: on resume the trainer has just restored its step and the data position
         order = self.order = self.data_order()
         log.info(
@@ -346,7 +347,10 @@ class WebDataModule(L.LightningDataModule):
             ", continuing where the checkpoint left off" if order.resume else "",
         )
         workers = self.hparams.num_workers
-        return wds.WebLoader(
+        # a plain DataLoader, not wds.WebLoader (a pipeline around one): Lightning shuts the
+        # persistent workers down when fit ends only if it can see the DataLoader; hidden in
+        # WebLoader they lived on until garbage collection (5 s a worker; a sweep's trials piled up)
+        return DataLoader(
             self.pipeline(order),
             batch_size=None,
             num_workers=workers,

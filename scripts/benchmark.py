@@ -218,7 +218,7 @@ def run_variant(
     name = f"{v}-{comp}-{gpus}x{strategy}-{case}" + (f"-{label}" if label else "")
     log_file = (
         Path(a.logs or work)
-        / f"{''.join(c if c.isalnum() or c in '-_.=' else '_' for c in name)}.log"
+        / f"{''.join(c if c.isalnum() or c in '-_.' else '_' for c in name)}.log"
     )
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as f:

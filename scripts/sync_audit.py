@@ -31,7 +31,7 @@ def main() -> None:
         if "synchronizing" not in str(message):
             return
         stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith(SKIP)]
-        places["".join(traceback.format_list(stack[-6:]))] += 1
+        places["".join(traceback.format_list(stack[-10:]))] += 1
 
     warnings.showwarning = show
     warnings.simplefilter("always")

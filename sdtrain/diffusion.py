@@ -80,13 +80,26 @@ def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> 
     return gamma / torch.clamp(native, min=gamma)
 
 
-def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-    """What the U-Net should predict under the scheduler's `prediction_type`."""
+def target_for(
+    scheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What the U-Net should predict under the scheduler's `prediction_type`.
+
+    The v target sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022) in fp32, as `add_noise`,
+    from `alphas_cumprod` (default: the scheduler's); the module passes its copy on the GPU.
+    """
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
+        alphas = scheduler.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
+        a = alphas.to(device=latents.device, dtype=torch.float32)[timesteps]
+        a = a.view(-1, *([1] * (latents.ndim - 1)))
+        return a.sqrt() * noise.float() - (1.0 - a).sqrt() * latents.float()
     raise ValueError(f"unsupported prediction_type {kind!r}; use 'epsilon' or 'v_prediction'")
 
 

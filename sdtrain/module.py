@@ -103,6 +103,10 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
+        # the schedule on the module's device: indexing the scheduler's CPU copy copied it to the
+        # GPU on every step, a host sync (not saved: the scheduler's config defines it)
+        alphas = parts.noise_scheduler.alphas_cumprod.to(torch.float32).clone()
+        self.register_buffer("alphas_cumprod", alphas, persistent=False)
         self.pretrained = parts.pretrained
         self.single_file_config = parts.single_file_config  # recorded: export reloads with it
         self.vae.requires_grad_(False).eval()
@@ -234,13 +238,13 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         b, t, noise = latents.shape[0], draws["t"], draws["noise"]
         if self.hparams.caption_dropout > 0:
             context = torch.where(draws["drop"][:, None, None], self.empty_context(b), context)
-        h, alphas = self.hparams, self.noise_scheduler.alphas_cumprod
+        h, alphas = self.hparams, self.alphas_cumprod
         model_noise = diffusion.perturbed_noise(noise, draws.get("perturb"), h.input_perturbation)
         noisy = diffusion.add_noise(alphas, latents, model_noise, t)  # the target keeps `noise`
-        target = diffusion.target_for(self.noise_scheduler, latents, noise, t)
+        target = diffusion.target_for(self.noise_scheduler, latents, noise, t, alphas)
         weights = None
         if self.hparams.min_snr_gamma:
-            snr_t = diffusion.snr(self.noise_scheduler.alphas_cumprod, t)
+            snr_t = diffusion.snr(alphas, t)
             weights = diffusion.min_snr_weights(
                 snr_t, self.hparams.min_snr_gamma, self.noise_scheduler.config.prediction_type
             )
@@ -251,7 +255,9 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights, h.loss, c)
 
         self.count_skipped(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        # a progress-bar metric is read back (.item(), a host sync) on every step: only with a bar
+        bar = self._trainer is not None and self._trainer.progress_bar_callback is not None
+        self.log("train/loss", loss, prog_bar=bar)
         self.log("train/lr", speed.scalar(self.optimizers().param_groups[0]["lr"], self.device))
         self.log("data/skipped", self.skips.total.float())
         for kind, n in zip(B.SKIP_KINDS, self.skips.by_kind.float(), strict=True):

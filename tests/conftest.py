@@ -50,6 +50,20 @@ def shards(tmp_path_factory) -> str:
     return str(base / "tars" / "{00000..00003}.tar")
 
 
+def cpu_trainer(**kw):
+    """A bare Lightning Trainer on the CPU: no logger, checkpoints, bar or summary unless given."""
+    import lightning as L
+
+    base = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**(base | kw))
+
+
 def compose_cfg(tmp: Path, overrides: list[str] | None = None) -> DictConfig:
     """The train config as `sdtrain-train` would see it, with hydra's run info filled in."""
     GlobalHydra.instance().clear()

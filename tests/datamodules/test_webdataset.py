@@ -14,6 +14,7 @@ from PIL import Image
 
 from sdtrain import demo
 from sdtrain.datamodules.webdataset import WebDataModule, expand_shards
+from tests.conftest import cpu_trainer
 
 
 def batches(dm: WebDataModule, n: int) -> list[dict]:
@@ -147,14 +148,7 @@ def test_training_runs_on_past_broken_samples_and_logs_the_count(tmp_path: Path,
     model = StableDiffusionModule(
         load_parts(tiny_model), optimizer=partial(torch.optim.AdamW, lr=1e-4)
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(max_steps=6)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 6
     assert trainer.callback_metrics["data/skipped"] >= 2
@@ -331,3 +325,29 @@ def test_skips_are_counted_by_kind(tmp_path: Path, tiny_model: Path):
 def test_bad_limits_are_named(tiny_model: Path, shards: str):
     with pytest.raises(ValueError, match=r"data.max_image_pixels=0"):
         WebDataModule(shards, str(tiny_model), max_image_pixels=0)
+
+
+class _Constant(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_worker_processes_end_with_the_fit(shards: str, tiny_model: Path):
+    """The persistent loader workers stop when fit returns. Inside wds.WebLoader Lightning could
+    not see the DataLoader to shut them down: they lived on until garbage collection, which then
+    waited 5 s for each (and each trial of an in-process sweep left its own)."""
+    import multiprocessing as mp
+
+    before = set(mp.active_children())
+    dm = WebDataModule(shards, str(tiny_model), resolution=16, batch_size=8, num_workers=2)
+    trainer = cpu_trainer(max_steps=3)
+    trainer.fit(_Constant(), datamodule=dm)
+    assert trainer.global_step == 3
+    assert set(mp.active_children()) - before == set()

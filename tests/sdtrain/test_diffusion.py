@@ -52,6 +52,10 @@ def test_targets_follow_prediction_type():
     a = v.alphas_cumprod[t].view(-1, 1, 1, 1)
     expected = a.sqrt() * noise - (1 - a).sqrt() * lat  # v = sqrt(a) eps - sqrt(1-a) x0
     assert torch.allclose(diffusion.target_for(v, lat, noise, t), expected, atol=1e-6)
+    # from bf16 latents still in fp32 (diffusers' get_velocity computes in the latents' dtype)
+    got = diffusion.target_for(v, lat.bfloat16(), noise, t, v.alphas_cumprod.double())
+    want = a.double().sqrt() * noise.double() - (1 - a.double()).sqrt() * lat.bfloat16().double()
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-6)
 
 
 def test_weighted_loss_and_noise_offset():

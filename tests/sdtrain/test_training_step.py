@@ -11,8 +11,9 @@ import torch
 
 from sdtrain.datamodules.webdataset import WebDataModule
 from sdtrain.models import load_parts
+from sdtrain.module import StableDiffusionModule
 from sdtrain.train import train
-from tests.conftest import compose_cfg, tiny_overrides
+from tests.conftest import compose_cfg, cpu_trainer, tiny_overrides
 from tests.sdtrain.recording import RecordingModule
 
 
@@ -20,14 +21,7 @@ def test_bf16_mixed_step_noises_in_fp32(tiny_model: Path, shards: str):
     m = RecordingModule(load_parts(tiny_model), optimizer=torch.optim.AdamW, caption_dropout=0.0)
     m.force_timesteps = torch.arange(4)  # t = 0..3: where bf16 rounds sigma_t to 0
     dm = WebDataModule(shards, str(tiny_model), resolution=32, batch_size=4, num_workers=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision="bf16-mixed",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    )
+    trainer = cpu_trainer(precision="bf16-mixed", max_steps=1, enable_model_summary=True)
     trainer.fit(m, datamodule=dm)
     r = m.record
     assert r["latents"].dtype == r["noise"].dtype == r["noisy"].dtype == torch.float32
@@ -65,3 +59,28 @@ def test_resumed_run_continues_the_random_stream(
     assert resumed[2] == full[2] and resumed[3] == full[3]  # the same stream, continued
     assert resumed[2] not in (full[0], full[1])  # not a replay of the first steps
     assert full[0] != full[1]
+
+
+def fit_two_steps(m: StableDiffusionModule, tiny_model: Path, shards: str, bar: bool) -> L.Trainer:
+    dm = WebDataModule(shards, str(tiny_model), resolution=32, batch_size=4, num_workers=0)
+    trainer = cpu_trainer(max_steps=2, enable_progress_bar=bar)
+    trainer.fit(m, datamodule=dm)
+    return trainer
+
+
+def test_the_step_reads_no_host_value_it_would_wait_for(tiny_model: Path, shards: str):
+    """Two host syncs a GPU step made: the schedule indexed from the scheduler's CPU copy (copied
+    to the GPU each step) and the loss as a progress-bar metric (read back with .item() each step,
+    even with the bar off). The schedule is now a buffer on the module's device, and the loss goes
+    to the bar only when there is one."""
+    parts = load_parts(tiny_model)
+    m = StableDiffusionModule(parts, optimizer=torch.optim.AdamW, caption_dropout=0.0)
+    want = parts.noise_scheduler.alphas_cumprod.float()
+    assert torch.equal(dict(m.named_buffers())["alphas_cumprod"], want)
+    assert "alphas_cumprod" not in m.state_dict()  # checkpoints unchanged
+    parts.noise_scheduler.alphas_cumprod = None  # never read now
+    trainer = fit_two_steps(m, tiny_model, shards, bar=False)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "train/loss" not in trainer.progress_bar_metrics
+    m = StableDiffusionModule(load_parts(tiny_model), optimizer=torch.optim.AdamW)
+    assert "train/loss" in fit_two_steps(m, tiny_model, shards, bar=True).progress_bar_metrics
