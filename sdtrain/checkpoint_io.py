@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 log = logging.getLogger(__name__)
 
 PARTIAL_MARK = ".tmp-"  # `.<name>.tmp-<pid>`: obviously partial, never `*.ckpt`
+ASIDE_MARK = ".old-"  # `.<name>.old-<pid>`: a sharded checkpoint being replaced (`replace_folder`)
 
 
 def partial_name(path: Path) -> Path:
@@ -77,17 +79,49 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
     fsync_folder(path.parent)
 
 
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Put the complete checkpoint folder `tmp` (a sharded save) in `path`'s place.
+
+    POSIX cannot swap a non-empty folder in one rename, so the old checkpoint is renamed aside
+    first (`.<name>.old-<pid>`), the new one renamed onto the name, and the old one deleted. A
+    kill between the two renames leaves no `path` but the old checkpoint whole beside it:
+    `remove_partial` puts it back.
+    """
+    aside = path.with_name(f".{path.name}{ASIDE_MARK}{os.getpid()}")
+    if path.exists() or path.is_symlink():
+        os.replace(path, aside)
+    os.replace(tmp, path)
+    fsync_folder(path.parent)
+    _delete(aside)
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_partial(folder: str | Path) -> list[Path]:
-    """Delete the temporary files of saves that never finished in `folder`; return them.
+    """Delete what saves that never finished left in `folder` (temporary files, and the folders
+    of sharded saves); return them. A checkpoint a killed `replace_folder` had set aside goes
+    back to its name when nothing took that name.
 
     Call it before the run saves anything: it does not tell another live writer's files apart.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.glob(f".*{PARTIAL_MARK}*") if p.is_file()]
+    for aside in sorted(folder.glob(f".*{ASIDE_MARK}*")):
+        name = folder / aside.name[1:].rsplit(ASIDE_MARK, 1)[0]
+        if name.exists() or name.is_symlink():
+            _delete(aside)
+        else:
+            os.replace(aside, name)
+            log.warning("put back %s: a killed save had set it aside", name.name)
+    stale = list(folder.glob(f".*{PARTIAL_MARK}*"))
     for p in stale:
-        p.unlink(missing_ok=True)
+        _delete(p)
     if stale:
         log.warning(
             "removed %d unfinished checkpoint file(s) of an earlier run: %s",

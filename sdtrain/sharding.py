@@ -18,6 +18,7 @@ bf16 to halve the traffic).
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -58,26 +59,34 @@ class FSDPStrategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         """Sharded (save_distributed_checkpoint): Lightning's layout (a folder of one
         torch.distributed.checkpoint file per rank plus meta.pt from rank 0) with the EMA's
-        shards beside the weights' instead of a gathered copy in meta.pt."""
+        shards beside the weights' instead of a gathered copy in meta.pt. Atomic as the files
+        are (sdtrain.checkpoint_io): written beside the target, renamed onto it once whole."""
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         import torch.distributed.checkpoint as dcp
 
         from sdtrain import checkpoint as C
+        from sdtrain.checkpoint_io import atomic_write, partial_name, replace_folder
 
         path = Path(self.broadcast(filepath))
-        if path.is_file():
-            path.unlink()
-        path.mkdir(parents=True, exist_ok=True)
+        # every rank writes its shard into rank 0's temporary folder beside the target, which
+        # takes the target's name only once complete: a kill mid-save leaves the old checkpoint
+        tmp = Path(self.broadcast(str(partial_name(path))))
+        if self.global_rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.barrier("sdtrain-sharded-save-start")
+        tmp.mkdir(parents=True, exist_ok=True)
         state = {"state_dict": checkpoint.pop("state_dict")}
         for i, optim in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{i}"] = optim
         ema = (checkpoint.get(C.ROOT) or {}).get("ema")
         if ema and ema.get("shadow") is not None:
             state[C.SHARDED_EMA], ema["shadow"], ema["sharded"] = ema["shadow"], None, True
-        dcp.save(state, checkpoint_id=path)
+        dcp.save(state, checkpoint_id=tmp)  # returns once every rank's shard is written
         if self.global_rank == 0:
-            torch.save(checkpoint, path / C.SHARDED_META)
+            atomic_write(tmp / C.SHARDED_META, lambda f: torch.save(checkpoint, f))  # fsynced
+            replace_folder(tmp, path)
+        self.barrier("sdtrain-sharded-save-end")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         """A sharded folder: what this run trains, its optimizer state and the EMA's shards,

@@ -15,9 +15,12 @@ from tests.test_resume_parity import assert_same
 from tests.test_train import _cli
 
 
-def run_two_ranks(strategy: str, folder: Path, tiny_model: Path, shards: str, *extra: str) -> None:
-    """4 steps of the tiny model on 2 CPU processes (gloo) under trainer=STRATEGY, in fp32."""
-    args = tiny_overrides(tiny_model, shards, 4) + [
+def two_rank_args(
+    strategy: str, tiny_model: Path, shards: str, steps: int, *extra: str, every: int = 2
+) -> list[str]:
+    """`steps` steps of the tiny model on 2 CPU processes (gloo) under trainer=STRATEGY, in fp32,
+    saving every `every` steps."""
+    return tiny_overrides(tiny_model, shards, steps) + [
         f"trainer={strategy}",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -25,10 +28,14 @@ def run_two_ranks(strategy: str, folder: Path, tiny_model: Path, shards: str, *e
         "trainer.enable_progress_bar=false",
         "logger=csv",
         "data.resampled=false",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
-        f"hydra.run.dir={folder}",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
         *extra,
     ]
+
+
+def run_two_ranks(strategy: str, folder: Path, tiny_model: Path, shards: str, *extra: str) -> None:
+    """4 steps of the tiny model on 2 CPU processes under trainer=STRATEGY, in fp32."""
+    args = two_rank_args(strategy, tiny_model, shards, 4, f"hydra.run.dir={folder}", *extra)
     proc = _cli(args, folder.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -115,6 +122,13 @@ def test_sharded_checkpoints_keep_the_ema_in_shards_resume_exactly_and_export(
     assert C.is_sharded(last) and len(list(last.glob("*.distcp"))) == 2
     meta = torch.load(last / C.SHARDED_META, map_location="cpu", weights_only=True)
     assert meta["sdtrain"]["ema"]["shadow"] is None and meta["sdtrain"]["ema"]["sharded"]
+    # saved at step 2, then replaced whole at step 4 (written beside it, renamed onto it)
+    assert meta["global_step"] == 4
+    assert sorted(p.name for p in last.parent.iterdir()) == [
+        "last.ckpt",
+        "step_0000002.ckpt",
+        "step_0000004.ckpt",
+    ]
     gathered = load(straight)
     assert C.sharded_keys(last, C.SHARDED_EMA) == set(gathered["sdtrain"]["ema"]["shadow"])
 
@@ -140,3 +154,59 @@ def test_sharded_checkpoints_keep_the_ema_in_shards_resume_exactly_and_export(
     proc = _cli([*args, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path)
     assert proc.returncode != 0
     assert f"{last} is a sharded checkpoint" in proc.stderr and "trainer=fsdp" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_mid_sharded_save_leaves_whole_checkpoints_and_last_resumes(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
+    """Both ranks SIGKILLed while they write a sharded checkpoint (saves every step): every
+    checkpoint folder left is whole, and `ckpt_path=last` resumes from it. Before, the shards were
+    written into `last.ckpt` itself: a kill left it part old, part new."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sdtrain import checkpoint as C
+    from tests.conftest import ROOT
+
+    run = tmp_path / "run"
+    folder = run / "checkpoints"
+    sharded = ["trainer.strategy.save_distributed_checkpoint=true", f"hydra.run.dir={run}"]
+    args = two_rank_args("fsdp", tiny_model, shards, 100000, *sharded, every=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sdtrain.train", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # both ranks in one process group: one kill takes both
+        )
+    end = time.monotonic() + 240
+    try:
+
+        def under_way() -> bool:  # a save's folder, or (saved in place) one without its meta.pt
+            return bool(list(folder.glob(".*.tmp-*"))) or any(
+                not (p / C.SHARDED_META).exists() for p in folder.glob("*.ckpt")
+            )
+
+        while not ((folder / "last.ckpt").is_dir() and under_way()):
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+            assert time.monotonic() < end, "no sharded save seen under way"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    step = C.load(folder / "last.ckpt")["global_step"]  # whole: put together in one process
+    for ckpt in folder.glob("*.ckpt"):
+        assert C.load(ckpt)["global_step"] >= 1
+
+    args = two_rank_args("fsdp", tiny_model, shards, step + 2, *sharded, "ckpt_path=last", every=1)
+    resumed = _cli(args, tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert C.load(folder / "last.ckpt")["global_step"] == step + 2
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # leftovers gone

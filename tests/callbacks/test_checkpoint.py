@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrain.checkpoint_io import AtomicCheckpointIO, atomic_write, partial_name, remove_partial
+from sdtrain.checkpoint_io import (
+    AtomicCheckpointIO,
+    atomic_write,
+    partial_name,
+    remove_partial,
+    replace_folder,
+)
 from sdtrain.train import train
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
 
@@ -71,6 +77,33 @@ def test_a_failed_write_leaves_the_old_file(tmp_path: Path, monkeypatch):
     assert torch.load(path, weights_only=True) == {"step": 2}
     assert len(synced) == 2  # the file's bytes, then the folder's rename
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_sharded_folders_replace_whole_and_a_killed_swap_is_undone(tmp_path: Path):
+    """Sharded checkpoints are folders: the new one is renamed onto the name once complete; a
+    kill between setting the old one aside and renaming the new one leaves no `last.ckpt`, and
+    the next run's start puts the old one back (with no other leftovers)."""
+    last = tmp_path / "last.ckpt"
+    last.mkdir()
+    (last / "meta.pt").write_bytes(b"old")
+    new = partial_name(last)
+    new.mkdir()
+    (new / "meta.pt").write_bytes(b"new")
+    replace_folder(new, last)
+    assert (last / "meta.pt").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    aside = tmp_path / ".last.ckpt.old-4242"  # killed after the first rename
+    last.rename(aside)
+    half = tmp_path / ".last.ckpt.tmp-4242"  # the new save it was about to rename
+    half.mkdir()
+    (half / "__0_0.distcp").write_bytes(b"half")
+    assert remove_partial(tmp_path) == [half]
+    assert (last / "meta.pt").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    aside.mkdir()  # set aside but the new one took the name: the old one just goes
+    assert remove_partial(tmp_path) == [] and not aside.exists() and last.is_dir()
 
 
 def test_partial_files_are_never_checkpoints_and_are_removed(tmp_path: Path):
