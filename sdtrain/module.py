@@ -103,10 +103,10 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
-        # the schedule on the module's device: indexing the scheduler's CPU copy copied it to the
-        # GPU on every step, a host sync (not saved: the scheduler's config defines it)
-        alphas = parts.noise_scheduler.alphas_cumprod.to(torch.float32).clone()
-        self.register_buffer("alphas_cumprod", alphas, persistent=False)
+        # the schedule in fp32, copied to the step's device once (`schedule`): indexing the
+        # scheduler's CPU copy copied it to the GPU every step, a host sync. Not a buffer: a
+        # module-wide cast (bf16-true) would round it, and checkpoints stay as they were.
+        self._schedule = parts.noise_scheduler.alphas_cumprod.to(torch.float32).clone()
         self.pretrained = parts.pretrained
         self.single_file_config = parts.single_file_config  # recorded: export reloads with it
         self.vae.requires_grad_(False).eval()
@@ -198,6 +198,12 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         speed.set_attention(self.hparams.attention)
         speed.compile_unet(self.unet, self.hparams.compile)
 
+    def schedule(self, device: torch.device) -> torch.Tensor:
+        """alphas_cumprod in fp32 on `device` (copied there on first use only)."""
+        if self._schedule.device != device:
+            self._schedule = self._schedule.to(device)
+        return self._schedule
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""
         if self.hparams.channels_last:
@@ -238,7 +244,7 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         b, t, noise = latents.shape[0], draws["t"], draws["noise"]
         if self.hparams.caption_dropout > 0:
             context = torch.where(draws["drop"][:, None, None], self.empty_context(b), context)
-        h, alphas = self.hparams, self.alphas_cumprod
+        h, alphas = self.hparams, self.schedule(latents.device)
         model_noise = diffusion.perturbed_noise(noise, draws.get("perturb"), h.input_perturbation)
         noisy = diffusion.add_noise(alphas, latents, model_noise, t)  # the target keeps `noise`
         target = diffusion.target_for(self.noise_scheduler, latents, noise, t, alphas)

@@ -149,8 +149,9 @@ def per_sample_losses(
     for j, t_j in enumerate(timesteps.tolist()):
         t = torch.full((latents.shape[0],), t_j, device=dev, dtype=torch.long)
         noise = draws[:, 1 + j]
-        noisy = diffusion.add_noise(module.alphas_cumprod, latents, noise, t)
-        target = diffusion.target_for(sched, latents, noise, t, module.alphas_cumprod)
+        alphas = module.schedule(dev)
+        noisy = diffusion.add_noise(alphas, latents, noise, t)
+        target = diffusion.target_for(sched, latents, noise, t, alphas)
         pred = module(noisy, t, context)
         total += F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return total / k
