@@ -102,6 +102,23 @@ def _delete(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def put_back(path: Path) -> bool:
+    """If `path` is missing because a save was killed between `replace_folder`'s two renames,
+    rename the checkpoint it set aside back onto `path`; True when it did. Safe when several
+    ranks try at once: one rename wins, the others find the name taken."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return False
+    for aside in sorted(path.parent.glob(f".{path.name}{ASIDE_MARK}*")):
+        try:
+            os.replace(aside, path)
+        except OSError:  # another rank put it back first
+            return path.exists()
+        log.warning("put back %s: a killed save had set it aside", path)
+        return True
+    return False
+
+
 def remove_partial(folder: str | Path) -> list[Path]:
     """Delete what saves that never finished left in `folder` (temporary files, and the folders
     of sharded saves); return them. A checkpoint a killed `replace_folder` had set aside goes
@@ -114,11 +131,8 @@ def remove_partial(folder: str | Path) -> list[Path]:
         return []
     for aside in sorted(folder.glob(f".*{ASIDE_MARK}*")):
         name = folder / aside.name[1:].rsplit(ASIDE_MARK, 1)[0]
-        if name.exists() or name.is_symlink():
+        if not put_back(name):
             _delete(aside)
-        else:
-            os.replace(aside, name)
-            log.warning("put back %s: a killed save had set it aside", name.name)
     stale = list(folder.glob(f".*{PARTIAL_MARK}*"))
     for p in stale:
         _delete(p)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdtrain import batching, checkpoint, preemption, quiet, speed
 from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
+from sdtrain.checkpoint_io import put_back
 from sdtrain.models import check_model_folder, check_resolution
 from sdtrain.resolvers import register
 from sdtrain.single_file import check_config_folder, is_single_file
@@ -68,6 +69,7 @@ def checkpoint_file(cfg: DictConfig) -> Path | None:
         dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
         path = Path(dirpath or Path(cfg.paths.output_dir) / "checkpoints") / "last.ckpt"
     path = Path(path)
+    put_back(path)  # a sharded save killed mid-swap left the checkpoint beside its name
     if not path.is_file() and not checkpoint.is_sharded(path):
         raise FileNotFoundError(
             f"ckpt_path: {path} is not a file (nor a sharded checkpoint folder)"

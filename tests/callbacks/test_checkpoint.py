@@ -16,6 +16,7 @@ from sdtrain.checkpoint_io import (
     AtomicCheckpointIO,
     atomic_write,
     partial_name,
+    put_back,
     remove_partial,
     replace_folder,
 )
@@ -104,6 +105,10 @@ def test_sharded_folders_replace_whole_and_a_killed_swap_is_undone(tmp_path: Pat
 
     aside.mkdir()  # set aside but the new one took the name: the old one just goes
     assert remove_partial(tmp_path) == [] and not aside.exists() and last.is_dir()
+
+    last.rename(aside)  # `ckpt_path` resolution puts it back too (before any rank saves)
+    assert put_back(last) and (last / "meta.pt").read_bytes() == b"new" and not aside.exists()
+    assert not put_back(last)  # nothing set aside: nothing to do
 
 
 def test_partial_files_are_never_checkpoints_and_are_removed(tmp_path: Path):
