@@ -85,7 +85,7 @@ def replace_folder(tmp: Path, path: Path) -> None:
     POSIX cannot swap a non-empty folder in one rename, so the old checkpoint is renamed aside
     first (`.<name>.old-<pid>`), the new one renamed onto the name, and the old one deleted. A
     kill between the two renames leaves no `path` but the old checkpoint whole beside it:
-    `remove_partial` puts it back.
+    `put_back` restores it (when `ckpt_path` is read, and from `remove_partial`).
     """
     aside = path.with_name(f".{path.name}{ASIDE_MARK}{os.getpid()}")
     if path.exists() or path.is_symlink():

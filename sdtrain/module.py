@@ -17,6 +17,7 @@ from sdtrain import batch as B
 from sdtrain import checkpoint, diffusion, lora, sharding, speed
 from sdtrain.cache import check_latent_cache
 from sdtrain.datamodules.position import DataPosition
+from sdtrain.draws import Draws
 from sdtrain.ema import EMA
 from sdtrain.encoding import Encoders, posterior_from_moments
 from sdtrain.models import Parts
@@ -26,7 +27,7 @@ from sdtrain.skips import SkipTally
 log = logging.getLogger(__name__)
 
 
-class StableDiffusionModule(Encoders, L.LightningModule):
+class StableDiffusionModule(Encoders, Draws, L.LightningModule):
     """Trains a U-Net to denoise VAE latents conditioned on CLIP text embeddings.
 
     Args:
@@ -198,45 +199,11 @@ class StableDiffusionModule(Encoders, L.LightningModule):
         speed.set_attention(self.hparams.attention)
         speed.compile_unet(self.unet, self.hparams.compile)
 
-    def schedule(self, device: torch.device) -> torch.Tensor:
-        """alphas_cumprod in fp32 on `device` (copied there on first use only)."""
-        if self._schedule.device != device:
-            self._schedule = self._schedule.to(device)
-        return self._schedule
-
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""
         if self.hparams.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         return self.unet(noisy, timesteps, encoder_hidden_states=context).sample
-
-    def step_generator(self) -> torch.Generator:
-        """The generator for this micro-batch; micro counts batches within one optimizer step."""
-        step = self.global_step
-        self._micro = self._micro + 1 if step == self._micro_step else 0
-        self._micro_step = step
-        return diffusion.step_generator(
-            self.hparams.seed, self.global_rank, step, self._micro, self.device
-        )
-
-    def draw(self, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """Timesteps `t` (B,), fp32 `noise` like `latents`, and the caption-dropout mask (B,)."""
-        b, h = latents.shape[0], self.hparams
-        t = diffusion.sample_timesteps(
-            b,
-            self.noise_scheduler.config.num_train_timesteps,
-            g,
-            self.device,
-            h.timestep_sampling,
-            h.logit_normal,
-            h.timestep_range,
-        )
-        noise = diffusion.sample_noise(latents, self.hparams.noise_offset, generator=g)
-        drop = torch.rand(b, device=self.device, generator=g) < self.hparams.caption_dropout
-        draws = {"t": t, "noise": noise, "drop": drop}
-        if h.input_perturbation:  # drawn last: the other draws stay those of a run without it
-            draws["perturb"] = torch.randn(noise.shape, device=noise.device, generator=g)
-        return draws
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         g = self.step_generator()

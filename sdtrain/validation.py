@@ -146,10 +146,10 @@ def per_sample_losses(
         context = module.encode_text(batch[B.INPUT_IDS]).float()  # (B, 77, D)
     sched = module.noise_scheduler
     total = torch.zeros(latents.shape[0], device=dev, dtype=torch.float32)
+    alphas = module.schedule(dev)
     for j, t_j in enumerate(timesteps.tolist()):
         t = torch.full((latents.shape[0],), t_j, device=dev, dtype=torch.long)
         noise = draws[:, 1 + j]
-        alphas = module.schedule(dev)
         noisy = diffusion.add_noise(alphas, latents, noise, t)
         target = diffusion.target_for(sched, latents, noise, t, alphas)
         pred = module(noisy, t, context)
