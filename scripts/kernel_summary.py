@@ -5,8 +5,12 @@ memory copies, the rest), as a Markdown table for docs/benchmarks.md.
 Profile the real training with Lightning's PyTorchProfiler (steps 10-14 here, after warm-up):
 
     sdtrain-train ... trainer.max_steps=15 \\
-        '+trainer.profiler={_target_:lightning.pytorch.profilers.PyTorchProfiler,dirpath:prof,filename:step,export_to_chrome:true,schedule:{_target_:torch.profiler.schedule,wait:5,warmup:5,active:5}}'
+        '+trainer.profiler={_target_:lightning.pytorch.profilers.PyTorchProfiler,dirpath:prof,filename:step,export_to_chrome:true,record_module_names:false,schedule:{_target_:torch.profiler.schedule,wait:5,warmup:5,active:5}}'
     python scripts/kernel_summary.py prof/*.pt.trace.json --top 15
+
+Keep `record_module_names:false` for a compiled U-Net: Lightning's default puts a profiler hook on
+every module, and each hook breaks torch.compile's graph, so the trace would show a U-Net that
+runs half eager (measured on an H200: convolutions, norms and their backward outside the graph).
 
 GPU kernels are counted where the trace has them (their time is the GPU's); a CPU-only trace is
 summed by each operator's self time (its time less its children's), so nothing counts twice.
@@ -21,11 +25,12 @@ import re
 import sys
 from pathlib import Path
 
-# first match wins: convolutions before matmuls (cuDNN's implicit-GEMM convolutions name both)
+# first match wins: attention first (cuDNN's SDPA kernels are named "..._sdpa_..._flash_fprop_..."),
+# then convolutions before matmuls (cuDNN's implicit-GEMM convolutions name both)
 KINDS: tuple[tuple[str, str], ...] = (
-    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
     ("attention", r"flash|fmha|attention|sdpa|scaled_dot_product"),
-    ("matmul", r"gemm|xmma|cutlass|cublas|\bmm\b|addmm|bmm|matmul|linear|_mm_"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
+    ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|\bmm\b|addmm|bmm|matmul|linear|_mm_"),
     ("normalization", r"norm|welford"),
     ("optimizer", r"adam|multi_tensor|foreach|lerp"),
     ("communication", r"nccl|c10d|all_?reduce|reduce_scatter|all_?gather|gloo"),

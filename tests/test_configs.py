@@ -96,3 +96,34 @@ def test_ddp_and_fsdp_train_in_bf16_on_gpus_like_one_gpu(tmp_path: Path):
     for trainer in ("gpu", "ddp", "fsdp"):
         cfg = compose_cfg(tmp_path, [f"trainer={trainer}"])
         assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed"), trainer
+
+
+def leaves(node: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a plain config dict."""
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_state_only_what_differs(experiment: str, tmp_path: Path):
+    """An experiment file sets no key to the value its groups already give it."""
+    spec = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml"))
+    groups = [
+        f"{k.removeprefix('override /')}={v}" for d in spec.pop("defaults") for k, v in d.items()
+    ]
+    cfg = OmegaConf.to_container(compose_cfg(tmp_path, groups))
+    unset = object()
+
+    def default(key: str):
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return unset
+            node = node[part]
+        return node
+
+    repeats = [f"{k}: {v}" for k, v in leaves(spec) if default(k) == v]
+    assert not repeats, f"conf/experiment/{experiment}.yaml repeats defaults: {repeats}"

@@ -33,7 +33,7 @@ def sweep(values: dict[str, str]) -> dict[str, list]:
 
 
 def test_lr_sweep_sweeps_what_the_readme_says():
-    (block,) = [b for b in BLOCKS if b.id == "sweeps"]
+    (block,) = [b for b in BLOCKS if b.id == "sweep-hyperparameters"]
     grid, from_file = (shlex.split(c) for c in block.commands)
     assert from_file == ["sdtrain-train", "hparams_search=lr_sweep"]
     readme = dict(a.split("=", 1) for a in grid if "=" in a)

@@ -1,14 +1,16 @@
 """The README as written: its commands run, its config keys exist, its shard forms parse.
 
 Every ```bash block of README.md runs through `bash -c` in a fresh folder, as written but for the
-stand-ins below (the tiny model, the test shards, a real run folder) and overrides appended to
-each training so it takes two CPU steps. The two set-up blocks that CI runs itself (marked
-`<!-- ci:demo -->` and `<!-- ci:test -->`) are left out. A command whose program or placeholder
+stand-ins below (the tiny model, the test shards, a real run folder, 3 Optuna trials, a `wandb`
+that runs one sweep trial here) and overrides appended to each training so it takes two CPU
+steps. The two set-up blocks that CI runs itself (marked `<!-- ci:demo -->` and
+`<!-- ci:test -->`) are left out. A command whose program or placeholder
 has no stand-in here fails its test: a new documented command cannot go untested.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -22,11 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
 from sdtrain import demo
 from sdtrain.datamodules.webdataset import expand_shards
+from tests import wandb_shim
 from tests.conftest import CONF, ROOT, compose_cfg
 from tests.readme_blocks import (
     BLOCKS,
@@ -63,8 +67,11 @@ STAND_INS: list[tuple[str, Callable[[StandIns], str]]] = [
     (r"/tmp/tiny-sd", lambda s: "tiny-sd"),  # into the test's folder
     (r"trainer\.devices=\d+", lambda s: "trainer.devices=2"),  # 8 GPUs -> 2 CPU processes
     (r"(scripts/torchrun\.sh) \d+", lambda s: r"\1 2"),
+    (r"(hydra\.sweeper\.n_trials)=\d+", lambda s: rf"\1={TRIALS}"),
+    (r"ENTITY/PROJECT/ID", lambda s: wandb_shim.SWEEP_ID),  # what the shim's `wandb sweep` printed
     (r"(?<=\s)\.\.\.(?=\s|$)", lambda s: ""),  # "and your overrides": the appended ones
 ]
+TRIALS = 3  # an Optuna search's trials
 PLACEHOLDER = re.compile(r"<[\w.-]+>|\.\.\.|…|/models/|/data/")
 
 # Appended to every training: two steps on the CPU at 32 px, a CSV log, a 2-step sampler.
@@ -95,6 +102,8 @@ RUNNERS = {
     "sdtrain-shards": "shards",
     "sdtrain-tiny-model": "tiny-model",
     "sdtrain-cache-latents": "cache-latents",
+    "wandb sweep": "wandb-sweep",  # the shim below keeps the sweep file
+    "wandb agent": "train",  # the shim runs one trial of the sweep, our overrides appended
 }
 APPEND = {
     "train": TRAIN_ARGS,
@@ -113,6 +122,9 @@ exec bash "$@"
     "srun": """#!/usr/bin/env bash
 exec "$@"
 """,
+    "wandb": f"""#!/usr/bin/env bash
+exec {shlex.quote(sys.executable)} {shlex.quote(str(ROOT / "tests" / "wandb_shim.py"))} "$@"
+""",
 }
 
 
@@ -125,7 +137,8 @@ def substitute(text: str, s: StandIns) -> str:
 def stand_in(command: str, s: StandIns, block_id: str) -> tuple[str, str]:
     """(runnable command, its runner kind), or the test fails naming what has no stand-in."""
     command = substitute(command, s)
-    program = shlex.split(command)[0]
+    words = shlex.split(command)
+    program = " ".join(words[:2]) if " ".join(words[:2]) in RUNNERS else words[0]
     if program not in RUNNERS:
         pytest.fail(f"README block {block_id!r} runs {program!r}: add a stand-in to RUNNERS")
     left = PLACEHOLDER.search(command)
@@ -138,17 +151,52 @@ def stand_in(command: str, s: StandIns, block_id: str) -> tuple[str, str]:
             extra.append(f"model.pretrained={s.model}")
         if "data.train_shards=" not in command:
             extra.append(f"data.train_shards={s.shard_dir}/")
+        if "hparams_search=optuna" in command and "hydra.sweeper.n_trials=" not in command:
+            extra.append(f"hydra.sweeper.n_trials={TRIALS}")
     return " ".join([command, *map(shlex.quote, extra)]), kind
 
 
 def expected_runs(args: list[str]) -> int:
-    """How many training runs a command starts: 1, or the size of its Hydra grid."""
+    """How many training runs a command starts: 1, the size of its Hydra grid, or its Optuna
+    search's trials."""
     grid = [a.split("=", 1)[1] for a in args if re.fullmatch(r"[\w.]+=[^\[\]{}()'\"]*,.*", a)]
     for a in args:
         if a.startswith("hparams_search="):
             sweep = OmegaConf.load(CONF / "hparams_search" / f"{a.split('=', 1)[1]}.yaml")
+            if "n_trials" in sweep.hydra.sweeper:  # Optuna: the last n_trials given, or the file's
+                given = [a for a in args if a.startswith("hydra.sweeper.n_trials=")]
+                return int(given[-1].split("=")[1]) if given else sweep.hydra.sweeper.n_trials
             grid += [str(v) for v in sweep.hydra.sweeper.params.values()]
     return math.prod(len(v.split(",")) for v in grid)
+
+
+def returned(run: Path) -> float:
+    """What train() returned in `run` (a run folder): its last val/loss_ema, from the CSV log."""
+    (metrics,) = run.glob("csv/version_*/metrics.csv")
+    values = [r["val/loss_ema"] for r in csv.DictReader(metrics.open()) if r.get("val/loss_ema")]
+    return float(values[-1])
+
+
+def check_optuna(runs: list[Path]) -> None:
+    """An Optuna search: a folder per trial (0, 1, ...) in one sweep folder, and in it the best
+    parameters and value, which is the lowest any trial returned."""
+    (sweep,) = {run.parent for run in runs}
+    trials = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert trials == [str(i) for i in range(len(runs))], trials
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["name"] == "optuna"
+    params = OmegaConf.load(CONF / "hparams_search" / "optuna.yaml").hydra.sweeper.params
+    assert set(results["best_params"]) == set(params)
+    assert 1e-5 <= results["best_params"]["model.optimizer.lr"] <= 3e-3  # the log interval's bounds
+    assert results["best_value"] == pytest.approx(min(returned(run) for run in runs), rel=1e-6)
+
+
+def check_wandb_trial(runs: list[Path]) -> None:
+    """The agent's trial got each parameter of the sweep as a Hydra override."""
+    spec = yaml.safe_load((ROOT / "scripts" / "wandb_sweep.yaml").read_text())
+    (run,) = runs
+    overrides = OmegaConf.load(run / ".hydra" / "overrides.yaml")
+    assert set(spec["parameters"]) <= {o.split("=", 1)[0] for o in overrides}, overrides
 
 
 def checkpoints(cwd: Path) -> dict[Path, int]:
@@ -163,6 +211,11 @@ def check_output(kind: str, args: list[str], cwd: Path, before: dict[Path, int])
         assert len(written) == expected_runs(args), written
         for ckpt in written:
             assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+        runs = [ckpt.parents[1] for ckpt in written]  # <run>/checkpoints/last.ckpt
+        if "hparams_search=optuna" in args:
+            check_optuna(runs)
+        if args[:2] == ["wandb", "agent"]:
+            check_wandb_trial(runs)
     elif kind == "export" and "--lora" in args:
         out = cwd / positional[1]
         assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -1,6 +1,8 @@
-"""Sweeps over the validation loss: an Optuna search, a Hydra grid on one latent cache, the W&B
-sweep definition's overrides, one W&B group per multirun, and a sweep refused without held-out
-data."""
+"""Sweeps over the validation loss: a Hydra grid on one latent cache with a W&B run per trial in
+one group, the W&B sweep definition's overrides, and a sweep refused without held-out data.
+
+The README's commands run in tests/test_readme.py: a 3-trial Optuna search on the tiny model (its
+trial folders, the best parameters and value: `check_optuna` there) and a W&B agent's trial."""
 
 from __future__ import annotations
 
@@ -27,24 +29,25 @@ def _no_hydra_left():
     HydraConfig.instance().cfg = None
 
 
-def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
+def cli(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=pythonpath, **env_vars)
     cmd = [sys.executable, "-m", "sdtrain.train", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def sweep_args(model: Path, shards: str, sweep_dir: Path, steps: int = 2) -> list[str]:
-    """Tiny trials: few steps, no worker processes, the validation callback alone, no logger,
-    the last test shard held out."""
+def sweep_args(
+    model: Path, shards: str, sweep_dir: Path, steps: int = 2, logger: str = "none"
+) -> list[str]:
+    """Tiny trials: few steps, no worker processes, the validation callback alone, no logger
+    (unless given), the last test shard held out."""
     keep = [o for o in tiny_overrides(model, shards, steps) if not o.startswith("callbacks.")]
     return [
         *keep,
         "data.val_split_shards=1",
         "callbacks=val_loss",
         "callbacks.val_loss.timesteps=2",
-        "logger=none",
+        f"logger={logger}",
         f"hydra.sweep.dir={sweep_dir}",
     ]
 
@@ -54,47 +57,16 @@ def trial_values(log_text: str) -> list[float]:
     return [float(v) for v in re.findall(r"val/loss_ema ([0-9.]+)", log_text)]
 
 
-def run_optuna(model: Path, shards: str, tmp_path: Path, trials: int) -> tuple[dict, Path]:
-    sweep = tmp_path / "optuna"
-    args = ["hparams_search=optuna", f"hydra.sweeper.n_trials={trials}"]
-    proc = cli(args + sweep_args(model, shards, sweep), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    return results, sweep
-
-
-def check_optuna(results: dict, sweep: Path, trials: int) -> None:
-    assert results["name"] == "optuna"
-    assert set(results["best_params"]) == {
-        "model.optimizer.lr",
-        "model.ema.decay",
-        "model.caption_dropout",
-        "model.min_snr_gamma",
-    }
-    assert 1e-5 <= results["best_params"]["model.optimizer.lr"] <= 3e-3
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [str(i) for i in range(trials)]
-    values = [trial_values((sweep / str(i) / "train.log").read_text())[-1] for i in range(trials)]
-    assert results["best_value"] == pytest.approx(min(values), rel=1e-5)  # the best of them
-
-
-def test_optuna_search_writes_the_best_parameters(tiny_model: Path, shards: str, tmp_path: Path):
-    results, sweep = run_optuna(tiny_model, shards, tmp_path, trials=2)
-    check_optuna(results, sweep, trials=2)
-
-
-@pytest.mark.slow  # ~60 s on a 2-core CPU
-def test_optuna_three_trials(tiny_model: Path, shards: str, tmp_path: Path):
-    results, sweep = run_optuna(tiny_model, shards, tmp_path, trials=3)
-    check_optuna(results, sweep, trials=3)
-
-
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*"))}  # fmt: skip
 
 
-def test_grid_trials_share_one_latent_cache(tiny_model: Path, shards: str, tmp_path: Path):
+def test_grid_trials_share_one_latent_cache_and_one_wandb_group(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
     from sdtrain.cache import main as cache_latents
+    from tests.wandb_files import offline_run, run_record
 
     cache = tmp_path / "latents"
     cache_latents([shards, str(cache), "--pretrained", str(tiny_model), "--resolution", "32",
@@ -102,8 +74,8 @@ def test_grid_trials_share_one_latent_cache(tiny_model: Path, shards: str, tmp_p
     before = snapshot(cache)
     sweep = tmp_path / "grid"
     args = ["-m", "data=latents", "model.optimizer.lr=0.0001,0.003"]
-    args += sweep_args(tiny_model, str(cache), sweep, steps=3)
-    proc = cli(args, tmp_path)
+    args += sweep_args(tiny_model, str(cache), sweep, steps=3, logger="wandb")
+    proc = cli(args, tmp_path, WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert snapshot(cache) == before  # read, never written: no trial encoded anything again
     table = (sweep / "runs.txt").read_text()
@@ -116,6 +88,9 @@ def test_grid_trials_share_one_latent_cache(tiny_model: Path, shards: str, tmp_p
             value, rel=1e-5
         )
     assert returned[0] != returned[1]
+    runs = [run_record(offline_run(sweep / str(i))) for i in range(2)]  # each trial's own W&B run
+    assert runs[0].run_id != runs[1].run_id
+    assert [r.run_group for r in runs] == ["grid", "grid"]  # one group: the sweep folder's name
 
 
 def multirun(cfg, sweep_dir: Path) -> None:

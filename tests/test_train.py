@@ -166,6 +166,9 @@ def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path,
         assert ranks[0][step] != ranks[1][step], step
 
 
+# The README's `sdtrain-train hparams_search=lr_sweep` runs these 4 trials in the default suite
+# (tests/test_readme.py checks a checkpoint per trial).
+@pytest.mark.slow
 def test_hparams_sweep_multirun(tiny_model: Path, shards: str, tmp_path: Path):
     keep = [o for o in tiny_overrides(tiny_model, shards, 2) if not o.startswith("callbacks.")]
     args = [

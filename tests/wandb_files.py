@@ -66,6 +66,12 @@ def history(run_dir: Path) -> list[dict]:
     return rows
 
 
+def run_record(run_dir: Path):
+    """The run's own record (id, group, name, config) in the offline run in `run_dir`."""
+    (run_file,) = run_dir.glob("run-*.wandb")
+    return next(r.run for r in records(run_file) if r.WhichOneof("record_type") == "run")
+
+
 def offline_run(save_dir: Path) -> Path:
     runs = sorted((save_dir / "wandb").glob("offline-run-*"))
     assert runs, f"no offline W&B run under {save_dir / 'wandb'}"

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sdtrain import validation
 from sdtrain.datamodules.heldout import INDEX, WEIGHT
 from sdtrain.datamodules.webdataset import WebDataModule
 from sdtrain.models import load_parts
@@ -109,9 +110,19 @@ def test_one_and_two_processes_give_the_same_loss(shards: str, tiny_model: Path,
     assert two == [one, one]
 
 
-def test_training_lowers_the_validation_loss_and_train_returns_it(
-    shards: str, tiny_model: Path, tmp_path: Path
+def test_training_lowers_the_validation_loss_and_train_returns_its_best(
+    shards: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    """With optimized_metric=val/loss_ema_best, train() returns the lowest val/loss_ema logged,
+    not the last. (The last, the default metric, is what each trial of test_sweeps' grid returns.)
+    """
+    scores = []
+
+    def worse_at_the_end(*args, **kw) -> float:  # the 4th score, EMA at step 16, rises by 1
+        scores.append(evaluate(*args, **kw))
+        return scores[-1] + (1.0 if len(scores) == 4 else 0.0)
+
+    monkeypatch.setattr(validation, "evaluate", worse_at_the_end)  # raw, EMA at steps 8 and 16
     steps = 16
     overrides = [
         o for o in tiny_overrides(tiny_model, shards, steps) if not o.startswith("callbacks.")
@@ -128,6 +139,7 @@ def test_training_lowers_the_validation_loss_and_train_returns_it(
             "trainer.log_every_n_steps=4",
             "model.ema.decay=0.9",
             "model.lr_scheduler.num_warmup_steps=2",
+            "optimized_metric=val/loss_ema_best",
         ],
     )
     untrained = evaluate(module(tiny_model), heldout(shards, tiny_model), timesteps=4)
@@ -135,11 +147,12 @@ def test_training_lowers_the_validation_loss_and_train_returns_it(
     (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
     rows = [r for r in csv.DictReader(metrics.open()) if r.get(VAL_LOSS_EMA)]
     assert [int(r["step"]) for r in rows] == [8, 16]
-    assert returned == pytest.approx(float(rows[-1][VAL_LOSS_EMA]))
+    ema = [float(r[VAL_LOSS_EMA]) for r in rows]
+    assert ema[1] == pytest.approx(scores[3] + 1.0) and ema[0] < ema[1]
+    assert returned == pytest.approx(ema[0], rel=1e-6)  # the lowest, logged at step 8
+    assert float(rows[-1][f"{VAL_LOSS_EMA}_best"]) == pytest.approx(ema[0], rel=1e-6)
     trained = float(rows[-1][VAL_LOSS])
-    assert trained < untrained and returned < untrained, (untrained, trained, returned)
-    best = min(float(r[VAL_LOSS_EMA]) for r in rows)
-    assert float(rows[-1][f"{VAL_LOSS_EMA}_best"]) == pytest.approx(best)
+    assert trained < untrained and scores[3] < untrained, (untrained, trained, scores)
 
 
 def test_a_metric_never_logged_is_named(caplog: pytest.LogCaptureFixture):
