@@ -58,6 +58,25 @@ def compile_unet(unet: nn.Module, mode: str | None, **options) -> None:
     log.info("compiled %d U-Net blocks (regional compile)", len(blocks))
 
 
+def profile_compiled_whole(trainer, compile: str | None) -> None:
+    """Lightning's PyTorchProfiler puts a `record_function` hook on every module by default, and
+    each hook breaks torch.compile's graph: a profiled compiled U-Net would run module by module,
+    mostly eager, and its trace would show a step that never happens unprofiled. With a compiled
+    U-Net the module names are turned off (the kernels and operators are still recorded)."""
+    from lightning.pytorch.profilers import PyTorchProfiler
+
+    profiler = getattr(trainer, "profiler", None)
+    if compile is None or not isinstance(profiler, PyTorchProfiler):
+        return
+    if getattr(profiler, "_record_module_names", False):
+        profiler._record_module_names = False
+        log.warning(
+            "model.compile=%s with PyTorchProfiler: record_module_names turned off (its per-module "
+            "hooks break the compiled graph at every module); pass record_module_names:false",
+            compile,
+        )
+
+
 def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on `device` without a host sync: a plain copy to a GPU waits for every
     kernel queued before it, so per-step counters go through (cached) pinned memory instead."""

@@ -247,6 +247,7 @@ def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
+    speed.profile_compiled_whole(trainer, cfg.model.get("compile"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:

@@ -88,3 +88,32 @@ def test_bad_attention_names_the_key():
         StableDiffusionModule(
             build_parts(32), optimizer=partial(torch.optim.AdamW), attention="sage"
         )
+
+
+def graph_breaks(unet: torch.nn.Module) -> int:
+    x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    torch._dynamo.reset()
+    return torch._dynamo.explain(
+        lambda: unet(x, t, encoder_hidden_states=c).sample
+    )().graph_break_count
+
+
+def test_profiling_a_compiled_unet_records_no_module_hooks(caplog):
+    """Lightning's PyTorchProfiler hooks every module by default, which splits a compiled U-Net
+    into eager pieces (a trace of a step that never runs unprofiled); sdtrain turns the hooks off."""
+    import lightning as L
+    from lightning.pytorch.profilers import PyTorchProfiler
+    from lightning.pytorch.profilers.pytorch import RegisterRecordFunction
+
+    unet = build_parts(32).unet
+    assert graph_breaks(unet) == 0
+    with RegisterRecordFunction(unet):  # what the profiler does with record_module_names=True
+        assert graph_breaks(unet) > 10
+
+    trainer = L.Trainer(profiler=PyTorchProfiler(), logger=False, enable_checkpointing=False)
+    speed.profile_compiled_whole(trainer, None)  # eager: module names are harmless, kept
+    assert trainer.profiler._record_module_names
+    with caplog.at_level("WARNING", logger="sdtrain.speed"):
+        speed.profile_compiled_whole(trainer, "unet")
+    assert not trainer.profiler._record_module_names
+    assert "record_module_names" in caplog.text
