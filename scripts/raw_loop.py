@@ -22,9 +22,12 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     from sdtrain.speed import set_attention
 
-    for x in a.extra:  # the one pipeline override the plain loop takes too
+    drop_copies = True  # model.drop_layout_copies, as in the pipeline
+    for x in a.extra:  # the pipeline overrides the plain loop takes too
         if x.startswith("model.attention="):
             set_attention(None if x.split("=", 1)[1] in ("null", "None") else x.split("=", 1)[1])
+        if x.startswith("model.drop_layout_copies="):
+            drop_copies = x.split("=", 1)[1].lower() == "true"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = fast
     unet = UNet2DConditionModel.from_pretrained(a.folder, subfolder="unet").to(dev)
@@ -42,7 +45,7 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
         unet.to(memory_format=torch.channels_last)
         from sdtrain.speed import compile_unet
 
-        compile_unet(unet, a.compile)
+        compile_unet(unet, a.compile, drop_layout_copies=drop_copies)
     else:
         vae = AutoencoderKL.from_pretrained(a.folder, subfolder="vae").to(dev, bf16)
         text = CLIPTextModel.from_pretrained(a.folder, subfolder="text_encoder").to(dev, bf16)

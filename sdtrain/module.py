@@ -50,6 +50,8 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         gradient_checkpointing: trade compute for memory in the U-Net.
         compile: torch.compile the U-Net: None (eager), "unet" (whole) or "blocks" (regional).
         channels_last: NHWC memory format for the U-Net (faster convolutions on GPUs).
+        drop_layout_copies: with `compile` and `channels_last`, remove diffusers' `.contiguous()`
+            copies in front of convolutions from the compiled graph (`sdtrain.layout`).
         attention: the fused attention kernel: None (PyTorch's choice), "flash", "efficient" or
             "cudnn" (`speed.set_attention`).
         max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
@@ -85,6 +87,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         gradient_checkpointing: bool = False,
         compile: str | None = None,
         channels_last: bool = False,
+        drop_layout_copies: bool = True,
         attention: str | None = None,
         max_nonfinite_in_a_row: int = 10,
         max_bad_data_fraction: float | None = 0.5,
@@ -188,16 +191,17 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         fsdp = self._trainer is not None and sharding.is_fsdp(self._trainer.strategy)
         if fsdp and self.text_encoder_trains:  # only the U-Net is sharded (and its grads reduced)
             raise ValueError("a training text encoder needs trainer=ddp, not trainer=fsdp")
+        h = self.hparams
         if fsdp:
             mesh = self.device_mesh["data_parallel"]
-            h = self.hparams
             sharding.shard_unet(self.unet, mesh, h.fsdp_reduce_dtype, h.fsdp_param_dtype)
-        if self.hparams.channels_last and fsdp:  # FSDP2 shards need contiguous parameters
+        if h.channels_last and fsdp:  # FSDP2 shards need contiguous parameters
             log.warning("model.channels_last=true is ignored under trainer=fsdp")
-        elif self.hparams.channels_last:
+        elif h.channels_last:
             speed.to_channels_last(self.unet)
-        speed.set_attention(self.hparams.attention)
-        speed.compile_unet(self.unet, self.hparams.compile)
+        speed.set_attention(h.attention)
+        nhwc = h.channels_last and not fsdp
+        speed.compile_unet(self.unet, h.compile, drop_layout_copies=h.drop_layout_copies and nhwc)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""

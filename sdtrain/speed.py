@@ -4,6 +4,9 @@
   on its own: regional compile, shorter warm-up, the same kernels where the time goes). Compiled in
   place with `nn.Module.compile`, so parameter names, checkpoints and the EMA are unchanged.
 - `channels_last`: NHWC memory format for the U-Net's convolutions (cuDNN's fast layout on GPUs).
+- `drop_layout_copies`: with `compile` and `channels_last`, compile through `sdtrain.layout.backend`,
+  which removes diffusers' `.contiguous()` calls in front of convolutions (NHWC -> NCHW -> NHWC
+  copies of large activations that change no value) before Inductor sees the graph.
 - `attention`: which fused kernel serves `scaled_dot_product_attention` (the U-Net's attention):
   None leaves PyTorch's own choice; "flash", "efficient" or "cudnn" allows only that one (the math
   kernel stays as the fallback for shapes it cannot take). Set per process, before compiling.
@@ -43,11 +46,18 @@ def set_attention(name: str | None) -> None:
     log.info("attention: %s kernel (math as the fallback)", name)
 
 
-def compile_unet(unet: nn.Module, mode: str | None, **options) -> None:
-    """Compile the U-Net in place: whole ("unet") or block by block ("blocks")."""
+def compile_unet(
+    unet: nn.Module, mode: str | None, drop_layout_copies: bool = False, **options
+) -> None:
+    """Compile the U-Net in place: whole ("unet") or block by block ("blocks"); with
+    `drop_layout_copies` (for a channels-last U-Net) through `sdtrain.layout.backend`."""
     check(mode)
     if mode is None:
         return
+    if drop_layout_copies:
+        from sdtrain import layout
+
+        options.setdefault("backend", layout.backend(options.pop("inner_backend", "inductor")))
     if mode == "unet":
         unet.compile(**options)
         return
