@@ -77,14 +77,27 @@ class EMA:
             self.shadow = {k: sharding.like(v.float(), params[k]) for k, v in self.shadow.items()}
 
     @torch.no_grad()
-    def update(self, params: Iterable[tuple[str, torch.nn.Parameter]], step: int) -> None:
-        """shadow <- d * shadow + (1 - d) * params, with d from `ema_decay`."""
+    def update(
+        self,
+        params: Iterable[tuple[str, torch.nn.Parameter]],
+        step: int,
+        keep: torch.Tensor | None = None,
+    ) -> None:
+        """shadow <- d * shadow + (1 - d) * params, with d from `ema_decay`.
+
+        keep: a 0-d tensor on the device, 0.0 to leave the shadow as it is (a step skipped on the
+        device, `sdtrain.nonfinite`) or 1.0, read by the kernels, not by the host (no sync)."""
         d = ema_decay(self.num_updates, self.decay, self.warmup)
         params = dict(params)
         names = list(self.shadow)
-        torch._foreach_lerp_(
-            [self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - d
-        )
+        shadow = [self.shadow[n] for n in names]
+        new = [params[n].detach().float() for n in names]
+        if keep is None:
+            torch._foreach_lerp_(shadow, new, 1.0 - d)
+        else:  # lerp's weight is a host number: the same update as sub, mul and add
+            delta = torch._foreach_sub(new, shadow)
+            torch._foreach_mul_(delta, keep.to(shadow[0].device) * (1.0 - d))
+            torch._foreach_add_(shadow, delta)
         self.num_updates += 1
         self.last_step = step
 

@@ -126,6 +126,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         self.skips = SkipTally(max_bad_data_fraction)  # unusable data samples, all ranks
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
         self._skip_update = False  # this optimizer step's gradients were dropped
+        self._found_inf: torch.Tensor | None = None  # or flagged, for the optimizer to skip
         self._empty_context: torch.Tensor | None = None
         self._micro, self._micro_step = 0, -1  # micro-batch index within the optimizer step
 
@@ -251,6 +252,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
 
     def on_train_end(self) -> None:
         """One summary line of what was skipped (the warnings name each sample)."""
+        self.nonfinite.settle(self.global_step, stop=False)  # steps skipped on the device
         if self._trainer is not None and not self._trainer.is_global_zero:
             return
         counts = self.skips.kinds()
@@ -306,22 +308,40 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         if strategy is not None and strategy.world_size > 1:
             reduce = partial(strategy.reduce, reduce_op="sum")
         params = (p for _, p in self.trainable_parameters())
-        self._skip_update = self.nonfinite.check(params, self.global_step + 1, reduce)
+        opt = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
+        self._found_inf = None
+        if self._skips_on_device(opt, strategy):  # no sync: the optimizer skips on the GPU
+            self._found_inf = self.nonfinite.flag(params, self.global_step + 1, reduce)
+            opt.found_inf = self._found_inf
+        else:
+            self._skip_update = self.nonfinite.check(params, self.global_step + 1, reduce)
         if self._trainer is not None:
-            skipped = speed.scalar(self.nonfinite.total, self.device)  # a float would sync
+            skipped = self.nonfinite.pending_total(self.device)  # a float would sync
             self.log("train/skipped_nonfinite", skipped, reduce_fx="max")
+
+    @staticmethod
+    def _skips_on_device(opt, strategy) -> bool:
+        """A fused optimizer takes `found_inf` and skips its update on the device (as under
+        GradScaler); FSDP's sharded parameters keep the synchronous check."""
+        fused = getattr(opt, "_step_supports_amp_scaling", False)
+        return fused and not (strategy is not None and sharding.is_fsdp(strategy))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch),
         before any callback's on_train_batch_end, so checkpoints and samples see this step's EMA.
         A step whose gradients were dropped as non-finite leaves the EMA alone too."""
-        self._skip_update = False
+        self._skip_update, self._found_inf = False, None
         super().optimizer_step(*args, **kwargs)
         step = self.global_step + 1  # Lightning counts this step once the hook returns
         if self._skip_update:
             return
+        found_inf = self._found_inf
         if self.ema is not None and step % self.ema.update_every == 0:
-            self.ema.update(self.trainable_parameters(), step)
+            keep = None if found_inf is None else 1.0 - found_inf
+            self.ema.update(self.trainable_parameters(), step, keep)
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 1
+        if found_inf is not None and step % max(1, every) == 0:
+            self.nonfinite.settle(step)  # a sync once a logging window, as logging makes anyway
 
     @contextmanager
     def ema_weights(self) -> Iterator[bool]:
@@ -347,6 +367,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
 
     def on_save_checkpoint(self, ckpt: dict[str, Any]) -> None:
         """Keep the trainable weights only; add the schema's entry (sdtrain.checkpoint)."""
+        self.nonfinite.settle(self.global_step, stop=False)  # its count, read from the device
         keep = lora.checkpoint_keys(self.unet, self.text_encoder)
         checkpoint.trainable_only(ckpt["state_dict"], keep)
         wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]

@@ -8,7 +8,12 @@ sharded gradients agree too), the optimizer leaves weights and moments alone (Py
 skip a parameter whose `.grad` is None), and the EMA is not updated. `max_in_a_row` such steps in a
 row stop the run with an error; the last checkpoint written before them holds finite weights.
 
-The check is one fused norm over the gradients and one host sync per optimizer step.
+The check is one fused norm over the gradients and one host sync per optimizer step. With an
+optimizer that can skip its own update on the device (fused AdamW, Adam, SGD, Adagrad: those with
+`_step_supports_amp_scaling`, as GradScaler uses them) the sync goes too (`flag`): the flag is
+handed to the optimizer as its `found_inf`, the EMA's lerp weight is multiplied by 1 - flag, and the
+counts stay on the device until `settle` reads them at each logging window. A sync a step makes the
+GPU wait while the CPU launches the next step's work (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class NonFiniteGuard:
         self.max_in_a_row = max_in_a_row
         self.total = 0
         self.in_a_row = 0
+        self._pending: torch.Tensor | None = None  # on the device: [new bad steps, in a row, last]
 
     def check(
         self,
@@ -74,3 +80,60 @@ class NonFiniteGuard:
                 "model.optimizer.lr, check the data, or resume from the last checkpoint."
             )
         return True
+
+    def flag(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        step: int,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """The sync-free check: a 0-d float32 tensor on the gradients' device, 1.0 when any rank's
+        gradients hold a NaN or inf (an optimizer's `found_inf`); nothing is dropped or read back.
+        The counts are kept on the device until `settle`."""
+        grads = [sharding.local(p.grad) for p in params if p.grad is not None]
+        if not grads:
+            return None
+        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float()
+        if reduce_sum is not None:
+            bad = (reduce_sum(bad) > 0).float()
+        if self._pending is None or self._pending.device != bad.device:
+            self._pending = torch.zeros(3, device=bad.device)
+        pending = self._pending
+        pending[0] += bad
+        pending[1] = (pending[1] + bad) * bad  # back to 0 at a finite step
+        pending[2] = torch.where(bad > 0, float(step), pending[2])
+        return bad
+
+    def pending_total(self, device: torch.device) -> torch.Tensor:
+        """`total` with the steps `settle` has not read yet, as a tensor (no sync)."""
+        total = torch.full((), float(self.total), device=device)
+        return total if self._pending is None else total + self._pending[0].to(device)
+
+    def settle(self, step: int, stop: bool = True) -> None:
+        """Read the device's counts (one sync): warn about the steps skipped since the last read,
+        and stop the run past `max_in_a_row` in a row (checked here, so up to one logging window
+        later than the synchronous check would)."""
+        if self._pending is None:
+            return
+        new, row, last = (int(v) for v in self._pending.tolist())
+        self._pending[0] = 0
+        self.in_a_row = row
+        if not new:
+            return
+        self.total += new
+        log.warning(
+            "steps to %d: %d optimizer steps had non-finite gradients (NaN or inf), the last at "
+            "step %d; their updates were skipped on every rank (%d in a row, %d in all)",
+            step,
+            new,
+            last,
+            row,
+            self.total,
+        )
+        if stop and row >= self.max_in_a_row:
+            raise NonFiniteStepError(
+                f"{row} optimizer steps in a row (to step {last}) had non-finite gradients (NaN "
+                f"or inf), so the run stops (model.max_nonfinite_in_a_row={self.max_in_a_row}). "
+                "Weights are unchanged since the last finite step; lower model.optimizer.lr, "
+                "check the data, or resume from the last checkpoint."
+            )

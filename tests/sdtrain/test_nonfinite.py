@@ -94,3 +94,53 @@ def test_another_ranks_bad_step_is_skipped_here_too():
     assert guard.total == 1 and guard.in_a_row == 0
     with pytest.raises(ValueError, match="max_nonfinite_in_a_row=0"):
         NonFiniteGuard(0)
+
+
+def test_fused_optimizer_skips_a_poisoned_step_on_the_device(shards: str, tiny_model: Path):
+    """Fused AdamW takes the flag as its found_inf: no host sync a step, the same skip."""
+    opt = partial(torch.optim.AdamW, lr=1e-3, fused=True)
+    m = Poisoned({3}, float("nan"), optimizer=opt, ema=EMA(decay=0.9))
+    shadows = {}
+    m.ema.update = _recording(m.ema.update, m.ema, shadows)
+    trainer = fit(m, shards, tiny_model, steps=5)
+    assert trainer.global_step == 5 and m.nonfinite.total == 1  # read back at the end
+    assert m.nonfinite._pending is not None  # the device path ran
+    assert finite(m.unet.parameters()) and finite(m.ema.shadow.values())
+    opt_state = trainer.optimizers[0].state
+    assert {int(s["step"]) for s in opt_state.values()} == {4}  # the skipped step not counted
+    before, skipped = m.after_step[2], m.after_step[3]
+    assert all(torch.equal(before[k], skipped[k]) for k in before)  # the weights did not move
+    assert all(torch.equal(shadows[2][k], shadows[3][k]) for k in shadows[2])  # nor the EMA
+    assert not all(torch.equal(shadows[3][k], shadows[4][k]) for k in shadows[3])  # then it does
+
+
+def _recording(update, ema, shadows):
+    def wrapped(params, step, keep=None):
+        update(params, step, keep)
+        shadows[step] = {k: v.clone() for k, v in ema.shadow.items()}
+
+    return wrapped
+
+
+def test_fused_optimizer_stops_the_run_at_the_logging_window(shards: str, tiny_model: Path):
+    m = Poisoned(
+        set(range(2, 100)),
+        float("nan"),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True),
+        ema=EMA(decay=0.9),
+        max_nonfinite_in_a_row=3,
+    )
+    dm = WebDataModule(shards, str(tiny_model), resolution=32, batch_size=2, num_workers=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        log_every_n_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(NonFiniteStepError, match=r"3 optimizer steps in a row \(to step 4\)"):
+        trainer.fit(m, datamodule=dm)
+    assert finite(m.unet.parameters()) and finite(m.ema.shadow.values())
+    assert m.nonfinite.total == 3
