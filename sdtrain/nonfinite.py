@@ -116,7 +116,7 @@ class NonFiniteGuard:
         if self._pending is None:
             return
         new, row, last = (int(v) for v in self._pending.tolist())
-        self._pending[0] = 0
+        self._pending[0].zero_()  # in place on the device: no host-to-device copy
         self.in_a_row = row
         if not new:
             return
