@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from sdtrain import sharding
+from sdtrain import sharding, speed
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,7 @@ class NonFiniteGuard:
         params = [p for p in params if p.grad is not None]
         if not params:
             return False
-        # one fused kernel; under FSDP each rank checks its shard (the reduce covers them all)
-        norms = torch._foreach_norm([sharding.local(p.grad) for p in params])
-        bad = (~torch.isfinite(torch.stack(norms))).any().float()
-        if reduce_sum is not None:  # any rank's bad step is every rank's
-            bad = reduce_sum(bad)
-        if bad.item() == 0:
+        if _bad(params, reduce_sum).item() == 0:
             self.in_a_row = 0
             return False
         for p in params:
@@ -73,12 +68,7 @@ class NonFiniteGuard:
             self.total,
         )
         if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteStepError(
-                f"{self.in_a_row} optimizer steps in a row (to step {step}) had non-finite "
-                f"gradients (NaN or inf), so the run stops (model.max_nonfinite_in_a_row="
-                f"{self.max_in_a_row}). Weights are unchanged since the last finite step; lower "
-                "model.optimizer.lr, check the data, or resume from the last checkpoint."
-            )
+            raise self._stop(self.in_a_row, step)
         return True
 
     def flag(
@@ -90,12 +80,10 @@ class NonFiniteGuard:
         """The sync-free check: a 0-d float32 tensor on the gradients' device, 1.0 when any rank's
         gradients hold a NaN or inf (an optimizer's `found_inf`); nothing is dropped or read back.
         The counts are kept on the device until `settle`."""
-        grads = [sharding.local(p.grad) for p in params if p.grad is not None]
-        if not grads:
+        params = [p for p in params if p.grad is not None]
+        if not params:
             return None
-        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)))).any().float()
-        if reduce_sum is not None:
-            bad = (reduce_sum(bad) > 0).float()
+        bad = _bad(params, reduce_sum)
         if self._pending is None or self._pending.device != bad.device:
             self._pending = torch.zeros(3, device=bad.device)
         pending = self._pending
@@ -106,7 +94,7 @@ class NonFiniteGuard:
 
     def pending_total(self, device: torch.device) -> torch.Tensor:
         """`total` with the steps `settle` has not read yet, as a tensor (no sync)."""
-        total = torch.full((), float(self.total), device=device)
+        total = speed.scalar(self.total, device)
         return total if self._pending is None else total + self._pending[0].to(device)
 
     def settle(self, step: int, stop: bool = True) -> None:
@@ -131,9 +119,24 @@ class NonFiniteGuard:
             self.total,
         )
         if stop and row >= self.max_in_a_row:
-            raise NonFiniteStepError(
-                f"{row} optimizer steps in a row (to step {last}) had non-finite gradients (NaN "
-                f"or inf), so the run stops (model.max_nonfinite_in_a_row={self.max_in_a_row}). "
-                "Weights are unchanged since the last finite step; lower model.optimizer.lr, "
-                "check the data, or resume from the last checkpoint."
-            )
+            raise self._stop(row, last)
+
+    def _stop(self, in_a_row: int, step: int) -> NonFiniteStepError:
+        return NonFiniteStepError(
+            f"{in_a_row} optimizer steps in a row (to step {step}) had non-finite gradients (NaN "
+            f"or inf), so the run stops (model.max_nonfinite_in_a_row={self.max_in_a_row}). "
+            "Weights are unchanged since the last finite step; lower model.optimizer.lr, check "
+            "the data, or resume from the last checkpoint."
+        )
+
+
+def _bad(
+    params: list[torch.nn.Parameter], reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
+    """1.0 (a 0-d float32 tensor on the device) when any rank's gradients hold a NaN or inf: one
+    fused norm kernel; under FSDP each rank checks its shard (the sum covers them all)."""
+    norms = torch._foreach_norm([sharding.local(p.grad) for p in params])
+    bad = (~torch.isfinite(torch.stack(norms))).any().float()
+    if reduce_sum is not None:  # any rank's bad step is every rank's
+        bad = (reduce_sum(bad) > 0).float()
+    return bad
