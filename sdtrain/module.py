@@ -21,7 +21,7 @@ from sdtrain.draws import Draws
 from sdtrain.ema import EMA
 from sdtrain.encoding import Encoders, posterior_from_moments
 from sdtrain.models import Parts
-from sdtrain.nonfinite import NonFiniteGuard
+from sdtrain.nonfinite import NonFiniteGuard, skips_on_device
 from sdtrain.skips import SkipTally
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         params = (p for _, p in self.trainable_parameters())
         opt = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
         self._found_inf = None
-        if self._skips_on_device(opt, strategy):  # no sync: the optimizer skips on the GPU
+        if skips_on_device(opt, strategy):  # no sync: the optimizer skips on the GPU
             self._found_inf = self.nonfinite.flag(params, self.global_step + 1, reduce)
             opt.found_inf = self._found_inf
         else:
@@ -318,13 +318,6 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         if self._trainer is not None:
             skipped = self.nonfinite.pending_total(self.device)  # a float would sync
             self.log("train/skipped_nonfinite", skipped, reduce_fx="max")
-
-    @staticmethod
-    def _skips_on_device(opt, strategy) -> bool:
-        """A fused optimizer takes `found_inf` and skips its update on the device (as under
-        GradScaler); FSDP's sharded parameters keep the synchronous check."""
-        fused = getattr(opt, "_step_supports_amp_scaling", False)
-        return fused and not (strategy is not None and sharding.is_fsdp(strategy))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch),

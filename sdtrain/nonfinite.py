@@ -140,3 +140,11 @@ def _bad(
     if reduce_sum is not None:  # any rank's bad step is every rank's
         bad = (reduce_sum(bad) > 0).float()
     return bad
+
+
+def skips_on_device(optimizer, strategy) -> bool:
+    """A fused optimizer takes `found_inf` and skips its update on the device (as under
+    GradScaler): `NonFiniteGuard.flag` then serves, with no sync. FSDP's sharded parameters keep
+    the synchronous `check`."""
+    fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+    return fused and not (strategy is not None and sharding.is_fsdp(strategy))
