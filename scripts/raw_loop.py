@@ -22,12 +22,14 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     from sdtrain.speed import set_attention
 
-    drop_copies = True  # model.drop_layout_copies, as in the pipeline
+    drop_copies, fuse = True, False  # model.drop_layout_copies, model.fuse_projections
     for x in a.extra:  # the pipeline overrides the plain loop takes too
         if x.startswith("model.attention="):
             set_attention(None if x.split("=", 1)[1] in ("null", "None") else x.split("=", 1)[1])
         if x.startswith("model.drop_layout_copies="):
             drop_copies = x.split("=", 1)[1].lower() == "true"
+        if x.startswith("model.fuse_projections="):
+            fuse = x.split("=", 1)[1].lower() == "true"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = fast
     unet = UNet2DConditionModel.from_pretrained(a.folder, subfolder="unet").to(dev)
@@ -44,6 +46,11 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
         ]
         unet.to(memory_format=torch.channels_last)
         from sdtrain.speed import compile_unet
+
+        if fuse:
+            from sdtrain.attention import fuse_projections
+
+            fuse_projections(unet)
 
         compile_unet(unet, a.compile, drop_layout_copies=drop_copies)
     else:

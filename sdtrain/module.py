@@ -54,6 +54,8 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
             copies in front of convolutions from the compiled graph (`sdtrain.layout`).
         attention: the fused attention kernel: None (PyTorch's choice), "flash", "efficient" or
             "cudnn" (`speed.set_attention`).
+        fuse_projections: one matmul for each attention's q/k/v (k/v for cross-attention), the
+            same parameters (`sdtrain.attention`).
         max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
             stops; each such step is skipped on every rank (`sdtrain.nonfinite`).
         max_bad_data_fraction: stop with an error naming the worst shards once more than this
@@ -89,6 +91,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         channels_last: bool = False,
         drop_layout_copies: bool = True,
         attention: str | None = None,
+        fuse_projections: bool = False,
         max_nonfinite_in_a_row: int = 10,
         max_bad_data_fraction: float | None = 0.5,
         fsdp_reduce_dtype: str = "float32",
@@ -196,13 +199,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         if fsdp:
             mesh = self.device_mesh["data_parallel"]
             sharding.shard_unet(self.unet, mesh, h.fsdp_reduce_dtype, h.fsdp_param_dtype)
-        if h.channels_last and fsdp:  # FSDP2 shards need contiguous parameters
-            log.warning("model.channels_last=true is ignored under trainer=fsdp")
-        elif h.channels_last:
-            speed.to_channels_last(self.unet)
-        speed.set_attention(h.attention)
-        nhwc = h.channels_last and not fsdp
-        speed.compile_unet(self.unet, h.compile, drop_layout_copies=h.drop_layout_copies and nhwc)
+        speed.apply(self.unet, h, fsdp)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""

@@ -10,6 +10,8 @@
 - `attention`: which fused kernel serves `scaled_dot_product_attention` (the U-Net's attention):
   None leaves PyTorch's own choice; "flash", "efficient" or "cudnn" allows only that one (the math
   kernel stays as the fallback for shapes it cannot take). Set per process, before compiling.
+- `fuse_projections`: one matmul for each attention's q, k and v (k and v for cross-attention),
+  with diffusers' own parameters (`sdtrain.attention`).
 - `float32_matmul_precision`: "high" lets fp32 matmuls use TF32 on Ampere and later ("highest"
   keeps full fp32). Set once per process, before the first matmul.
 """
@@ -102,6 +104,21 @@ def scalar(value: float, device: torch.device) -> torch.Tensor:
 
 def to_channels_last(unet: nn.Module) -> None:
     unet.to(memory_format=torch.channels_last)
+
+
+def apply(unet: nn.Module, h, fsdp: bool) -> None:
+    """The module's fast settings (`h`: its hparams), in place, in the order they need."""
+    if h.channels_last and fsdp:  # FSDP2 shards need contiguous parameters
+        log.warning("model.channels_last=true is ignored under trainer=fsdp")
+    elif h.channels_last:
+        to_channels_last(unet)
+    set_attention(h.attention)
+    if h.fuse_projections:
+        from sdtrain import attention
+
+        attention.fuse_projections(unet)
+    nhwc = h.channels_last and not fsdp
+    compile_unet(unet, h.compile, drop_layout_copies=h.drop_layout_copies and nhwc)
 
 
 def set_float32_matmul_precision(precision: str | None) -> None:
