@@ -36,7 +36,7 @@ def _linear(layers: list[nn.Module], x: torch.Tensor, parts: int, heads: int):
     return [t.transpose(1, 2) for t in out.view(b, s, parts, heads, -1).unbind(2)]
 
 
-def plain(attn: Attention, hidden_states: torch.Tensor, attention_mask, temb) -> bool:
+def plain(attn: Attention, hidden_states: torch.Tensor, attention_mask) -> bool:
     """Whether `attn` is the plain case `FusedProjections` computes (else diffusers' processor)."""
     linears = (attn.to_q, attn.to_k, attn.to_v)
     return (
@@ -70,7 +70,7 @@ class FusedProjections:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        if args or kwargs or not plain(attn, hidden_states, attention_mask, temb):
+        if args or kwargs or not plain(attn, hidden_states, attention_mask):
             return self.fallback(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )

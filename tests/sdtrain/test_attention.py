@@ -45,14 +45,14 @@ def test_cases_it_does_not_compute_go_to_diffusers():
     x = torch.randn(2, 5, 16)
     want = attn(x)
     attn.set_processor(attention.FusedProjections())
-    assert not attention.plain(attn, x, None, None)
+    assert not attention.plain(attn, x, None)
     torch.testing.assert_close(attn(x), want)
     # a projection wrapped by an adapter (not a plain Linear) must not be bypassed
     plain = Attention(16, heads=2, dim_head=8)
     plain.to_q = torch.nn.Sequential(plain.to_q)
-    assert not attention.plain(plain, x, None, None)
+    assert not attention.plain(plain, x, None)
     # an attention mask goes to diffusers too
-    assert not attention.plain(Attention(16, heads=2, dim_head=8), x, torch.ones(2, 5), None)
+    assert not attention.plain(Attention(16, heads=2, dim_head=8), x, torch.ones(2, 5))
 
 
 def test_config_switch_reaches_a_real_run(tiny_model, shards, tmp_path):
