@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
 from sdtrain import batch as B
 from sdtrain import checkpoint, diffusion, lora, sharding, speed
@@ -21,7 +21,7 @@ from sdtrain.draws import Draws
 from sdtrain.ema import EMA
 from sdtrain.encoding import Encoders, posterior_from_moments
 from sdtrain.models import Parts
-from sdtrain.nonfinite import NonFiniteGuard, skips_on_device
+from sdtrain.nonfinite import NonFiniteGuard, clip_with_norm, skips_on_device
 from sdtrain.skips import SkipTally
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
         self._skip_update = False  # this optimizer step's gradients were dropped
         self._found_inf: torch.Tensor | None = None  # or flagged, for the optimizer to skip
+        self._grad_norm: torch.Tensor | None = None  # the check's total norm, for clipping
         self._empty_context: torch.Tensor | None = None
         self._micro, self._micro_step = 0, -1  # micro-batch index within the optimizer step
 
@@ -279,12 +280,15 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
     ) -> None:
         """Under bf16 autocast there is no loss scaler, so nothing to unscale: clip the norm
         directly. Lightning's AMP plugin refuses any clipping with a fused optimizer (it assumes
-        a float16 scaler), which would rule out fused AdamW, the faster update on GPUs."""
+        a float16 scaler), which would rule out fused AdamW, the faster update on GPUs. The
+        non-finite check's norm is reused: the gradients are read once for it, not twice."""
         plugin = self._trainer.precision_plugin if self._trainer is not None else None
         direct = isinstance(plugin, MixedPrecision) and plugin.scaler is None
-        if direct and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+        norm, self._grad_norm = self._grad_norm, None
+        plain = norm is not None and type(plugin) in (Precision, HalfPrecision)  # no scaler
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and (direct or plain):
             params = [p for _, p in self.trainable_parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            clip_with_norm(params, gradient_clip_val, norm)  # as clip_grad_norm_ does
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -312,6 +316,8 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
             opt.found_inf = self._found_inf
         else:
             self._skip_update = self.nonfinite.check(params, self.global_step + 1, reduce)
+        fsdp = strategy is not None and sharding.is_fsdp(strategy)
+        self._grad_norm = None if fsdp else self.nonfinite.norm  # a shard's norm is not the norm
         if self._trainer is not None:
             skipped = self.nonfinite.pending_total(self.device)  # a float would sync
             self.log("train/skipped_nonfinite", skipped, reduce_fx="max")

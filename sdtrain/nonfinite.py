@@ -42,6 +42,7 @@ class NonFiniteGuard:
         self.total = 0
         self.in_a_row = 0
         self._pending: torch.Tensor | None = None  # on the device: [new bad steps, in a row, last]
+        self.norm: torch.Tensor | None = None  # the last check's total gradient norm (this rank's)
 
     def check(
         self,
@@ -50,10 +51,12 @@ class NonFiniteGuard:
         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> bool:
         """True when this step must be skipped; then the gradients are dropped (set to None)."""
+        self.norm = None
         params = [p for p in params if p.grad is not None]
         if not params:
             return False
-        if _bad(params, reduce_sum).item() == 0:
+        bad, self.norm = _bad(params, reduce_sum)
+        if bad.item() == 0:
             self.in_a_row = 0
             return False
         for p in params:
@@ -80,10 +83,11 @@ class NonFiniteGuard:
         """The sync-free check: a 0-d float32 tensor on the gradients' device, 1.0 when any rank's
         gradients hold a NaN or inf (an optimizer's `found_inf`); nothing is dropped or read back.
         The counts are kept on the device until `settle`."""
+        self.norm = None
         params = [p for p in params if p.grad is not None]
         if not params:
             return None
-        bad = _bad(params, reduce_sum)
+        bad, self.norm = _bad(params, reduce_sum)
         if self._pending is None or self._pending.device != bad.device:
             self._pending = torch.zeros(3, device=bad.device)
         pending = self._pending
@@ -132,14 +136,30 @@ class NonFiniteGuard:
 
 def _bad(
     params: list[torch.nn.Parameter], reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None
-) -> torch.Tensor:
-    """1.0 (a 0-d float32 tensor on the device) when any rank's gradients hold a NaN or inf: one
-    fused norm kernel; under FSDP each rank checks its shard (the sum covers them all)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1.0 (a 0-d float32 tensor on the device) when any rank's gradients hold a NaN or inf, and
+    this rank's total gradient norm: one fused norm kernel; under FSDP each rank checks its shard
+    (the sum covers them all). A NaN or inf in any gradient makes the total NaN or inf."""
     norms = torch._foreach_norm([sharding.local(p.grad) for p in params])
-    bad = (~torch.isfinite(torch.stack(norms))).any().float()
+    total = torch.linalg.vector_norm(torch.stack(norms))  # as clip_grad_norm_ computes it
+    bad = (~torch.isfinite(total)).float()
     if reduce_sum is not None:  # any rank's bad step is every rank's
         bad = (reduce_sum(bad) > 0).float()
-    return bad
+    return bad, total
+
+
+def clip_with_norm(
+    params: Iterable[torch.nn.Parameter], max_norm: float, total: torch.Tensor | None
+) -> None:
+    """`torch.nn.utils.clip_grad_norm_`, with its total norm already known when `total` is given
+    (the check's `norm`), so the gradients are read once a step, not twice; the same arithmetic,
+    no sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        if total is None:
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
 
 
 def skips_on_device(optimizer, strategy) -> bool:

@@ -35,10 +35,13 @@ class Poisoned(StableDiffusionModule):
         }
 
 
-def fit(module: StableDiffusionModule, shards: str, tiny_model: Path, steps: int) -> L.Trainer:
+def fit(
+    module: StableDiffusionModule, shards: str, tiny_model: Path, steps: int, precision="32-true"
+) -> L.Trainer:
     dm = WebDataModule(shards, str(tiny_model), resolution=32, batch_size=2, num_workers=0)
     trainer = L.Trainer(
         accelerator="cpu",
+        precision=precision,
         max_steps=steps,
         gradient_clip_val=1.0,
         logger=False,
@@ -144,3 +147,33 @@ def test_fused_optimizer_stops_the_run_at_the_logging_window(shards: str, tiny_m
         trainer.fit(m, datamodule=dm)
     assert finite(m.unet.parameters()) and finite(m.ema.shadow.values())
     assert m.nonfinite.total == 3
+
+
+@pytest.mark.parametrize("fused,precision", [(True, "bf16-mixed"), (False, "32-true")])
+def test_clipping_reuses_the_checks_norm(fused, precision, shards, tiny_model, monkeypatch):
+    """The gradients are read for their norm once a step (the non-finite check's norm serves the
+    clipping), and the weights come out bit for bit as with clip_grad_norm_ (which reads them
+    again)."""
+    import sdtrain.module
+
+    norms = []
+    foreach_norm = torch._foreach_norm
+    monkeypatch.setattr(
+        torch, "_foreach_norm", lambda *a, **k: norms.append(1) or foreach_norm(*a, **k)
+    )
+
+    def run() -> dict[str, torch.Tensor]:
+        norms.clear()
+        torch.manual_seed(0)
+        m = Poisoned(set(), 1.0, optimizer=partial(torch.optim.AdamW, lr=1e-2, fused=fused))
+        fit(m, shards, tiny_model, steps=3, precision=precision)
+        return m.unet.state_dict()
+
+    reused = run()
+    assert len(norms) == 3
+    monkeypatch.setattr(
+        sdtrain.module, "clip_with_norm", lambda ps, v, _: torch.nn.utils.clip_grad_norm_(ps, v)
+    )
+    again = run()
+    assert len(norms) == 6  # the check's and clip_grad_norm_'s own
+    assert all(torch.equal(reused[k], again[k]) for k in reused)
