@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny model, tiny shards, composed configs, and one real demo run."""
+"""Shared fixtures: a tiny model, tiny shards, composed configs, and one real demo run; CI runs the slow
+tests too (pytest_configure)."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,34 @@ from omegaconf import DictConfig, open_dict, read_write
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+_CI_RUNS_SLOW = pytest.StashKey[bool]()
+
+
+def _marks_given(args: list[str]) -> bool:
+    """Whether the command line (or PYTEST_ADDOPTS) chose markers itself: `-m EXPR` or `-mEXPR`."""
+    args = args + shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    return any(a.startswith("-m") for a in args)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """CI (CI=true) runs the slow tests too: plain `pytest` there drops pyproject's `-m 'not slow'`.
+
+    An explicit `-m` on the command line is kept as given.
+    """
+    if (
+        os.environ.get("CI", "").lower() == "true"
+        and config.option.markexpr == "not slow"
+        and not _marks_given(list(config.invocation_params.args))
+    ):
+        config.option.markexpr = ""
+        config.stash[_CI_RUNS_SLOW] = True
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if config.stash.get(_CI_RUNS_SLOW, False):
+        return "CI=true: the slow tests run too (pyproject's -m 'not slow' dropped)"
+    return None
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,8 +14,13 @@ from sdtrain import demo
 from tests.wandb_files import history, offline_run
 
 ROUNDS = range(200, 1201, 200)  # the demo samples every 200 of its 1200 steps
+# The tests of the demo run (conftest's `demo_run`: the README's `sdtrain-train`, 1200 steps, 2.6 to
+# 4.2 min on a 2-core CPU, a quarter of the default suite) are slow; CI (CI=true) runs them. Shorter
+# runs in the default suite train, sample, checkpoint, log to W&B and export; only these judge that
+# the demo learns its prompts.
 
 
+@pytest.mark.slow  # the demo run
 def test_demo_leaves_checkpoints_and_a_grid_per_round(demo_run: Path):
     ckpts = sorted(p.name for p in (demo_run / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["last.ckpt", "step_0001000.ckpt", "step_0001200.ckpt"]  # newest 2 + last
@@ -24,6 +29,7 @@ def test_demo_leaves_checkpoints_and_a_grid_per_round(demo_run: Path):
     assert Image.open(demo_run / "samples" / grids[-1]).size[0] >= 128
 
 
+@pytest.mark.slow  # the demo run
 def test_demo_samples_reach_wandb_offline_run_with_captions(demo_run: Path):
     run = offline_run(demo_run)
     rounds = [r for r in history(run) if "samples/filenames" in r]
@@ -41,6 +47,7 @@ def test_demo_samples_reach_wandb_offline_run_with_captions(demo_run: Path):
     assert len(losses) >= 30 and np.isfinite(losses).all()
 
 
+@pytest.mark.slow  # the demo run
 def test_demo_last_grid_follows_its_prompts(demo_run: Path):
     """The last grid, read back from W&B: every image in its prompt's colour, and at least 3 of
     the 4 in its prompt's shape (4 tiles cannot show 90%; the next test samples 48 images)."""
@@ -55,6 +62,7 @@ def test_demo_last_grid_follows_its_prompts(demo_run: Path):
     assert sum(v.shape == parse(c).shape for c, v in got.items()) >= 3, got
 
 
+@pytest.mark.slow  # the demo run
 def test_demo_draws_each_prompts_colour_and_shape(demo_run: Path):
     """The final EMA weights, sampled as the grid is (DDIM, its steps and guidance), draw every
     colour x shape prompt in its colour and shape: >= 90% per attribute over 12 prompts x 4 seeds,
@@ -84,6 +92,7 @@ def test_demo_draws_each_prompts_colour_and_shape(demo_run: Path):
     assert got["colour"] >= 0.9 and got["shape"] >= 0.9, got
 
 
+@pytest.mark.slow  # the demo run
 def test_export_loads_in_diffusers_without_sdtrain(demo_run: Path, tmp_path: Path):
     from sdtrain.export import main as export_main
 

@@ -107,6 +107,10 @@ def load_start(tiny_model: Path) -> dict[str, torch.Tensor]:
     return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
 
 
+# ~44 s on a 2-core CPU (two more 2-process runs and a DDP refusal). The gathered-checkpoint test
+# above covers FSDP's training, exact resume and export in the default suite; the sharded folders'
+# atomic swap is tested without processes in tests/callbacks/test_checkpoint.py.
+@pytest.mark.slow
 def test_sharded_checkpoints_keep_the_ema_in_shards_resume_exactly_and_export(
     straight: Path, tiny_model: Path, shards: str, tmp_path: Path
 ):

@@ -283,9 +283,20 @@ def test_readme_has_the_ci_blocks_and_commands_to_run():
     assert len(TO_RUN) >= 8 and all(b.commands for b in TO_RUN)
 
 
-# Blocks whose programs other default tests already run (2-process DDP, torchrun and SLURM in
-# test_launchers/test_batching, FSDP in test_fsdp): slow here, to keep the default suite short.
-SLOW_BLOCKS = {"several-gpus-and-nodes", "several-gpus-and-nodes-2"}
+# Blocks whose programs other default tests already run: slow here, to keep the default suite short
+# (CI runs them). Seconds are pytest's on a 2-core CPU.
+SLOW_BLOCKS = {
+    # 2-process DDP, torchrun and SLURM: test_launchers, test_batching; FSDP: test_fsdp
+    "several-gpus-and-nodes",
+    "several-gpus-and-nodes-2",
+    # ~42 s, 8 trials: Hydra grids in test_sweeps and test_sweep_table, lr_sweep in test_configs
+    "sweep-hyperparameters",
+    # ~31 s: shards (test_shards), buckets, LoRA, single-file export and sampling each in its own
+    # tests (test_buckets, test_lora, test_single_file, test_sample); fine-tune-a-pretrained-model
+    "fine-tune-on-your-own-images",
+    # ~25 s: the same exports in make-images, test_export and test_single_file
+    "export",
+}
 
 
 @pytest.mark.parametrize(

@@ -166,8 +166,9 @@ def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path,
         assert ranks[0][step] != ranks[1][step], step
 
 
-# The README's `sdtrain-train hparams_search=lr_sweep` runs these 4 trials in the default suite
-# (tests/test_readme.py checks a checkpoint per trial).
+# The README's `sdtrain-train hparams_search=lr_sweep` runs these 4 trials too (tests/test_readme.py
+# checks a checkpoint per trial; slow as well); the default suite runs 2-trial grids
+# (tests/test_sweeps.py, tests/sdtrain/test_sweep_table.py) and composes lr_sweep (test_configs).
 @pytest.mark.slow
 def test_hparams_sweep_multirun(tiny_model: Path, shards: str, tmp_path: Path):
     keep = [o for o in tiny_overrides(tiny_model, shards, 2) if not o.startswith("callbacks.")]
