@@ -139,13 +139,18 @@ def _bad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1.0 (a 0-d float32 tensor on the device) when any rank's gradients hold a NaN or inf, and
     this rank's total gradient norm: one fused norm kernel; under FSDP each rank checks its shard
-    (the sum covers them all). A NaN or inf in any gradient makes the total NaN or inf."""
-    norms = torch._foreach_norm([sharding.local(p.grad) for p in params])
-    total = torch.linalg.vector_norm(torch.stack(norms))  # as clip_grad_norm_ computes it
+    (the sum covers them all). A NaN or inf in any gradient makes the total NaN or inf (so does
+    a total past float32's range, a step clipping would have zeroed)."""
+    total = _total_norm([sharding.local(p.grad) for p in params])
     bad = (~torch.isfinite(total)).float()
     if reduce_sum is not None:  # any rank's bad step is every rank's
         bad = (reduce_sum(bad) > 0).float()
     return bad, total
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all of them together, as `clip_grad_norm_` computes it: one fused kernel."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def clip_with_norm(
@@ -157,7 +162,7 @@ def clip_with_norm(
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         if total is None:
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            total = _total_norm(grads)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef.to(grads[0].device))
 
