@@ -28,10 +28,13 @@ log = logging.getLogger(__name__)
 def _linear(layers: list[nn.Module], x: torch.Tensor, parts: int, heads: int):
     """One matmul for `layers` (plain Linears on the same input) -> `parts` views
     (batch, heads, tokens, head_dim)."""
-    weight = torch.cat([layer.weight for layer in layers])
-    biases = [layer.bias for layer in layers]
-    bias = None if biases[0] is None else torch.cat(biases)
-    out = F.linear(x, weight, bias)
+    if len(layers) == 1:  # nothing to concatenate: no copy of the weight
+        out = layers[0](x)
+    else:
+        weight = torch.cat([layer.weight for layer in layers])
+        biases = [layer.bias for layer in layers]
+        bias = None if biases[0] is None else torch.cat(biases)
+        out = F.linear(x, weight, bias)
     b, s, _ = out.shape
     return [t.transpose(1, 2) for t in out.view(b, s, parts, heads, -1).unbind(2)]
 
