@@ -29,6 +29,7 @@ the judge are shared across seeds; only the training seed differs.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -41,17 +42,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdtrain import demo
-
 if __package__:  # imported as scripts.parity (tests)
+    from scripts.parity_tasks import TASKS, Task
     from scripts.reference_loop import save, to_pixels, train_reference
 else:  # run as python scripts/parity.py
+    from parity_tasks import TASKS, Task
     from reference_loop import save, to_pixels, train_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = [(c, s) for c in demo.COLOURS for s in demo.SHAPES]  # demo.samples' order: i % 12
 RESOLUTION = 32
 T0 = time.perf_counter()
+TASK: Task = TASKS["shapes"]  # main() sets the one asked for
 
 
 def say(msg: str) -> None:
@@ -59,94 +60,118 @@ def say(msg: str) -> None:
 
 
 def caption(label: int) -> str:
-    colour, shape = CLASSES[label]
-    return f"a {colour} {shape}"
+    return TASK.caption(label)
+
+
+def render_set(n: int, seed: int) -> tuple[list, torch.Tensor]:
+    """`n` renders of the task (PIL) and their labels (n,), in the task's order."""
+    return TASK.render_set(n, seed)
 
 
 # ---- data ------------------------------------------------------------------------------------
 
 
-def render_set(n: int, seed: int) -> tuple[list, torch.Tensor]:
-    """`n` demo renders (PIL) cycling through the 12 classes, and their labels (n,)."""
-    images = [img for img, _ in demo.samples(n, RESOLUTION, seed=seed)]
-    return images, torch.arange(n) % len(CLASSES)
+def write_shards(
+    images: list, labels: torch.Tensor, out: Path, n_shards: int, name: str = "shards"
+) -> str:
+    """Write the samples as `n_shards` shards in `out/name`, in the order given (as a tool that
+    does not shuffle, or a folder sorted by class, leaves them); return the brace pattern."""
+    import webdataset as wds
 
-
-def write_shards(images: list, labels: torch.Tensor, out: Path, n_shards: int) -> str:
-    """Write the images as a captioned folder, then as `n_shards` shards; return the brace pattern."""
-    from sdtrain.shards import write_shards as shard_folder
-
-    folder = out / "images"
+    folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
-        img.save(folder / f"{i:05d}.png")  # PNG: the shards hold exactly the in-memory pixels
-        (folder / f"{i:05d}.txt").write_text(caption(label))
     per_shard = math.ceil(len(images) / n_shards)
-    shards = shard_folder(folder, out / "shards", samples_per_shard=per_shard)
-    return f"{out / 'shards'}/{{00000..{len(shards) - 1:05d}}}.tar"
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i, (img, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+            png = io.BytesIO()
+            img.save(png, format="PNG")  # lossless: the shards hold exactly the in-memory pixels
+            sink.write({"__key__": f"{i:06d}", "png": png.getvalue(), "txt": caption(label)})
+    n = len(list(folder.glob("*.tar")))
+    return f"{folder}/{{00000..{n - 1:05d}}}.tar"
 
 
-# ---- judge -----------------------------------------------------------------------------------
+# ---- judges ----------------------------------------------------------------------------------
 
 
 class Judge(nn.Module):
-    """A small CNN: (B, 3, 32, 32) RGB in [0, 1] -> (B, 12) class logits."""
+    """A small CNN: (B, C, S, S) -> (B, classes) logits. Pixels: C=3 in [0, 1], S=32; latents:
+    C=4 (scaled as the U-Net sees them), S=16."""
 
-    def __init__(self, num_classes: int = len(CLASSES)) -> None:
+    def __init__(self, num_classes: int = 12, channels: int = 3, size: int = RESOLUTION) -> None:
         super().__init__()
+        self.pixels = channels == 3
 
         def block(cin: int, cout: int) -> nn.Sequential:  # halves H and W
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU())
 
-        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 64))  # (B, 64, 4, 4)
-        self.head = nn.Linear(64 * 16, num_classes)
+        self.features = nn.Sequential(block(channels, 32), block(32, 64), block(64, 64))
+        self.head = nn.Linear(64 * (size // 8) ** 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x * 2 - 1).flatten(1))
+        return self.head(self.features(x * 2 - 1 if self.pixels else x).flatten(1))
 
 
 def to_unit(images: list) -> torch.Tensor:
-    """PIL images -> (N, 3, H, W) float in [0, 1] (the judge's input)."""
+    """PIL images -> (N, 3, H, W) float in [0, 1] (the pixel judge's input)."""
     return (to_pixels(images) + 1) / 2
 
 
-def train_judge(
-    n_train: int, n_test: int, device: str, epochs: int = 12
-) -> tuple[Judge, dict[str, float]]:
-    """Fit the judge on real renders (seed 1) and score it on held-out renders (seed 2)."""
+def fit_judge(x: torch.Tensor, y: torch.Tensor, device: str, epochs: int = 12) -> Judge:
+    """Fit a judge on (x, y); inputs get noise of random strength (samples are never as clean)."""
     torch.manual_seed(0)
-    images, labels = render_set(n_train, seed=1)
-    x, y = to_unit(images).to(device), labels.to(device)
-    judge = Judge().to(device)
+    x, y, n = x.to(device), y.to(device), len(x)
+    judge = Judge(len(TASK.classes), x.shape[1], x.shape[-1]).to(device)
     opt = torch.optim.AdamW(judge.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * (n_train // 64))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * (n // 64))
+    noise = 0.08 if judge.pixels else 0.3
     for _ in range(epochs):
-        perm = torch.randperm(n_train, device=device)
-        for i in range(0, n_train - 63, 64):
+        perm = torch.randperm(n, device=device)
+        for i in range(0, n - 63, 64):
             xb, yb = x[perm[i : i + 64]], y[perm[i : i + 64]]
-            # Pixel noise of random strength: generated images are never as clean as renders.
-            xb = xb + torch.randn_like(xb) * 0.08 * torch.rand(len(xb), 1, 1, 1, device=device)
+            xb = xb + torch.randn_like(xb) * noise * torch.rand(len(xb), 1, 1, 1, device=device)
             loss = nn.functional.cross_entropy(judge(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-    judge.eval()
+    return judge.eval()
+
+
+def train_judge(
+    n_train: int, n_test: int, device: str, epochs: int = 12
+) -> tuple[Judge, dict[str, float]]:
+    """Fit the pixel judge on real renders (seed 1), score it on held-out renders (seed 2)."""
+    images, labels = render_set(n_train, seed=1)
+    judge = fit_judge(to_unit(images), labels, device, epochs)
     test_images, test_labels = render_set(n_test, seed=2)
     return judge, score(judge, to_unit(test_images), test_labels)
 
 
 @torch.no_grad()
+def encode(model_dir: Path, images: list, device: str) -> torch.Tensor:
+    """Scaled VAE latents (posterior means) of `images`, (N, 4, 16, 16) on the CPU."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device).eval()
+    x = to_pixels(images)
+    z = [vae.encode(b.to(device)).latent_dist.mode().cpu() for b in x.split(256)]
+    return torch.cat(z) * vae.config.scaling_factor
+
+
+def train_latent_judge(model_dir: Path, n_train: int, n_test: int, device: str):
+    """Fit the latent judge on the real renders' latents; score it on held-out renders'."""
+    images, labels = render_set(n_train, seed=1)
+    judge = fit_judge(encode(model_dir, images, device), labels, device)
+    test_images, test_labels = render_set(n_test, seed=2)
+    return judge, score(judge, encode(model_dir, test_images, device), test_labels)
+
+
+@torch.no_grad()
 def score(judge: Judge, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy of the judge's class (and of its colour and shape alone) against `labels`."""
+    """Accuracy of the judge's class against `labels`, and the task's breakdown (colour, shape)."""
     dev = next(judge.parameters()).device
     pred = torch.cat([judge(xb.to(dev)).argmax(1).cpu() for xb in x.split(256)])
-    n_shapes = len(demo.SHAPES)
-    return {
-        "accuracy": (pred == labels).float().mean().item(),
-        "colour": (pred // n_shapes == labels // n_shapes).float().mean().item(),
-        "shape": (pred % n_shapes == labels % n_shapes).float().mean().item(),
-    }
+    return {"accuracy": (pred == labels).float().mean().item(), **TASK.breakdown(pred, labels)}
 
 
 @torch.no_grad()
@@ -165,15 +190,16 @@ def vae_roundtrip_score(judge: Judge, model_dir: Path, n: int, device: str) -> d
 
 
 @torch.no_grad()
-def generate(folder: Path, per_class: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_class` images per prompt from the diffusers folder, (N, 3, 32, 32) in [0, 1], labels."""
+def generate(folder: Path, per_class: int, device: str):
+    """`per_class` samples per prompt from the diffusers folder: scaled latents (N, 4, 16, 16),
+    images (N, 3, 32, 32) in [0, 1] and labels (N,)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(folder).to(device)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)  # (N,) class by class
-    images = pipe(
+    labels = torch.arange(len(TASK.classes)).repeat_interleave(per_class)  # class by class
+    latents = pipe(
         [caption(label) for label in labels.tolist()],
         num_inference_steps=25,
         guidance_scale=8.0,
@@ -181,15 +207,18 @@ def generate(folder: Path, per_class: int, device: str) -> tuple[torch.Tensor, t
         width=RESOLUTION,
         # CPU generators: image i starts from the same noise for every model, on every device.
         generator=[torch.Generator().manual_seed(i) for i in range(len(labels))],
-        output_type="np",
-    ).images  # (N, H, W, 3) in [0, 1]
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float(), labels
+        output_type="latent",
+    ).images  # (N, 4, 16, 16), scaled
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return latents.float().cpu(), ((images.float() + 1) / 2).clamp(0, 1).cpu(), labels
 
 
-def judge_folder(folder: Path, judge: Judge, per_class: int, device: str) -> dict[str, float]:
+def judge_folder(folder: Path, judges: dict, per_class: int, device: str) -> dict[str, float]:
+    """The pixel judge's scores, plus the latent judge's accuracy as `latent_accuracy`."""
     t0 = time.perf_counter()
-    x, labels = generate(folder, per_class, device)
-    result = score(judge, x, labels)
+    latents, x, labels = generate(folder, per_class, device)
+    result = score(judges["pixel"], x, labels)
+    result["latent_accuracy"] = score(judges["latent"], latents, labels)["accuracy"]
     save_grid(x, per_class, folder / "samples.png")
     say(f"judged {folder.name}: {fmt(result)} ({time.perf_counter() - t0:.0f} s)")
     return result
@@ -199,8 +228,8 @@ def save_grid(x: torch.Tensor, per_class: int, path: Path) -> None:
     """One row per class, `per_class` images across: to look at what the numbers mean."""
     from PIL import Image
 
-    rows = x.view(len(CLASSES), per_class, 3, RESOLUTION, RESOLUTION)
-    grid = rows.permute(0, 3, 1, 4, 2).reshape(len(CLASSES) * RESOLUTION, -1, 3)
+    rows = x.view(len(TASK.classes), per_class, 3, RESOLUTION, RESOLUTION)
+    grid = rows.permute(0, 3, 1, 4, 2).reshape(len(TASK.classes) * RESOLUTION, -1, 3)
     Image.fromarray((grid.numpy() * 255).round().astype(np.uint8)).save(path)
 
 
@@ -232,7 +261,8 @@ def sdtrain_overrides(a: argparse.Namespace, model: Path, shards: str, seed: int
     cuda = a.device.startswith("cuda")
     callbacks = (sdtrain_root(a) / "conf/callbacks/default.yaml").read_text()
     # An older checkout may lack a callback, and deleting a missing key is a Hydra error.
-    drop = [f"~callbacks.{c}" for c in ("sample_images", "throughput") if c in callbacks]
+    gone = () if a.keep_callbacks else ("sample_images", "throughput")
+    drop = [f"~callbacks.{c}" for c in gone if c in callbacks]
     return [
         f"model.pretrained={model}",
         f"data.train_shards='{shards}'",  # one argv element; quoted for Hydra's braces
@@ -254,24 +284,26 @@ def sdtrain_overrides(a: argparse.Namespace, model: Path, shards: str, seed: int
     ]
 
 
-def run_sdtrain(a: argparse.Namespace, model: Path, shards: str, seed: int, out: Path):
-    """Train with sdtrain in a subprocess, export raw and EMA folders; return them and the time."""
+def run_sdtrain(a, model: Path, shards: str, seed: int, out: Path, name: str, extra: list[str]):
+    """Train with sdtrain in a subprocess (variant `name`: `extra` overrides last), export raw and
+    EMA folders; return them and the time."""
     root = sdtrain_root(a)
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     )
-    run = out / "sdtrain-run"
+    run = out / f"{name}-run"
     run.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "sdtrain.train", *sdtrain_overrides(a, model, shards, seed, run)]
-    say(f"sdtrain seed {seed} ({root}): {' '.join(cmd[1:])}")
+    overrides = [*sdtrain_overrides(a, model, shards, seed, run), *extra]
+    cmd = [sys.executable, "-m", "sdtrain.train", *overrides]
+    say(f"{name} seed {seed} ({root}): {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     call(cmd, root, env, run / "train.out")
     secs = time.perf_counter() - t0
     ckpt = run / "checkpoints" / "last.ckpt"
-    raw, ema = out / "sdtrain-raw", out / "sdtrain-ema"
+    raw, ema = out / f"{name}-raw", out / f"{name}-ema"
     call([sys.executable, "-m", "sdtrain.export", str(ckpt), str(raw), "--no-ema"], root, env)
     call([sys.executable, "-m", "sdtrain.export", str(ckpt), str(ema)], root, env)
-    say(f"sdtrain seed {seed}: trained in {secs:.0f} s (subprocess, start-up included)")
+    say(f"{name} seed {seed}: trained in {secs:.0f} s (subprocess, start-up included)")
     return raw, ema, secs
 
 
@@ -287,37 +319,53 @@ def call(cmd: list[str], cwd: Path, env: dict, log: Path | None = None) -> None:
 # ---- the whole measurement -------------------------------------------------------------------
 
 
-def run_seed(a, model: Path, data, shards: str, judge: Judge, seed: int) -> dict:
+def variants(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(name, extra overrides) of each sdtrain run per seed: "sdtrain" as configured, then each
+    --variant NAME KEY=VAL ..."""
+    return [("sdtrain", []), *((v[0], v[1:]) for v in a.variant)]
+
+
+def run_seed(a, model: Path, data, shards: str, judges: dict, seed: int) -> dict:
     out = a.out / f"seed{seed}"
-    ref, ref_s = run_reference(a, model, *data, seed, out)
-    raw, ema, sd_s = run_sdtrain(a, model, shards, seed, out)
-    return {
-        "seed": seed,
-        "reference": judge_folder(ref, judge, a.per_class, a.device) | {"train_s": ref_s},
-        "sdtrain_raw": judge_folder(raw, judge, a.per_class, a.device) | {"train_s": sd_s},
-        "sdtrain_ema": judge_folder(ema, judge, a.per_class, a.device) | {"train_s": sd_s},
-    }
+    row: dict = {"seed": seed}
+    if not a.no_reference:
+        ref, ref_s = run_reference(a, model, *data, seed, out)
+        row["reference"] = judge_folder(ref, judges, a.per_class, a.device) | {"train_s": ref_s}
+    for name, extra in variants(a):
+        raw, ema, secs = run_sdtrain(a, model, shards, seed, out, name, extra)
+        for kind, folder in (("raw", raw), ("ema", ema)):
+            scores = judge_folder(folder, judges, a.per_class, a.device)
+            row[f"{name}_{kind}"] = scores | {"train_s": secs}
+    with open(a.out / "rows.jsonl", "a") as f:  # each seed as it finishes: a cut-off run keeps it
+        f.write(json.dumps(row) + "\n")
+    return row
 
 
-RUNS = ("reference", "sdtrain_raw", "sdtrain_ema")
+def runs(rows: list[dict]) -> list[str]:
+    return [k for k in rows[0] if k != "seed"]
 
 
 def mean_row(rows: list[dict]) -> dict:
-    return {r: {k: float(np.mean([x[r][k] for x in rows])) for k in rows[0][r]} for r in RUNS}
+    return {r: {k: float(np.mean([x[r][k] for x in rows])) for k in rows[0][r]} for r in runs(rows)}
 
 
 def fmt(s: dict) -> str:
-    return f"{s['accuracy']:.3f} (colour {s['colour']:.2f}, shape {s['shape']:.2f})"
+    extra = "".join(f", {k} {s[k]:.2f}" for k in ("colour", "shape") if k in s)
+    latent = f", latent {s['latent_accuracy']:.3f}" if "latent_accuracy" in s else ""
+    return (
+        f"{s['accuracy']:.3f} ({latent.lstrip(', ')}{extra})"
+        if latent or extra
+        else (f"{s['accuracy']:.3f}")
+    )
 
 
 def table(rows: list[dict]) -> str:
-    head = "| seed | reference | sdtrain raw | sdtrain EMA | reference train s | sdtrain train s |"
-    lines = [head, "|" + " --- |" * 6]
+    names = runs(rows)
+    lines = [f"| seed | {' | '.join(names)} |", "|" + " --- |" * (len(names) + 1)]
     for name, r in [*((str(x["seed"]), x) for x in rows), ("mean", mean_row(rows))]:
-        cells = [fmt(r[k]) for k in RUNS]
-        times = [f"{r['reference']['train_s']:.0f}", f"{r['sdtrain_raw']['train_s']:.0f}"]
-        lines.append(f"| {name} | {' | '.join(cells + times)} |")
-    return "\n".join(lines)
+        lines.append(f"| {name} | {' | '.join(fmt(r[k]) for k in names)} |")
+    secs = ", ".join(f"{k} {mean_row(rows)[k]['train_s']:.0f} s" for k in names)
+    return "\n".join(lines) + f"\n\nmean train wall time: {secs}"
 
 
 def environment(a: argparse.Namespace) -> dict[str, str | None]:
@@ -335,53 +383,80 @@ def environment(a: argparse.Namespace) -> dict[str, str | None]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for everything (created)")
+    p.add_argument(
+        "--task", choices=sorted(TASKS), default="shapes", help="scripts/parity_tasks.py"
+    )
     p.add_argument("--model", type=Path, help="a tiny SD folder to reuse (default: make one)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps, both trainers")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="constant, no warm-up")
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--n-train", type=int, default=4800, help="training images (one data set)")
-    p.add_argument("--shards", type=int, default=16, help="shards they are written as")
+    p.add_argument("--n-train", type=int, help="training images (default: the task's)")
+    p.add_argument("--shards", type=int, help="shards they are written as (default: the task's)")
     p.add_argument("--per-class", type=int, default=16, help="generated images per prompt")
-    p.add_argument("--judge-n", type=int, default=3000, help="real renders the judge fits on")
+    p.add_argument("--judge-n", type=int, default=3000, help="real renders the judges fit on")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sdtrain-root", type=Path, help="sdtrain checkout to measure (default: this)")
     p.add_argument(
         "--sdtrain-override", action="append", default=[], help="extra Hydra override, KEY=VAL"
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME [KEY=VAL ...]",
+        help="one more sdtrain run per seed, with these overrides (an ablation); @mixed in a "
+        "value stands for the same samples written in a random order",
+    )
+    p.add_argument("--no-reference", action="store_true", help="sdtrain runs only")
+    p.add_argument(
+        "--keep-callbacks", action="store_true", help="keep sample_images and throughput on"
+    )
+    a = p.parse_args(argv)
+    task = TASKS[a.task]
+    a.n_train = a.n_train or task.n_train
+    a.shards = a.shards or task.shards
+    return a
 
 
 def main(argv: list[str] | None = None) -> dict:
+    global TASK
     a = parse_args(argv)
+    TASK = TASKS[a.task]
     a.out.mkdir(parents=True, exist_ok=True)
-    say(f"device {a.device}; {a.steps} steps x batch {a.batch_size}, lr {a.lr}, seeds {a.seeds}")
+    say(f"task {a.task} on {a.device}; {a.steps} steps x batch {a.batch_size}, lr {a.lr}, "
+        f"seeds {a.seeds}")  # fmt: skip
     if a.model is None:
-        from sdtrain.tiny import make_tiny_model
-
-        a.model = make_tiny_model(a.out / "model", resolution=RESOLUTION)
+        a.model = TASK.make_model(a.out / "model")
         say(f"made the tiny model {a.model}")
     images, labels = render_set(a.n_train, seed=0)
     shards = write_shards(images, labels, a.out / "data", a.shards)
-    say(f"{a.n_train} training images -> {shards}")
-    judge, judge_real = train_judge(a.judge_n, 1200, a.device)
-    judge_vae = vae_roundtrip_score(judge, a.model, 1200, a.device)
-    say(f"judge on held-out real renders: {fmt(judge_real)}; through the VAE: {fmt(judge_vae)}")
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).tolist()
+    mixed = write_shards([images[i] for i in perm], labels[perm], a.out / "data", a.shards, "mixed")
+    a.variant = [[v.replace("@mixed", f"'{mixed}'") for v in var] for var in a.variant]
+    say(f"{a.n_train} training images -> {shards}; in a random order -> {mixed}")
+    pixel, judge_real = train_judge(a.judge_n, 1200, a.device)
+    latent, latent_real = train_latent_judge(a.model, a.judge_n, 1200, a.device)
+    judge_vae = vae_roundtrip_score(pixel, a.model, 1200, a.device)
+    say(f"judges on held-out real renders: pixel {fmt(judge_real)}, latent {fmt(latent_real)}; "
+        f"pixel through the VAE: {fmt(judge_vae)}")  # fmt: skip
     if judge_real["accuracy"] < 0.95:
         sys.exit(
             f"parity: the judge reads only {judge_real['accuracy']:.3f} of real images (< 0.95)"
         )
-    rows = [run_seed(a, a.model, (images, labels), shards, judge, s) for s in a.seeds]
+    judges = {"pixel": pixel, "latent": latent}
+    rows = [run_seed(a, a.model, (images, labels), shards, judges, s) for s in a.seeds]
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "environment": environment(a),
-        "judge": {"real": judge_real, "vae_roundtrip": judge_vae},
+        "judge": {"real": judge_real, "latent_real": latent_real, "vae_roundtrip": judge_vae},
         "seeds": rows,
         "mean": mean_row(rows),
     }
     (a.out / "parity.json").write_text(json.dumps(result, indent=2))
-    print(f"\nprompt accuracy (chance {1 / len(CLASSES):.3f}); train s = wall time\n", flush=True)
+    print(f"\nprompt accuracy (chance {1 / len(TASK.classes):.3f}); pixel judge (latent judge)\n")
     print(table(rows), flush=True)
     say(f"wrote {a.out / 'parity.json'}")
     return result

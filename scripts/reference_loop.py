@@ -65,11 +65,20 @@ def train_reference(
             return_tensors="pt",
         ).input_ids
 
-    pixels = to_pixels(images).to(device)  # (N, 3, H, W)
-    ids, empty = tokenize(list(captions)), tokenize([""])[0]
     n, num_t = len(images), scheduler.config.num_train_timesteps
     if n < batch_size:
         raise ValueError(f"{n} images cannot fill one batch of {batch_size}")
+    # The frozen parts are deterministic: their outputs are computed once, not every step (the
+    # same numbers; a posterior sample is still drawn every step from the stored mean and std).
+    with torch.no_grad():
+        pixels = to_pixels(images)  # (N, 3, H, W)
+        dists = [vae.encode(x.to(device)).latent_dist for x in pixels.split(256)]
+        mean = torch.cat([d.mean for d in dists])  # (N, 4, H/f, W/f)
+        std = torch.cat([d.std for d in dists])
+        texts = sorted(set(captions)) + [""]
+        contexts = text_encoder(tokenize(texts).to(device))[0]  # (K + 1, 77, D)
+    which = torch.tensor([texts.index(c) for c in captions])  # (N,) caption index of each image
+    empty = len(texts) - 1
     gen = torch.Generator().manual_seed(seed)  # data order and caption dropout
     step, t0, losses = 0, time.perf_counter(), []
     while step < steps:
@@ -78,12 +87,11 @@ def train_reference(
             if step == steps:
                 break
             idx = perm[i : i + batch_size]
-            batch_ids = ids[idx].clone()
-            batch_ids[torch.rand(batch_size, generator=gen) < caption_dropout] = empty
-            with torch.no_grad():
-                latents = vae.encode(pixels[idx]).latent_dist.sample()  # (B, 4, H/f, W/f)
-                latents = latents * vae.config.scaling_factor
-                context = text_encoder(batch_ids.to(device))[0]  # (B, 77, D)
+            batch_text = which[idx].clone()
+            batch_text[torch.rand(batch_size, generator=gen) < caption_dropout] = empty
+            context = contexts[batch_text.to(device)]  # (B, 77, D)
+            m, s = mean[idx.to(device)], std[idx.to(device)]
+            latents = (m + s * torch.randn_like(m)) * vae.config.scaling_factor
             noise = torch.randn_like(latents)
             t = torch.randint(0, num_t, (batch_size,), device=device)
             noisy = scheduler.add_noise(latents, noise, t)

@@ -157,12 +157,36 @@ def build_scheduler():
     )
 
 
-def fit_vae(vae, resolution: int, steps: int, batch_size: int = 16, seed: int = 0) -> float:
-    """Fit the VAE as an autoencoder on demo images; set and return its latent scaling factor."""
+def _pixels(images: list) -> torch.Tensor:
+    """PIL RGB images -> (N, 3, H, W) float in [-1, 1]."""
+    x = torch.from_numpy(np.stack([np.asarray(i.convert("RGB")) for i in images]))
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def measure_scale(vae, images: list) -> float:
+    """Set (and return) the VAE's latent scaling factor: 1 / std of its latents of `images`, so
+    the U-Net sees unit-variance latents, as SD's 0.18215 makes them."""
+    with torch.no_grad():
+        z = vae.eval().encode(_pixels(images[:256])).latent_dist.sample()
+    scale = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+def fit_vae(
+    vae,
+    resolution: int,
+    steps: int,
+    batch_size: int = 16,
+    seed: int = 0,
+    images: list | None = None,
+) -> float:
+    """Fit the VAE as an autoencoder on `images` (default: 512 demo images); set and return its
+    latent scaling factor."""
     torch.manual_seed(seed)
-    images = [img for img, _ in demo.samples(512, resolution, seed=seed + 1)]
-    x_all = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2)
-    x_all = x_all.float() / 127.5 - 1.0  # (N, 3, H, W) in [-1, 1]
+    if images is None:
+        images = [img for img, _ in demo.samples(512, resolution, seed=seed + 1)]
+    x_all = _pixels(images)  # (N, 3, H, W) in [-1, 1]
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     vae.train()
@@ -180,12 +204,7 @@ def fit_vae(vae, resolution: int, steps: int, batch_size: int = 16, seed: int = 
         if done % max(1, steps // 10) == 0 or done == steps:  # every 10%: a few lines
             pct = 100 * done // steps
             log.info("VAE fit: step %d/%d (%d%%), loss %.4f", done, steps, pct, loss.item())
-    vae.eval()
-    with torch.no_grad():
-        z = vae.encode(x_all[:256]).latent_dist.sample()
-    scale = float(1.0 / z.std())  # makes latents unit-variance, as SD's 0.18215 does
-    vae.register_to_config(scaling_factor=scale)
-    return scale
+    return measure_scale(vae, images)
 
 
 def build_parts(resolution: int = 32, vae_steps: int = 0, seed: int = 0):
