@@ -8,7 +8,7 @@ shift 2
 mkdir -p "$out"
 task=shapes
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == --task ]] && { j=$((i + 1)); task=${!j}; }; done
-python - "$out/model" "$task" <<'PY'
+python3 - "$out/model" "$task" <<'PY'
 import sys
 from pathlib import Path
 sys.path.insert(0, "scripts")
@@ -17,7 +17,7 @@ if not Path(sys.argv[1], "model_index.json").exists():
     TASKS[sys.argv[2]].make_model(Path(sys.argv[1]))
 PY
 for s in $seeds; do
-  python scripts/parity.py --out "$out/seed$s" --model "$out/model" --seeds "$s" "$@" \
+  python3 scripts/parity.py --out "$out/seed$s" --model "$out/model" --seeds "$s" "$@" \
     > "$out/seed$s.log" 2>&1 &
 done
 wait
