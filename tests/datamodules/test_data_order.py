@@ -263,7 +263,9 @@ def test_resampled_walks_every_shard_once_per_round(shards: str, tiny_model: Pat
     ks = keys(make(shards, tiny_model, resampled=True, shuffle_buffer=1), 3 * SAMPLES // 8)
     rounds = [[shard_of(k) for k in ks[i * SAMPLES : (i + 1) * SAMPLES]] for i in range(3)]
     seqs = [list(dict.fromkeys(r)) for r in rounds]
-    assert all(sorted(s) == [0, 1, 2, 3] and len(r) == SAMPLES for s, r in zip(seqs, rounds))
+    assert all(
+        sorted(s) == [0, 1, 2, 3] and len(r) == SAMPLES for s, r in zip(seqs, rounds, strict=True)
+    )
     assert len({tuple(s) for s in seqs}) > 1  # not the same order every round
 
 
