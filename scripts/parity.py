@@ -251,9 +251,11 @@ def run_reference(a: argparse.Namespace, model: Path, images: list, labels, seed
     return folder, secs
 
 
-def sdtrain_root(a: argparse.Namespace) -> Path:
-    """The sdtrain checkout to measure: --sdtrain-root, else the one this script lives in."""
-    return (a.sdtrain_root or ROOT).resolve()
+def sdtrain_root(a: argparse.Namespace, extra: list[str] = ()) -> Path:
+    """The sdtrain checkout to measure: a variant's root=DIR, else --sdtrain-root, else the one
+    this script lives in."""
+    roots = [Path(v.removeprefix("root=")) for v in extra if v.startswith("root=")]
+    return (roots[-1] if roots else a.sdtrain_root or ROOT).resolve()
 
 
 def sdtrain_overrides(a: argparse.Namespace, model: Path, shards: str, seed: int, run: Path):
@@ -287,7 +289,8 @@ def sdtrain_overrides(a: argparse.Namespace, model: Path, shards: str, seed: int
 def run_sdtrain(a, model: Path, shards: str, seed: int, out: Path, name: str, extra: list[str]):
     """Train with sdtrain in a subprocess (variant `name`: `extra` overrides last), export raw and
     EMA folders; return them and the time."""
-    root = sdtrain_root(a)
+    root = sdtrain_root(a, extra)
+    extra = [v for v in extra if not v.startswith("root=")]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     )
@@ -408,7 +411,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="NAME [KEY=VAL ...]",
         help="one more sdtrain run per seed, with these overrides (an ablation); @mixed in a "
-        "value stands for the same samples written in a random order",
+        "value stands for the same samples written in a random order; root=DIR measures the sdtrain "
+        "checkout DIR",
     )
     p.add_argument("--no-reference", action="store_true", help="sdtrain runs only")
     p.add_argument(
