@@ -112,9 +112,11 @@ def caption(label: int) -> str:
     return f"the letter {CLASSES[label]}"
 
 
-def render_set(n: int, seed: int, size: int = 32) -> tuple[list[Image.Image], torch.Tensor]:
-    """`n` glyphs, class by class (the first n/10 are C, then G, ...: the order a folder sorted by
-    class gives), and their labels (n,)."""
+def render_set(
+    n: int, seed: int, size: int = 32, classes: int = len(CLASSES)
+) -> tuple[list[Image.Image], torch.Tensor]:
+    """`n` glyphs of the first `classes` classes, class by class (the first n/10 are C, then G,
+    ...: the order a folder sorted by class gives), and their labels (n,)."""
     rng = random.Random(seed)
-    labels = torch.arange(len(CLASSES)).repeat_interleave(math.ceil(n / len(CLASSES)))[:n]
+    labels = torch.arange(classes).repeat_interleave(math.ceil(n / classes))[:n]
     return [render(CLASSES[int(y)], size, rng) for y in labels], labels

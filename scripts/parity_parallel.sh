@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, "scripts")
 from parity_tasks import TASKS
 if not Path(sys.argv[1], "model_index.json").exists():
-    TASKS[sys.argv[2]].make_model(Path(sys.argv[1]))
+    TASKS[sys.argv[2]]().make_model(Path(sys.argv[1]))
 PY
 for s in $seeds; do
   python3 scripts/parity.py --out "$out/seed$s" --model "$out/model" --seeds "$s" "$@" \
