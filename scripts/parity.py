@@ -267,6 +267,10 @@ def sdtrain_overrides(a: argparse.Namespace, model: Path, shards: str, seed: int
     drop = [f"~callbacks.{c}" for c in gone if c in callbacks]
     return [
         f"model.pretrained={model}",
+        # your own shards, as a user trains them: not the demo's data group, whose flips (its
+        # shapes are mirror-symmetric) and validation shapes stay on under a new train_shards
+        "data=webdataset",
+        "data.random_flip=false",  # a mirrored letter is another class (or none)
         f"data.train_shards='{shards}'",  # one argv element; quoted for Hydra's braces
         f"data.resolution={RESOLUTION}",
         f"data.batch_size={a.batch_size}",
