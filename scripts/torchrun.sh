@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, N GPUs, launched by torchrun (Lightning picks up its environment):
-#   scripts/torchrun.sh 8 model.pretrained=/models/sd15 "data.train_shards='/data/{00000..00999}.tar'"
+#   scripts/torchrun.sh 8 data=webdataset model.pretrained=/models/sd15 "data.train_shards='/data/{00000..00999}.tar'"
 # The overrides come after the script's own and win: on a CPU (as the tests run it),
 #   scripts/torchrun.sh 2 trainer.accelerator=cpu trainer.precision=32-true ...
 # and Lightning's DDP then talks over gloo instead of NCCL.

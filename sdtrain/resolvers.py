@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,26 @@ def sweep_group() -> str | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return Path(str(HydraConfig.get().sweep.dir)).name
+
+
+def check_demo_data(data: DictConfig) -> None:
+    """Refuse your own `data.train_shards` under the demo's data group (`data=demo`, the default):
+    the rest of that group is the demo's (32 px, `random_flip=true` for its mirror-symmetric
+    shapes, one loader worker, its own validation shapes) and would apply to your images
+    silently: a mirrored letter or face trains as its caption, and the validation loss measures
+    shapes."""
+    raw = OmegaConf.to_container(data, resolve=False)
+    demo = "${sdtrain.demo_shards:"
+    if str(raw.get("val_shards") or "").startswith(demo) and not str(
+        raw.get("train_shards") or ""
+    ).startswith(demo):
+        raise ValueError(
+            f"data.train_shards={raw.get('train_shards')} replaces the demo's shards, but the rest "
+            "of the data group is still the demo's (data=demo: resolution 32, random_flip=true "
+            "for its mirror-symmetric shapes, 1 loader worker, its own validation shapes): add "
+            "data=webdataset (or an experiment=finetune / finetune_sd15 / lora / pretrain, "
+            "which sets it) to train your own shards"
+        )
 
 
 def register() -> None:

@@ -32,7 +32,7 @@ from sdtrain import batching, checkpoint, preemption, quiet, speed
 from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
 from sdtrain.checkpoint_io import put_back
 from sdtrain.models import check_model_folder, check_resolution
-from sdtrain.resolvers import register
+from sdtrain.resolvers import check_demo_data, register
 from sdtrain.single_file import check_config_folder, is_single_file
 from sdtrain.validation import check_optimized_metric, in_sweep, optimized_value
 
@@ -213,6 +213,7 @@ def prepare(cfg: DictConfig) -> Prepared | None:
             "e.g. model.pretrained=/models/sd15 \"data.train_shards='/data/{00000..00099}.tar'\" or a shard folder)"
         )
     check_targets(cfg)
+    check_demo_data(cfg.data)  # your own shards under the demo's flips and size
     batching.apply(cfg)  # data.batch_size, accumulation and lr from the global batch
     ckpt = checkpoint_file(cfg)
     if ckpt is not None:

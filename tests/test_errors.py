@@ -125,3 +125,19 @@ def test_an_added_key_the_trainer_does_not_take_is_named(
     with pytest.raises(ValueError, match=r"data.batchsize: .*did you mean data.batch_size\?"):
         train(cfg)
     assert no_model == []
+
+
+def test_own_shards_under_the_demo_data_group_name_data_webdataset(tmp_path: Path, shards: str):
+    """data.train_shards alone keeps the demo's data group (32 px, random_flip=true for its
+    symmetric shapes, its validation shapes): a glyph set trained so learned mirrored letters
+    (docs/parity.md). It stops, naming the fix, before any model loads."""
+    from sdtrain.resolvers import check_demo_data
+
+    check_demo_data(compose_cfg(tmp_path, []).data)  # the demo itself
+    own = compose_cfg(tmp_path, [f"data.train_shards='{shards}'"])
+    with pytest.raises(ValueError, match=r"data.train_shards=.*add data=webdataset"):
+        check_demo_data(own.data)
+    for fix in ("data=webdataset", "experiment=finetune"):
+        check_demo_data(compose_cfg(tmp_path, [fix, f"data.train_shards='{shards}'"]).data)
+    with pytest.raises(ValueError, match=r"add data=webdataset"):
+        train(compose_cfg(tmp_path, [f"data.train_shards='{shards}'", "model.pretrained=/nowhere"]))

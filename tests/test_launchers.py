@@ -30,6 +30,7 @@ def cpu_args(model: Path, shards: str, steps: int) -> list[str]:
     """The launchers' GPU defaults made tiny: CPU, fp32, 32 px, no sampling."""
     return [
         f"model.pretrained={model}",
+        "data=webdataset",  # your own shards (the demo group refuses them)
         f"data.train_shards='{shards}'",
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",

@@ -149,8 +149,10 @@ def stand_in(command: str, s: StandIns, block_id: str) -> tuple[str, str]:
     if kind == "train":
         if "model.pretrained=" not in command:
             extra.append(f"model.pretrained={s.model}")
-        if "data.train_shards=" not in command:
-            extra.append(f"data.train_shards={s.shard_dir}/")
+        if "data.train_shards=" not in command:  # the demo's data group on the test shards:
+            extra.append(f"data.train_shards={s.shard_dir}/")  # its validation shapes off, so
+            if "data.val_shards=" not in command:  # it is no demo group with your own shards
+                extra.append("data.val_shards=null")
         if "hparams_search=optuna" in command and "hydra.sweeper.n_trials=" not in command:
             extra.append(f"hydra.sweeper.n_trials={TRIALS}")
     return " ".join([command, *map(shlex.quote, extra)]), kind

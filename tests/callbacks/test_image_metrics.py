@@ -47,6 +47,7 @@ def run_overrides(model: Path, shards: str, steps: int, every: int) -> list[str]
     """The tiny model on the test shards, CPU, the image metrics as the only callback."""
     return [
         f"model.pretrained={model}",
+        "data=webdataset",  # your own shards (the demo group refuses them)
         f"data.train_shards='{shards}'",
         "data.num_workers=0",
         "data.batch_size=4",
