@@ -105,3 +105,40 @@ def test_parity_cpu_run(tmp_path: Path):
     # comparison is the GPU command in scripts/parity.py's docstring (docs/parity.md).
     assert raw["accuracy"] >= ref["accuracy"] - 0.15, (raw, ref)
     assert raw["colour"] >= 0.6, raw
+
+
+def test_glyphs_render_the_same_from_a_seed_class_by_class():
+    from scripts import glyphs
+
+    images, labels = glyphs.render_set(20, seed=0)
+    again, _ = glyphs.render_set(20, seed=0)
+    assert labels.tolist() == sorted(labels.tolist()) == [c for c in range(10) for _ in range(2)]
+    px = np.stack([np.asarray(i) for i in images])  # (20, 32, 32, 3)
+    assert np.array_equal(px, np.stack([np.asarray(i) for i in again]))
+    assert (px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all()  # greyscale
+    assert px.mean() > 150 and (px.reshape(20, -1).min(1) < 100).all()  # dark strokes on light
+    assert glyphs.caption(3) == "the letter Q"
+    four, y4 = glyphs.render_set(8, seed=1, classes=4)
+    assert y4.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and len(four) == 8
+
+
+def test_pinned_posterior_std_makes_a_sample_its_mean():
+    """The glyphs model's VAE: on-the-fly encoding (sdtrain) equals encoding once (the loop)."""
+    from scripts.parity_tasks import pin_posterior_std
+    from sdtrain.tiny import build_vae
+
+    vae = build_vae(32).eval()
+    pin_posterior_std(vae)
+    with torch.no_grad():
+        dist = vae.encode(torch.rand(2, 3, 32, 32) * 2 - 1).latent_dist
+    assert dist.std.max() < 1e-6
+    assert torch.allclose(dist.sample(), dist.mean, atol=1e-5)
+
+
+def test_parity_sdtrain_runs_train_your_own_shards_unflipped(tmp_path: Path):
+    """The demo's data group mirrors every image (its shapes are symmetric): a mirrored letter is
+    another class, so the harness trains sdtrain as a user trains their own shards."""
+    a = parity.parse_args(["--out", str(tmp_path), "--task", "glyphs", "--device", "cpu"])
+    o = parity.sdtrain_overrides(a, Path("/m"), "/s/{00000..00008}.tar", 0, tmp_path / "run")
+    assert "data=webdataset" in o and "data.random_flip=false" in o
+    assert (a.n_train, a.shards) == (1800, 9)  # 9 shards of 200, one or two classes each
