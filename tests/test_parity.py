@@ -144,6 +144,11 @@ def test_parity_sdtrain_runs_train_your_own_shards_unflipped(tmp_path: Path):
     assert (a.n_train, a.shards) == (1800, 9)  # 9 shards of 200, one or two classes each
 
 
+# sdtrain may trail the loop by this much at the CPU size before the test fails (docs/parity.md:
+# the seeds' spread there)
+RAW_MARGIN, EMA_MARGIN = 0.06, 0.1
+
+
 @pytest.mark.slow
 def test_glyphs_parity_cpu_run(tmp_path: Path):
     """~13 min on an idle 2-core CPU: the glyphs task's first 4 classes (C, G, O, Q: two near
