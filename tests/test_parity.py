@@ -184,3 +184,25 @@ def test_glyphs_parity_cpu_run(tmp_path: Path):
     assert ref["accuracy"] >= 0.7, ref  # the loop learns the pairs apart (chance 0.25)
     assert raw["accuracy"] >= ref["accuracy"] - RAW_MARGIN, (raw, ref)
     assert ema["accuracy"] >= ref["accuracy"] - EMA_MARGIN, (ema, ref)
+
+
+def test_loader_mixes_class_sorted_shards_from_the_first_batch(
+    tmp_path: Path, tiny_model: Path, monkeypatch
+):
+    """4 classes in 4 one-class shards (a folder sorted by class, written in order): the first
+    batch already holds every class, and no class's share over 50 steps strays far from 1/4.
+    Before issue 24's fix the first batches came from one shard (webdataset's buffer starts at
+    100) and shards drawn with replacement left classes out for long stretches."""
+    from scripts import data_mixing, glyphs
+
+    images, labels = glyphs.render_set(4 * 60, seed=0, classes=4)
+    monkeypatch.setattr(parity, "TASK", parity.TASKS["glyphs"](4))  # its captions
+    pattern = parity.write_shards(images, labels, tmp_path, n_shards=4)
+    m = data_mixing.main(
+        [pattern, "--model", str(tiny_model), "--workers", "0", "--batch-size", "16",
+         "--shuffle-buffer", "240", "--steps", "120"]
+    )  # fmt: skip
+    assert m["classes"] == 4
+    first = m["first_batches_classes"]  # 16 uniform draws miss one of 4 classes 4% of the time
+    assert first[0] == 4 and min(first) >= 3, first
+    assert 0.15 <= m["window_min"] and m["window_max"] <= 0.35, m  # uniform: ~0.20-0.30
