@@ -1,29 +1,43 @@
 """Learning parity, measured: sdtrain against a minimal reference loop, judged by prompt accuracy.
 
-One tiny Stable Diffusion (sdtrain.tiny) learns the demo's 12 captioned classes ("a red circle", 4
-colours x 3 shapes) twice at the same budget: with `scripts/reference_loop.py` (plain diffusers +
-torch, fp32) and with `python -m sdtrain.train` (a subprocess, as users run it: bf16-mixed on a GPU).
-Each trained model generates K images per prompt (DDIM, 25 steps, guidance 8, fixed seeds) and a
-small CNN fitted on real renders names each image's class: prompt accuracy is the fraction named as
-the prompt's class (chance: 1/12); colour and shape accuracy are reported apart.
+One tiny Stable Diffusion learns a captioned task twice at the same budget: with
+`scripts/reference_loop.py` (plain diffusers + torch, fp32) and with `python -m sdtrain.train` (a
+subprocess, as users train their own shards: data=webdataset, bf16-mixed on a GPU). Tasks
+(`scripts/parity_tasks.py`): `shapes`, the demo's 12 classes ("a red circle", 4 colours x 3
+shapes; saturates at 2000 x 128), and `glyphs`, 10 letters in near pairs written class by class
+into shards (`scripts/glyphs.py`; `--classes N` keeps the first N). Each trained model generates K
+images per prompt (DDIM, 25 steps, guidance 8, fixed seeds) and two small CNNs fitted on real
+renders, one on pixels and one on VAE latents, name each image's class: prompt accuracy is the
+fraction named as the prompt's class (chance: 1 / classes); for shapes, colour and shape
+accuracy are reported apart.
 
 From the repo root, in the project's environment (`pip install -e .`).
 
-CPU smoke run (~6 min on an idle 2-core CPU, 9-20 min on a busy one; the slow test runs this size):
+CPU smoke runs (the slow tests run these sizes; ~6 and ~13 min on an idle 2-core CPU):
     python scripts/parity.py --out /tmp/parity-cpu --steps 300 --batch-size 32 --n-train 1200 --per-class 4
+    python scripts/parity.py --out /tmp/glyphs-cpu --task glyphs --classes 4 --steps 1000 \
+        --batch-size 32 --per-class 16 --judge-n 2000
 
-GPU (H100/H200; sdtrain in bf16-mixed with 8 loader workers, the reference in strict fp32):
+GPU (H100/H200; sdtrain in bf16-mixed with 8 loader workers, the reference in strict fp32), one
+process per seed side by side (scripts/parity_parallel.sh):
     python scripts/parity.py --out parity-gpu --steps 2000 --batch-size 128 --seeds 0 1 2
+    scripts/parity_parallel.sh glyphs-gpu "0 1 2" --task glyphs --steps 2000 --batch-size 128 --per-class 20
 
-Another checkout of sdtrain (an older commit, in a git worktree), with the same harness:
+Another checkout of sdtrain (an older commit, in a git worktree whose sdtrain/ holds links to its
+datamodules/, callbacks/ and conf/, so that PYTHONPATH finds them there), with the same harness:
     git worktree add /tmp/sdtrain-old <commit>
+    for d in datamodules callbacks conf; do ln -s ../$d /tmp/sdtrain-old/sdtrain/$d; done
     python scripts/parity.py --out parity-old --sdtrain-root /tmp/sdtrain-old --steps 2000 --batch-size 128
 
-An experiment on sdtrain's side only (repeatable, any Hydra override):
+An experiment on sdtrain's side only (repeatable, any Hydra override), or an ablation: one more
+sdtrain run per seed with its own overrides (@mixed: the same samples written in a random order;
+root=DIR: another checkout):
     python scripts/parity.py --out parity-noclip --sdtrain-override trainer.gradient_clip_val=null
+    python scripts/parity.py --out ablate --task glyphs --variant mixed data.train_shards=@mixed
 
-Writes OUT/parity.json and prints a markdown table (per seed and mean). The data set, the model and
-the judge are shared across seeds; only the training seed differs.
+Writes OUT/parity.json (and OUT/rows.jsonl, a line per seed as it ends) and prints a markdown
+table (per seed and mean). The data set, the model and the judges are shared across seeds; only
+the training seed differs.
 """
 
 from __future__ import annotations
