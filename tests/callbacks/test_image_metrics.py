@@ -49,6 +49,7 @@ def run_overrides(model: Path, shards: str, steps: int, every: int) -> list[str]
         f"model.pretrained={model}",
         "data=webdataset",  # your own shards (the demo group refuses them)
         f"data.train_shards='{shards}'",
+        "data.resolution=32",
         "data.num_workers=0",
         "data.batch_size=4",
         "trainer.accelerator=cpu",
@@ -67,7 +68,9 @@ def run_overrides(model: Path, shards: str, steps: int, every: int) -> list[str]
 def test_fid_against_the_same_set_is_zero_and_against_another_positive(tmp_path: Path):
     demo.write_folder(tmp_path / "a", 24, 32, seed=0)
     demo.write_folder(tmp_path / "b", 24, 32, seed=1)
-    shards_main([str(tmp_path / "a"), str(tmp_path / "tars"), "--samples-per-shard", "10"])
+    shards_main(
+        [str(tmp_path / "a"), str(tmp_path / "tars"), "--samples-per-shard", "10", "--keep-order"]
+    )
     pattern = str(tmp_path / "tars" / "{00000..00002}.tar")
     from_folder, from_shards = list(held_out(str(tmp_path / "a"))), list(held_out(pattern))
     # the folder and the shards written from it are one set, in one order
