@@ -70,13 +70,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> str:
-    """96 demo samples in 4 shards written by sdtrain-shards; returns the brace pattern."""
+    """96 demo samples in 4 shards written by sdtrain-shards in folder order (the classes take
+    turns); returns the brace pattern."""
     from sdtrain import demo
     from sdtrain.shards import main as shards_main
 
     base = tmp_path_factory.mktemp("shards")
     demo.write_folder(base / "images", 96, 32)
-    shards_main([str(base / "images"), str(base / "tars"), "--samples-per-shard", "24"])
+    shards_main(
+        [str(base / "images"), str(base / "tars"), "--samples-per-shard", "24", "--keep-order"]
+    )
     return str(base / "tars" / "{00000..00003}.tar")
 
 

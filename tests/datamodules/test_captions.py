@@ -80,7 +80,9 @@ def tag_shards(tmp_path_factory) -> str:
     for i in range(24):
         Image.new("RGB", (40, 32), (10 * i, 80, 160)).save(base / "images" / f"{i:03d}.png")
         (base / "images" / f"{i:03d}.txt").write_text(", ".join(TAGS))
-    shards_main([str(base / "images"), str(base / "tars"), "--samples-per-shard", "12"])
+    shards_main(
+        [str(base / "images"), str(base / "tars"), "--samples-per-shard", "12", "--keep-order"]
+    )
     return str(base / "tars" / "{00000..00001}.tar")
 
 
