@@ -265,6 +265,7 @@ def make_run(cwd: Path, s: StandIns, env: dict[str, str]) -> str:
     name = "2024-01-01_00-00-00"
     args = [f"hydra.run.dir=outputs/train/runs/{name}", *TRAIN_ARGS, "trainer.max_steps=1"]
     args += [f"model.pretrained={s.model}", f"data.train_shards={s.shard_dir}/"]
+    args += ["data.val_shards=null"]  # as command_line() appends: no demo group with own shards
     proc = subprocess.run(
         ["sdtrain-train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
