@@ -81,8 +81,6 @@ def pin_posterior_std(vae, logvar: float = -30.0) -> None:
 
 def glyphs_model(out: Path, seed: int = 0, vae_steps: int = 400) -> Path:
     """A tiny epsilon-prediction SD folder for the glyphs (tokenizer knows "the letter ...")."""
-    from diffusers import DDPMScheduler
-
     from sdtrain import tiny
     from sdtrain.models import assemble_pipeline
 
@@ -95,15 +93,7 @@ def glyphs_model(out: Path, seed: int = 0, vae_steps: int = 400) -> Path:
     pin_posterior_std(vae)
     tiny.measure_scale(vae, images)
     unet = tiny.build_unet(16, text_encoder.config.hidden_size)
-    scheduler = DDPMScheduler(  # SD-1.x's betas, epsilon-prediction
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
+    scheduler = tiny.build_scheduler("epsilon")  # SD-1.x's schedule, epsilon-prediction
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     pipe.save_pretrained(out)
     return out

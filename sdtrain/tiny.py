@@ -138,20 +138,22 @@ def build_unet(latent_size: int, cross_attention_dim: int = 32):
     )
 
 
-def build_scheduler():
+def build_scheduler(prediction_type: str = "v_prediction"):
+    """SD-1.x's betas. With v-prediction (the demo) rescaled to zero terminal SNR (Lin et al.
+    2023): at t=T the input is pure noise, so the image's overall colour must come from the
+    prompt, not from a trace of signal left in the noise; the tiny demo learns to follow prompts
+    ~5x faster so. With "epsilon", SD-1.x's schedule as it is (the parity glyphs model)."""
     from diffusers import DDPMScheduler
 
-    # SD-1.x betas, rescaled to zero terminal SNR with v-prediction (Lin et al. 2023): at t=T the
-    # input is pure noise, so the image's overall colour must come from the prompt, not from a
-    # trace of signal left in the noise. The tiny demo learns to follow prompts ~5x faster so.
+    v = prediction_type == "v_prediction"
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        timestep_spacing="trailing",
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=v,
+        timestep_spacing="trailing" if v else "leading",
         clip_sample=False,
         steps_offset=1,
     )

@@ -74,6 +74,16 @@ def test_sdtrain_overrides_quote_shards_and_match_the_budget(tmp_path: Path):
     assert o[-1] == "trainer.gradient_clip_val=null"  # extra overrides come last, so they win
 
 
+def run_parity(cmd: list[str], out: Path, timeout: int) -> dict:
+    """Run the harness `cmd` from the repo root (on PYTHONPATH); return its OUT/parity.json."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "parity.json").read_text())
+
+
 @pytest.mark.slow
 def test_parity_cpu_run(tmp_path: Path):
     """~6 min on an idle 2-core CPU: both trainers at 300 steps x batch 32, 4 images a prompt."""
@@ -88,12 +98,7 @@ def test_parity_cpu_run(tmp_path: Path):
         "--seeds", "0",
         "--device", "cpu",
     ]  # fmt: skip
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "parity.json").read_text())
+    result = run_parity(cmd, tmp_path, timeout=1800)
     assert result["judge"]["real"]["accuracy"] >= 0.95
     (row,) = result["seeds"]
     ref, raw = row["reference"], row["sdtrain_raw"]
@@ -171,12 +176,7 @@ def test_glyphs_parity_cpu_run(tmp_path: Path):
         "--seeds", "0",
         "--device", "cpu",
     ]  # fmt: skip
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2700)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "parity.json").read_text())
+    result = run_parity(cmd, tmp_path, timeout=2700)
     assert result["judge"]["real"]["accuracy"] >= 0.95
     assert result["judge"]["latent_real"]["accuracy"] >= 0.95
     (row,) = result["seeds"]
