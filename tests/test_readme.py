@@ -150,9 +150,9 @@ def stand_in(command: str, s: StandIns, block_id: str) -> tuple[str, str]:
         if "model.pretrained=" not in command:
             extra.append(f"model.pretrained={s.model}")
         if "data.train_shards=" not in command:  # the demo's data group on the test shards:
-            extra.append(f"data.train_shards={s.shard_dir}/")  # its validation shapes off, so
-            if "data.val_shards=" not in command:  # it is no demo group with your own shards
-                extra.append("data.val_shards=null")
+            extra.append(f"data.train_shards={s.shard_dir}/")  # and held out from them too
+            if "data.val_shards=" not in command:  # (the demo's own shapes with your shards stop;
+                extra.append(f"data.val_shards={s.shard_dir}/")  # a sweep needs held-out data)
         if "hparams_search=optuna" in command and "hydra.sweeper.n_trials=" not in command:
             extra.append(f"hydra.sweeper.n_trials={TRIALS}")
     return " ".join([command, *map(shlex.quote, extra)]), kind
@@ -265,7 +265,7 @@ def make_run(cwd: Path, s: StandIns, env: dict[str, str]) -> str:
     name = "2024-01-01_00-00-00"
     args = [f"hydra.run.dir=outputs/train/runs/{name}", *TRAIN_ARGS, "trainer.max_steps=1"]
     args += [f"model.pretrained={s.model}", f"data.train_shards={s.shard_dir}/"]
-    args += ["data.val_shards=null"]  # as command_line() appends: no demo group with own shards
+    args += [f"data.val_shards={s.shard_dir}/"]  # as stand_in() appends
     proc = subprocess.run(
         ["sdtrain-train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
