@@ -8,7 +8,7 @@ import os
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from sdtrain.checkpoint_io import remove_partial
+from sdtrain.artifacts.checkpoint_io import remove_partial
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class StepCheckpoint(ModelCheckpoint):
     A run stopped by `max_steps` between `every_n_train_steps` boundaries would otherwise leave
     `last.ckpt` at the previous boundary and lose the steps since.
 
-    Files are written atomically by `sdtrain.checkpoint_io.AtomicCheckpointIO` (a trainer plugin);
+    Files are written atomically by `sdtrain.artifacts.checkpoint_io.AtomicCheckpointIO` (a trainer plugin);
     a run killed mid-save leaves `.<name>.tmp-<pid>` files, removed here when the next run starts.
 
     Rotation (`save_top_k`) removes a file only after its successor is completely written, and
@@ -47,7 +47,7 @@ class StepCheckpoint(ModelCheckpoint):
         if type(io) is TorchCheckpointIO:  # the plugin list was replaced without ours
             log.warning(
                 "checkpoints are written in place: a kill mid-save can leave a truncated file. "
-                "Keep sdtrain.checkpoint_io.AtomicCheckpointIO in trainer.plugins."
+                "Keep sdtrain.artifacts.checkpoint_io.AtomicCheckpointIO in trainer.plugins."
             )
 
     def on_train_end(self, trainer, pl_module) -> None:

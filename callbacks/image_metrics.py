@@ -24,9 +24,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from sdtrain.artifacts.sampling import generate
 from sdtrain.callbacks.periodic import EveryNSteps
 from sdtrain.callbacks.sampling import eager
-from sdtrain.sampling import generate
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ def held_out(source: str) -> Iterator[tuple[bytes, str]]:
     reads one: `.txt` beside each image or a metadata file). Unreadable samples are skipped."""
     import webdataset as wds
 
+    from sdtrain.artifacts.shards import captioned_images
     from sdtrain.datamodules.sources import expand_shards
     from sdtrain.datamodules.transforms import SkipSample, find_caption, find_image
-    from sdtrain.shards import captioned_images
 
     folder = Path(source).expanduser()
     if folder.is_dir() and not any(folder.glob("*.tar")):

@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from sdtrain.batch import KEYS
+from sdtrain.datamodules.batch import KEYS
 
 
 class SampleLedger(Callback):

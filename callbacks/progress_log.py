@@ -26,8 +26,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from sdtrain import batch as B
 from sdtrain.callbacks.report import TrainingReport, sampling_callbacks
+from sdtrain.datamodules import batch as B
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import lightning as L
 import torch
 from PIL import Image, ImageDraw
 
+from sdtrain.artifacts.sampling import font
 from sdtrain.callbacks.sampling import SampleImages
-from sdtrain.sampling import font
 
 log = logging.getLogger(__name__)
 

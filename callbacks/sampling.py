@@ -10,8 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from sdtrain.artifacts.sampling import generate, grid
 from sdtrain.callbacks.periodic import EveryNSteps
-from sdtrain.sampling import generate, grid
 
 log = logging.getLogger(__name__)
 

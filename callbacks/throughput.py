@@ -28,7 +28,8 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from sdtrain import batch as B
+from sdtrain.datamodules import batch as B
+from sdtrain.models.family import SD, Family
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def wait_fraction(wait_s: float, total_s: float) -> float:
 def training_state_bytes(trainer, pl_module) -> int:
     """Bytes this device holds for the training state: the trainable parameters, their
     gradients, the optimizer's state and the EMA shadow (under FSDP, this rank's shards)."""
-    from sdtrain.sharding import local
+    from sdtrain.training.sharding import local
 
     params = [p for _, p in getattr(pl_module, "trainable_parameters", lambda: [])()]
     tensors = params + [p.grad for p in params if p.grad is not None]
@@ -103,7 +104,9 @@ def unet_input_shapes(batch: dict[str, Any], unet, vae, text_encoder):
     return (1, unet.config.in_channels, int(h), int(w)), (1, int(length), int(dim))
 
 
-def unet_train_flops(unet, latent_shape: tuple[int, ...], context_shape: tuple[int, ...]) -> float:
+def unet_train_flops(
+    unet, latent_shape: tuple[int, ...], context_shape: tuple[int, ...], family: Family = SD
+) -> float:
     """Training FLOPs per image of the U-Net: 3 x one forward pass (backward ~ 2 x forward).
 
     Shapes include the batch, (B, C, h, w) and (B, L, D); the count is divided by B. 3 x forward
@@ -124,7 +127,7 @@ def unet_train_flops(unet, latent_shape: tuple[int, ...], context_shape: tuple[i
     try:
         counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
         with stance("force_eager") if stance else nullcontext(), torch.no_grad(), counter:
-            unet(x, t, encoder_hidden_states=context)
+            unet(x, t, **family.unet_inputs(context))
     finally:
         unet.train(was_training)
     return 3 * counter.get_total_flops() / latent_shape[0]
@@ -133,7 +136,7 @@ def unet_train_flops(unet, latent_shape: tuple[int, ...], context_shape: tuple[i
 class ThroughputMonitor(L.Callback):
     """Logs images/s, MFU, data-loader wait and peak memory every `window` optimizer steps.
 
-    Images are counted per micro-batch (`sdtrain.batch.batch_size`), so a window holds all the
+    Images are counted per micro-batch (`sdtrain.datamodules.batch.batch_size`), so a window holds all the
     micro-batches of its optimizer steps under gradient accumulation. Every rank is assumed to
     take the same batch size (no collective: a monitor must not risk a hang).
 
@@ -220,7 +223,8 @@ class ThroughputMonitor(L.Callback):
         shapes = unet_input_shapes(batch, pl_module.unet, pl_module.vae, pl_module.text_encoder)
         try:
             with trainer.precision_plugin.forward_context():
-                self.flops_per_img = unet_train_flops(pl_module.unet, *shapes)
+                family = getattr(pl_module, "family", SD)
+                self.flops_per_img = unet_train_flops(pl_module.unet, *shapes, family)
         except Exception as err:  # a monitor must not stop the run
             log.warning("counting the U-Net's FLOPs failed (%r): perf/mfu is not logged", err)
             self.flops_per_img = 0

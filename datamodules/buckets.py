@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from sdtrain import batch as B
+from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.captions import CaptionProcessor
 from sdtrain.datamodules.transforms import (  # noqa: F401  (bucket_crop_box: this module's API)
     MAX_IMAGE_PIXELS,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from sdtrain.datamodules.order import DataOrder
 from sdtrain.datamodules.transforms import ImageTextTransform, LatentTransform, SkipSample
-from sdtrain.seeds import derive_seed
+from sdtrain.runtime.seeds import derive_seed
 
 log = logging.getLogger("sdtrain.datamodules.webdataset")  # where its warnings always came from
 

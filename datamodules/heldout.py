@@ -1,4 +1,4 @@
-"""Held-out batches for the validation loss (`sdtrain.validation`): the same every time.
+"""Held-out batches for the validation loss (`sdtrain.training.validation`): the same every time.
 
 The held-out shards are read once, in order: no resampling, no shuffle, centre crop, no flip.
 Sample i (its place in the shards) falls in block i // batch_size, and block j goes to rank

@@ -11,7 +11,7 @@ from itertools import islice
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sdtrain.seeds import derive_seed
+from sdtrain.runtime.seeds import derive_seed
 
 
 def worker_info() -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """The data position: where each rank's DataLoader workers stand in the data, kept in every
 checkpoint, so a resumed run goes on with the samples it had not yet trained on.
 
-Each batch says where its worker stands after it (`sdtrain.batch.POSITION`: the worker's virtual
+Each batch says where its worker stands after it (`sdtrain.datamodules.batch.POSITION`: the worker's virtual
 id, the worker count, its pass over the shards and the samples it has drawn in that pass). The
 `DataPosition` callback keeps the latest of these per rank and worker, for batches whose
 optimizer step has completed, summed over ranks once per batch so that rank 0, which writes the
@@ -22,8 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from sdtrain import speed
-from sdtrain.batch import POSITION
+from sdtrain.datamodules.batch import POSITION
+from sdtrain.runtime import devices
 
 
 class DataPosition(Callback):
@@ -98,7 +98,7 @@ class DataPosition(Callback):
             return row[None]
         table = torch.zeros(world, row.numel(), dtype=torch.int64)
         table[rank] = row
-        table = speed.to_device(table, trainer.strategy.root_device)  # no host sync per step
+        table = devices.to_device(table, trainer.strategy.root_device)  # no host sync per step
         return trainer.strategy.reduce(table, reduce_op="sum")
 
     # ------------------------------------------------------------------ saving

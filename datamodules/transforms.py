@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from sdtrain import batch as B
+from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.captions import CaptionProcessor
-from sdtrain.models import tokenize
+from sdtrain.models.parts import tokenize
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_JSON_FIELDS = ("caption", "text", "prompt")  # img2dataset writes "caption"
@@ -296,7 +296,7 @@ class LatentTransform:
 
 
 class Collate:
-    """Examples -> one batch (the contract in sdtrain.batch): the examples' tensors stacked
+    """Examples -> one batch (the contract in sdtrain.datamodules.batch): the examples' tensors stacked
     (pixels or latent_dist, and context if they hold one), captions tokenized in one call unless
     a context stands in for them."""
 

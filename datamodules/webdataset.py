@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_buckets
 from sdtrain.datamodules.captions import caption_processor
-from sdtrain.datamodules.decode import DecodeStage  # noqa: F401  (re-exported: sdtrain.cache)
+from sdtrain.datamodules.decode import DecodeStage  # noqa: F401  (re-exported: sdtrain.artifacts.cache)
 from sdtrain.datamodules.heldout import HeldOut, split_heldout
 from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
     Cursor,
@@ -41,7 +41,7 @@ from sdtrain.datamodules.transforms import (
     ImageTextTransform,
     LatentTransform,
 )
-from sdtrain.models import load_tokenizer
+from sdtrain.models.parts import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class WebDataModule(L.LightningDataModule):
 
     A latent cache is recognised by the cache.json beside its shards, so the same
     `data.train_shards` key names either kind; `latent_cache_info` holds the parsed file (None for
-    image shards), for the module to check the cache against its VAE (sdtrain.cache).
+    image shards), for the module to check the cache against its VAE (sdtrain.artifacts.cache).
 
     Args:
         train_shards: url pattern(s), brace-expandable, local paths or anything webdataset opens.
@@ -66,7 +66,7 @@ class WebDataModule(L.LightningDataModule):
             unflipped images, so True is refused for one.
         batch_size: per device.
         global_batch_size: the global batch `batch_size` was derived from, or None; recorded
-            only (with the checkpoint's hyperparameters): `sdtrain.batching` derives
+            only (with the checkpoint's hyperparameters): `sdtrain.training.batching` derives
             `batch_size` and the trainer's accumulation from it before this is built.
         max_batch_size_per_device: the per-device cap of that derivation; recorded only.
         num_workers: DataLoader worker processes.
@@ -362,7 +362,7 @@ class WebDataModule(L.LightningDataModule):
         )
 
     def heldout_dataloader(self) -> HeldOut | None:
-        """This rank's held-out batches for `sdtrain.validation` (None without held-out shards):
+        """This rank's held-out batches for `sdtrain.training.validation` (None without held-out shards):
         read in order, centre-cropped, never flipped. Not named `val_dataloader`: the validation
         loss runs from a callback at optimizer steps, not in Lightning's val loop."""
         if not self.val_urls:

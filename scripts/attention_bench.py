@@ -3,7 +3,7 @@ per processor and SDPA kernel, and how much of that time is memory copies (docs/
 
     python scripts/attention_bench.py --batch 64 --px 512 --out attention.json
 
-Each row: processor ("diffusers": AttnProcessor2_0; "fused": sdtrain.attention.FusedProjections),
+Each row: processor ("diffusers": AttnProcessor2_0; "fused": sdtrain.models.attention.FusedProjections),
 kernel (PyTorch's choice, cudnn, flash, efficient), and the milliseconds of one U-Net step's worth
 of attention (each shape times how often SD-1.5 has it), of which copy kernels.
 """
@@ -65,8 +65,8 @@ def _copy_ms(fn) -> float:
 
 
 def case(processor: str, kernel: str | None, a) -> dict:
-    from sdtrain.attention import FusedProjections
-    from sdtrain.speed import set_attention
+    from sdtrain.models.attention import FusedProjections
+    from sdtrain.models.speed import set_attention
 
     torch.backends.cuda.enable_flash_sdp(True)
     torch.backends.cuda.enable_mem_efficient_sdp(True)
@@ -101,7 +101,7 @@ def profile_one(a) -> None:
     self-attention (64 x 64 latents, 320 channels) by GPU time, to see where its copies come from."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sdtrain.attention import FusedProjections
+    from sdtrain.models.attention import FusedProjections
 
     for processor in a.processors:
         torch._dynamo.reset()

@@ -8,7 +8,7 @@ Variants, one process each (so one variant's compile caches and memory never hel
   raw_fast_cached     the same loop on cached latent moments and text contexts held on the GPU,
                       with the fast settings: compiled U-Net (`--compile`), channels-last, fused
                       AdamW, TF32, cuDNN autotuning. The ceiling for this model and card.
-  pipeline            the full sdtrain run (`sdtrain.train`): Lightning Trainer, the datamodule
+  pipeline            the full sdtrain run (`sdtrain.cli.train`): Lightning Trainer, the datamodule
                       reading latent shards (made by sdtrain-cache-latents) from disk, EMA, grad
                       clipping, CSV logging, the same fast settings. Throughput, MFU, data wait and
                       memory come from its own monitor (sdtrain.callbacks.throughput).
@@ -42,8 +42,8 @@ def build_sd15_shaped(out: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdtrain.models import assemble_pipeline
-    from sdtrain.tiny import build_tokenizer
+    from sdtrain.demo.tiny import build_tokenizer
+    from sdtrain.models.parts import assemble_pipeline
 
     tok = build_tokenizer()
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # defaults = SD-1.5 blocks
@@ -77,8 +77,8 @@ def build_sd15_shaped(out: Path) -> Path:
 
 def build_latent_cache(folder: Path, work: Path, px: int, count: int) -> Path:
     """Image shards of `count` demo images at `px`, then sdtrain-cache-latents over them (GPU)."""
-    from sdtrain import demo
-    from sdtrain.shards import main as shards_main
+    from sdtrain.cli.shards import main as shards_main
+    from sdtrain.demo import shapes as demo
 
     out = work / f"latents-{px}"
     if (out / "cache.json").is_file():
@@ -87,7 +87,7 @@ def build_latent_cache(folder: Path, work: Path, px: int, count: int) -> Path:
     shards_main(
         [str(work / f"images-{px}"), str(work / f"shards-{px}"), "--samples-per-shard", "256"]
     )
-    cmd = [sys.executable, "-m", "sdtrain.cache", str(work / f"shards-{px}"), str(out)]
+    cmd = [sys.executable, "-m", "sdtrain.artifacts.cache", str(work / f"shards-{px}"), str(out)]
     cmd += ["--pretrained", str(folder), "--resolution", str(px), "--text", "--batch-size", "32"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -104,7 +104,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         cmd = [
             sys.executable,
             "-m",
-            "sdtrain.train",
+            "sdtrain.cli.train",
             "model=finetune",
             f"model.pretrained={a.folder}",
             "data=latents",

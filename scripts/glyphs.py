@@ -74,17 +74,18 @@ def _serifs(line: list[tuple[float, float]], length: float = 0.12) -> list:
     return [[(x - nx, y - ny), (x + nx, y + ny)] for x, y in ((x0, y0), (x1, y1))]
 
 
-def render(letter: str, size: int, rng: random.Random) -> Image.Image:
-    """One jittered glyph: RGB (greyscale values), `size` px."""
+def render(letter: str, size: int, rng: random.Random, jitter: float = 1.0) -> Image.Image:
+    """One jittered glyph: RGB (greyscale values), `size` px. `jitter` scales the random
+    rotation, shear, offset and blur (1: +-10 degrees, +-0.08, +-0.08 of the image, 0-0.7 px)."""
     width_f, italic, serif = rng.choice(FONTS)
     lines = strokes(letter)
     if serif:
         lines = lines + [s for line in lines for s in _serifs(line)]
-    angle = math.radians(rng.uniform(-10, 10))
+    angle = math.radians(rng.uniform(-10, 10) * jitter)
     scale = rng.uniform(0.5, 0.68) * size * SUPERSAMPLE  # glyph height in pixels
-    shear = italic + rng.uniform(-0.08, 0.08)
-    cx = (0.5 + rng.uniform(-0.08, 0.08)) * size * SUPERSAMPLE
-    cy = (0.5 + rng.uniform(-0.08, 0.08)) * size * SUPERSAMPLE
+    shear = italic + rng.uniform(-0.08, 0.08) * jitter
+    cx = (0.5 + rng.uniform(-0.08, 0.08) * jitter) * size * SUPERSAMPLE
+    cy = (0.5 + rng.uniform(-0.08, 0.08) * jitter) * size * SUPERSAMPLE
     cos, sin = math.cos(angle), math.sin(angle)
 
     def place(x: float, y: float) -> tuple[float, float]:
@@ -104,7 +105,7 @@ def render(letter: str, size: int, rng: random.Random) -> Image.Image:
         for x, y in (pts[0], pts[-1]):  # round caps
             draw.ellipse([x - w / 2, y - w / 2, x + w / 2, y + w / 2], fill=ink)
     img = img.resize((size, size), Image.Resampling.BOX)
-    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7)))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7) * jitter))
     return img.convert("RGB")
 
 
@@ -113,10 +114,10 @@ def caption(label: int) -> str:
 
 
 def render_set(
-    n: int, seed: int, size: int = 32, classes: int = len(CLASSES)
+    n: int, seed: int, size: int = 32, classes: int = len(CLASSES), jitter: float = 1.0
 ) -> tuple[list[Image.Image], torch.Tensor]:
     """`n` glyphs of the first `classes` classes, class by class (the first n/10 are C, then G,
     ...: the order a folder sorted by class gives), and their labels (n,)."""
     rng = random.Random(seed)
     labels = torch.arange(classes).repeat_interleave(math.ceil(n / classes))[:n]
-    return [render(CLASSES[int(y)], size, rng) for y in labels], labels
+    return [render(CLASSES[int(y)], size, rng, jitter) for y in labels], labels

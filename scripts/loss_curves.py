@@ -3,7 +3,7 @@
     python scripts/loss_curves.py --work /tmp/bw --px 256 --global-batch 32 --steps 200 \
         --runs 1xsingle:42 1xsingle:43 4xddp:42 4xfsdp:42 --out docs/scale/loss-curves
 
-Each run is `sdtrain.train` on the SD-1.5-shaped random model and the latent cache that
+Each run is `sdtrain.cli.train` on the SD-1.5-shaped random model and the latent cache that
 scripts/benchmark.py builds (same --work), logging train/loss every step. A run is
 GPUSxSTRATEGY:SEED. The processes draw their noise and timesteps by rank (sdtrain's rule), so runs
 on different GPU counts see different draws: they agree when their curves differ no more than two
@@ -36,7 +36,7 @@ def run(a: argparse.Namespace, spec: str, folder: Path, cache: Path) -> list[flo
     par, _, seed = spec.partition(":")
     gpus, strategy = par.split("x")
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "sdtrain.train", "model=finetune"]
+        cmd = [sys.executable, "-m", "sdtrain.cli.train", "model=finetune"]
         cmd += [f"model.pretrained={folder}", "data=latents", f"data.train_shards={cache}"]
         cmd += [f"data.global_batch_size={a.global_batch}", "data.num_workers=4"]
         cmd += [f"data.max_batch_size_per_device={a.global_batch}"]
@@ -75,8 +75,8 @@ def windows(values: list[float], size: int) -> list[float]:
 def plot(curves: dict[str, list[float]], size: int, path: Path) -> None:
     from PIL import Image, ImageDraw
 
+    from sdtrain.artifacts.sampling import font
     from sdtrain.callbacks.report import PANEL_H, PANEL_W, panel
-    from sdtrain.sampling import font
 
     canvas = Image.new("RGB", (PANEL_W, PANEL_H + 20 * len(curves)), "white")
     draw = ImageDraw.Draw(canvas)

@@ -315,15 +315,19 @@ def run_sdtrain(a, model: Path, shards: str, seed: int, out: Path, name: str, ex
     run = out / f"{name}-run"
     run.mkdir(parents=True, exist_ok=True)
     overrides = [*sdtrain_overrides(a, model, shards, seed, run), *extra]
-    cmd = [sys.executable, "-m", "sdtrain.train", *overrides]
+    cmd = [sys.executable, "-m", "sdtrain.cli.train", *overrides]
     say(f"{name} seed {seed} ({root}): {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     call(cmd, root, env, run / "train.out")
     secs = time.perf_counter() - t0
     ckpt = run / "checkpoints" / "last.ckpt"
     raw, ema = out / f"{name}-raw", out / f"{name}-ema"
-    call([sys.executable, "-m", "sdtrain.export", str(ckpt), str(raw), "--no-ema"], root, env)
-    call([sys.executable, "-m", "sdtrain.export", str(ckpt), str(ema)], root, env)
+    call(
+        [sys.executable, "-m", "sdtrain.artifacts.export", str(ckpt), str(raw), "--no-ema"],
+        root,
+        env,
+    )
+    call([sys.executable, "-m", "sdtrain.artifacts.export", str(ckpt), str(ema)], root, env)
     say(f"{name} seed {seed}: trained in {secs:.0f} s (subprocess, start-up included)")
     return raw, ema, secs
 
@@ -352,7 +356,7 @@ def run_seed(a, model: Path, data, shards: str, judges: dict, seed: int) -> dict
     if not a.no_reference:
         ref, ref_s = run_reference(a, model, *data, seed, out)
         row["reference"] = judge_folder(ref, judges, a.per_class, a.device) | {"train_s": ref_s}
-    for name, extra in variants(a):
+    for name, extra in [] if a.no_sdtrain else variants(a):
         raw, ema, secs = run_sdtrain(a, model, shards, seed, out, name, extra)
         for kind, folder in (("raw", raw), ("ema", ema)):
             scores = judge_folder(folder, judges, a.per_class, a.device)
@@ -437,8 +441,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-callbacks", action="store_true", help="keep sample_images and throughput on"
     )
     p.add_argument("--classes", type=int, help="glyphs: the first N classes only (default all)")
+    p.add_argument("--jitter", type=float, default=1.0, help="glyphs: x the default jitter")
+    p.add_argument("--no-sdtrain", action="store_true", help="the reference loop only")
     a = p.parse_args(argv)
-    task = TASKS[a.task](a.classes)
+    task = TASKS[a.task](a.classes, a.jitter)
     a.n_train = a.n_train or task.n_train
     a.shards = a.shards or task.shards
     return a
@@ -447,7 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     global TASK
     a = parse_args(argv)
-    TASK = TASKS[a.task](a.classes)
+    TASK = TASKS[a.task](a.classes, a.jitter)
     a.out.mkdir(parents=True, exist_ok=True)
     say(f"task {a.task} on {a.device}; {a.steps} steps x batch {a.batch_size}, lr {a.lr}, "
         f"seeds {a.seeds}")  # fmt: skip

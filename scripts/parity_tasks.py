@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdtrain import demo
+from sdtrain.demo import shapes as demo
 
 if __package__:  # imported as scripts.parity_tasks (tests)
     from scripts import glyphs
@@ -62,7 +62,7 @@ def shape_breakdown(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float
 
 
 def shapes_model(out: Path) -> Path:
-    from sdtrain.tiny import make_tiny_model
+    from sdtrain.demo.tiny import make_tiny_model
 
     return make_tiny_model(out, resolution=32)
 
@@ -81,8 +81,8 @@ def pin_posterior_std(vae, logvar: float = -30.0) -> None:
 
 def glyphs_model(out: Path, seed: int = 0, vae_steps: int = 400) -> Path:
     """A tiny epsilon-prediction SD folder for the glyphs (tokenizer knows "the letter ...")."""
-    from sdtrain import tiny
-    from sdtrain.models import assemble_pipeline
+    from sdtrain.demo import tiny
+    from sdtrain.models.parts import assemble_pipeline
 
     torch.manual_seed(seed)
     tokenizer = tiny.build_tokenizer(["the", "letter", *(c.lower() for c in glyphs.CLASSES)])
@@ -99,15 +99,16 @@ def glyphs_model(out: Path, seed: int = 0, vae_steps: int = 400) -> Path:
     return out
 
 
-def glyphs_task(classes: int = len(glyphs.CLASSES)) -> Task:
-    """The glyphs task on its first `classes` classes (C, G, O, Q, D, B, P, R, E, F)."""
+def glyphs_task(classes: int = len(glyphs.CLASSES), jitter: float = 1.0) -> Task:
+    """The glyphs task on its first `classes` classes (C, G, O, Q, D, B, P, R, E, F), drawn with
+    `jitter` times the default random rotation, shear, offset and blur (a harder task above 1)."""
     if not 2 <= classes <= len(glyphs.CLASSES):
         raise ValueError(f"--classes {classes}: the glyphs task has 2 to {len(glyphs.CLASSES)}")
     return Task(
         "glyphs",
         glyphs.CLASSES[:classes],
         glyphs.caption,
-        lambda n, seed: glyphs.render_set(n, seed, classes=classes),
+        lambda n, seed: glyphs.render_set(n, seed, classes=classes, jitter=jitter),
         glyphs_model,
         lambda pred, labels: {},
         n_train=180 * classes,
@@ -126,6 +127,6 @@ SHAPES = Task(
     shards=16,
 )
 TASKS = {
-    "shapes": lambda classes=None: SHAPES,
-    "glyphs": lambda classes=None: glyphs_task(classes or len(glyphs.CLASSES)),
+    "shapes": lambda classes=None, jitter=1.0: SHAPES,
+    "glyphs": lambda classes=None, jitter=1.0: glyphs_task(classes or len(glyphs.CLASSES), jitter),
 }

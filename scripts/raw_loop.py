@@ -17,10 +17,10 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     from transformers import CLIPTextModel
 
     from sdtrain.callbacks.throughput import unet_train_flops
-    from sdtrain.models import load_tokenizer, tokenize
+    from sdtrain.models.parts import load_tokenizer, tokenize
 
     dev, bf16 = torch.device("cuda"), torch.bfloat16
-    from sdtrain.speed import set_attention
+    from sdtrain.models.speed import set_attention
 
     drop_copies, fuse = True, False  # model.drop_layout_copies, model.fuse_projections
     for x in a.extra:  # the pipeline overrides the plain loop takes too
@@ -45,10 +45,10 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
             for _ in range(4)
         ]
         unet.to(memory_format=torch.channels_last)
-        from sdtrain.speed import compile_unet
+        from sdtrain.models.speed import compile_unet
 
         if fuse:
-            from sdtrain.attention import fuse_projections
+            from sdtrain.models.attention import fuse_projections
 
             fuse_projections(unet)
 

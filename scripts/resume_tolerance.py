@@ -30,7 +30,7 @@ def run(folder: Path, steps: int, extra: list[str], resume: bool = False) -> Non
     ]
     if resume:
         args.append("ckpt_path=last")
-    subprocess.run([sys.executable, "-m", "sdtrain.train", *args], check=True)
+    subprocess.run([sys.executable, "-m", "sdtrain.cli.train", *args], check=True)
 
 
 def max_diff(a, b) -> float:

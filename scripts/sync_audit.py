@@ -36,7 +36,7 @@ def main() -> None:
     warnings.showwarning = show
     warnings.simplefilter("always")
     torch.cuda.set_sync_debug_mode("warn")
-    from sdtrain.train import main as train
+    from sdtrain.cli.train import main as train
 
     try:
         train()

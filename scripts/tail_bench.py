@@ -7,10 +7,10 @@ ran before (docs/benchmarks.md, "Eighth measurement").
 Rows (milliseconds of GPU time a step, CUDA events, median of --reps):
 - ema_lerp_host: the EMA update with a host weight (a synchronous non-finite check ran);
 - ema_sub_mul_add: the sync-free EMA update before (a full-size temporary, 8 memory passes);
-- ema_lerp_device: the sync-free EMA update now (`sdtrain.ema.EMA.update` with `keep`: an
+- ema_lerp_device: the sync-free EMA update now (`sdtrain.training.ema.EMA.update` with `keep`: an
   in-place `lerp_` per large parameter, one foreach update for the small ones);
 - check_then_clip: the non-finite check, then `torch.nn.utils.clip_grad_norm_` (two norm reads);
-- check_reuse_clip: the check, then `sdtrain.nonfinite.clip_with_norm` with its norm (one read).
+- check_reuse_clip: the check, then `sdtrain.training.nonfinite.clip_with_norm` with its norm (one read).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def _ms(fn, reps: int) -> float:
 def main() -> None:
     from diffusers import UNet2DConditionModel
 
-    from sdtrain.ema import EMA
-    from sdtrain.nonfinite import NonFiniteGuard, clip_with_norm
+    from sdtrain.training.ema import EMA
+    from sdtrain.training.nonfinite import NonFiniteGuard, clip_with_norm
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=20)

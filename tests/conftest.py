@@ -63,7 +63,7 @@ def _hermetic_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny SD folder; a short VAE fit is enough for tests that do not judge images."""
-    from sdtrain.tiny import make_tiny_model
+    from sdtrain.demo.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-sd", vae_steps=20)
 
@@ -72,8 +72,8 @@ def tiny_model(tmp_path_factory) -> Path:
 def shards(tmp_path_factory) -> str:
     """96 demo samples in 4 shards written by sdtrain-shards in folder order (the classes take
     turns); returns the brace pattern."""
-    from sdtrain import demo
-    from sdtrain.shards import main as shards_main
+    from sdtrain.cli.shards import main as shards_main
+    from sdtrain.demo import shapes as demo
 
     base = tmp_path_factory.mktemp("shards")
     demo.write_folder(base / "images", 96, 32)
@@ -134,7 +134,7 @@ def demo_run(tmp_path_factory) -> Path:
     """
     run_dir = tmp_path_factory.mktemp("demo") / "run"
     env = dict(os.environ, SDTRAIN_CACHE=str(tmp_path_factory.mktemp("demo-cache")))
-    cmd = [sys.executable, "-m", "sdtrain.train", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "sdtrain.cli.train", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdtrain.tiny import build_tokenizer
+from sdtrain.demo.tiny import build_tokenizer
 
 
 def make_tiny_clip(out: str | Path, image_px: int = 32, seed: int = 0) -> Path:

@@ -16,7 +16,7 @@ def _run(tmp: Path, model: Path, shards: str, steps: int, *extra: str) -> str:
     cmd = [
         sys.executable,
         "-m",
-        "sdtrain.train",
+        "sdtrain.cli.train",
         f"model.pretrained={model}",
         f"data.train_shards='{shards}'",
         f"data.val_shards='{shards}'",

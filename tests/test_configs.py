@@ -8,7 +8,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from sdtrain.train import build_model, instantiate_map
+from sdtrain.cli.train import build_model, instantiate_map
 from tests.conftest import CONF, compose_cfg, tiny_overrides
 
 
@@ -75,7 +75,7 @@ def test_defaults_are_the_demo(tmp_path: Path):
         "report",
         "progress_log",
     }
-    assert cfg.model.ema._target_ == "sdtrain.ema.EMA"
+    assert cfg.model.ema._target_ == "sdtrain.training.ema.EMA"
     assert "wandb" in cfg.logger
 
 

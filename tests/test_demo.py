@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtrain import demo
+from sdtrain.demo import shapes as demo
 from tests.wandb_files import history, offline_run
 
 ROUNDS = range(200, 1201, 200)  # the demo samples every 200 of its 1200 steps
@@ -53,7 +53,7 @@ def test_demo_last_grid_follows_its_prompts(demo_run: Path):
     3 in its shape (4 tiles cannot show 90%: the next test samples 48 images and asks that of
     each attribute. With issue 24's data order one tile of this seed's grid, "a green square",
     came out yellow while the 48 samples passed)."""
-    from sdtrain.judge import judge, parse
+    from sdtrain.demo.judge import judge, parse
 
     run = offline_run(demo_run)
     last = [r for r in history(run) if "samples/filenames" in r][-1]
@@ -68,15 +68,15 @@ def test_demo_last_grid_follows_its_prompts(demo_run: Path):
 def test_demo_draws_each_prompts_colour_and_shape(demo_run: Path):
     """The final EMA weights, sampled as the grid is (DDIM, its steps and guidance), draw every
     colour x shape prompt in its colour and shape: >= 90% per attribute over 12 prompts x 4 seeds,
-    judged by sdtrain.judge (a classifier fit on the demo's own renders, >= 98% right on them).
+    judged by sdtrain.demo.judge (a classifier fit on the demo's own renders, >= 98% right on them).
 
     All 12 prompts, a third of them per shape, so that a model drawing round blobs for everything
     (what the demo drew before it learned shapes: 38-50% of shapes right) fails.
     """
     from omegaconf import OmegaConf
 
-    from sdtrain.judge import score
-    from sdtrain.sample import Settings, load_pipeline, sample
+    from sdtrain.artifacts.sample import Settings, load_pipeline, sample
+    from sdtrain.demo.judge import score
 
     grid_cfg = OmegaConf.load(demo_run / ".hydra" / "config.yaml").callbacks.sample_images
     prompts = [f"a {c} {s}" for c in demo.COLOURS for s in demo.SHAPES]
@@ -96,7 +96,7 @@ def test_demo_draws_each_prompts_colour_and_shape(demo_run: Path):
 
 @pytest.mark.slow  # the demo run
 def test_export_loads_in_diffusers_without_sdtrain(demo_run: Path, tmp_path: Path):
-    from sdtrain.export import main as export_main
+    from sdtrain.cli.export import main as export_main
 
     ckpt = demo_run / "checkpoints" / "last.ckpt"
     export_main([str(ckpt), str(tmp_path / "ema")])
@@ -124,7 +124,7 @@ print("ok")
 
 
 def test_export_errors_name_the_problem(tmp_path: Path):
-    from sdtrain.export import main as export_main
+    from sdtrain.cli.export import main as export_main
 
     missing = tmp_path / "nope.ckpt"
     with pytest.raises(SystemExit, match="nope.ckpt"):

@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-import sdtrain.train
+import sdtrain.cli.train
 from tests.conftest import CONF, ROOT
 from tests.readme_blocks import BLOCKS
 from tests.test_train import _cli
@@ -19,7 +19,9 @@ from tests.test_train import _cli
 def test_help_lists_the_docstring_examples(tmp_path: Path):
     proc = _cli(["--help"], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    examples = [x for x in sdtrain.train.__doc__.splitlines() if re.match(r"[\w ]+:\s{2,}\S", x)]
+    examples = [
+        x for x in sdtrain.cli.train.__doc__.splitlines() if re.match(r"[\w ]+:\s{2,}\S", x)
+    ]
     assert len(examples) >= 7
     missing = [x for x in examples if x not in proc.stdout.splitlines()]
     assert not missing, missing

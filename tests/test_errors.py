@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sdtrain import checkpoint
-from sdtrain.export import main as export_main
-from sdtrain.models import REQUIRED, check_model_folder
-from sdtrain.train import did_you_mean, train
+from sdtrain.artifacts import checkpoint
+from sdtrain.cli.export import main as export_main
+from sdtrain.cli.train import did_you_mean, train
+from sdtrain.models.loader import check_model_folder
+from sdtrain.models.parts import REQUIRED
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
 from tests.test_train import _cli
 
@@ -22,7 +23,7 @@ V1 = ROOT / "tests" / "fixtures" / "checkpoint_v1.ckpt"
 @pytest.fixture
 def no_model(monkeypatch: pytest.MonkeyPatch) -> list:
     """Records any model build (and fails it): the checks must come before."""
-    import sdtrain.train as T
+    import sdtrain.cli.train as T
 
     built: list = []
     monkeypatch.setattr(T, "build_model", lambda cfg: built.append(cfg) or 1 / 0)
@@ -131,7 +132,7 @@ def test_own_shards_under_the_demo_data_group_name_data_webdataset(tmp_path: Pat
     """data.train_shards alone keeps the demo's data group (32 px, random_flip=true for its
     symmetric shapes, its validation shapes): a glyph set trained so learned mirrored letters
     (docs/parity.md). It stops, naming the fix, before any model loads."""
-    from sdtrain.resolvers import check_demo_data
+    from sdtrain.demo.resolvers import check_demo_data
 
     check_demo_data(compose_cfg(tmp_path, []).data)  # the demo itself
     own = compose_cfg(tmp_path, [f"data.train_shards='{shards}'"])
@@ -141,3 +142,19 @@ def test_own_shards_under_the_demo_data_group_name_data_webdataset(tmp_path: Pat
         check_demo_data(compose_cfg(tmp_path, [fix, f"data.train_shards='{shards}'"]).data)
     with pytest.raises(ValueError, match=r"add data=webdataset"):
         train(compose_cfg(tmp_path, [f"data.train_shards='{shards}'", "model.pretrained=/nowhere"]))
+
+
+def test_a_target_on_an_old_module_path_names_the_new_one(
+    tiny_model: Path, shards: str, tmp_path: Path, no_model: list
+):
+    old = "sdtrain.models.load_parts"  # model.parts' loader before the packages
+    cfg = compose_cfg(
+        tmp_path, tiny_overrides(tiny_model, shards) + [f"model.parts._target_={old}"]
+    )
+    with pytest.raises(ValueError) as e:
+        train(cfg)
+    assert str(e.value).startswith(
+        f"model.parts._target_={old}: cannot import it: {old} moved to "
+        "sdtrain.models.loader.load_parts"
+    ), e.value
+    assert no_model == []

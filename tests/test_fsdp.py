@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrain.export import main as export_main
+from sdtrain.cli.export import main as export_main
 from tests.conftest import tiny_overrides
 from tests.test_resume_parity import assert_same
 from tests.test_train import _cli
@@ -117,7 +117,7 @@ def test_sharded_checkpoints_keep_the_ema_in_shards_resume_exactly_and_export(
     """save_distributed_checkpoint=true: a folder per checkpoint (one file per rank + meta.pt)
     holding the EMA as shards (no gathered copy anywhere), the same training as the gathered
     files, an exact resume from it, and exports and loads without any processes."""
-    from sdtrain import checkpoint as C
+    from sdtrain.artifacts import checkpoint as C
 
     sharded = ["trainer.strategy.save_distributed_checkpoint=true"]
     first, resumed = tmp_path / "first", tmp_path / "resumed"
@@ -173,7 +173,7 @@ def test_sigkill_mid_sharded_save_leaves_whole_checkpoints_and_last_resumes(
     import sys
     import time
 
-    from sdtrain import checkpoint as C
+    from sdtrain.artifacts import checkpoint as C
     from tests.conftest import ROOT
 
     run = tmp_path / "run"
@@ -183,7 +183,7 @@ def test_sigkill_mid_sharded_save_leaves_whole_checkpoints_and_last_resumes(
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sdtrain.train", *args],
+            [sys.executable, "-m", "sdtrain.cli.train", *args],
             cwd=tmp_path,
             env=env,
             stdout=log,

@@ -260,7 +260,7 @@ def test_installed_copy_is_what_imports(installed: Install):
 def test_config_composes_from_the_installed_package(installed: Install):
     proc = check(
         run(
-            [installed.python, "-m", "sdtrain.train", "--cfg", "job"],
+            [installed.python, "-m", "sdtrain.cli.train", "--cfg", "job"],
             cwd=installed.work,
             timeout=300,
         )
@@ -292,7 +292,7 @@ def test_short_demo_run_from_the_installed_package(installed: Install, tmp_path:
         "callbacks.throughput.window=2",
     ]
     proc = check(run(cmd, cwd=installed.work, timeout=600, SDTRAIN_CACHE=str(tmp_path / "cache")))
-    # progress_log's summary (Lightning's own "max_steps=2 reached" is silenced: sdtrain/quiet.py)
+    # progress_log's summary (Lightning's own "max_steps=2 reached" is silenced: sdtrain/runtime/quiet.py)
     assert "finished at step 2/2:" in proc.stderr + proc.stdout
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == [

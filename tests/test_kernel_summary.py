@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from scripts import kernel_summary as ks
-from sdtrain.train import train
+from sdtrain.cli.train import train
 from tests.conftest import compose_cfg, tiny_overrides
 
 

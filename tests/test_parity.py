@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 def test_render_set_labels_match_demo_captions():
     images, labels = parity.render_set(24, seed=0)
-    from sdtrain import demo
+    from sdtrain.demo import shapes as demo
 
     captions = [c for _, c in demo.samples(24, 32, seed=0)]
     assert [parity.caption(int(y)) for y in labels] == captions
@@ -130,7 +130,7 @@ def test_glyphs_render_the_same_from_a_seed_class_by_class():
 def test_pinned_posterior_std_makes_a_sample_its_mean():
     """The glyphs model's VAE: on-the-fly encoding (sdtrain) equals encoding once (the loop)."""
     from scripts.parity_tasks import pin_posterior_std
-    from sdtrain.tiny import build_vae
+    from sdtrain.demo.tiny import build_vae
 
     vae = build_vae(32).eval()
     pin_posterior_std(vae)

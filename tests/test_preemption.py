@@ -1,4 +1,4 @@
-"""Preemption with real signals: a real `sdtrain.train` process gets SIGTERM or SIGUSR1 mid-run,
+"""Preemption with real signals: a real `sdtrain.cli.train` process gets SIGTERM or SIGUSR1 mid-run,
 saves a checkpoint at the step reached, exits 0 within seconds, and a resume continues from it."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def start(run: Path, model: Path, shards: str, extra: list[str]) -> subprocess.P
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "sdtrain.train", *args],
+        [sys.executable, "-m", "sdtrain.cli.train", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -28,8 +28,8 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sdtrain import demo
 from sdtrain.datamodules.webdataset import expand_shards
+from sdtrain.demo import shapes as demo
 from tests import wandb_shim
 from tests.conftest import CONF, ROOT, compose_cfg
 from tests.readme_blocks import (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdtrain.train import resume_record, train
+from sdtrain.cli.train import resume_record, train
 from tests.conftest import compose_cfg, tiny_overrides
 from tests.test_train import _cli
 
@@ -17,13 +17,13 @@ from tests.test_train import _cli
 def test_resuming_a_finished_run_says_so_and_trains_nothing(
     tiny_model: Path, shards: str, tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
 ):
-    import sdtrain.train as T
+    import sdtrain.cli.train as T
 
     base = tiny_overrides(tiny_model, shards, 2) + ["logger=none"]
     train(compose_cfg(tmp_path, base))
     built = []
     monkeypatch.setattr(T, "build_model", lambda cfg: built.append(cfg) or 1 / 0)
-    with caplog.at_level(logging.WARNING, logger="sdtrain.train"):
+    with caplog.at_level(logging.WARNING, logger="sdtrain.cli.train"):
         assert train(compose_cfg(tmp_path, base + ["ckpt_path=last"])) is None
     assert built == []
     (message,) = [r.getMessage() for r in caplog.records if "nothing to train" in r.getMessage()]

@@ -39,7 +39,7 @@ def command(run: Path, model: Path, shards: str, *extra: str, steps: int = STEPS
         "model.ema.update_every=1",
         *extra,
     ]
-    return [sys.executable, "-m", "sdtrain.train", *args]
+    return [sys.executable, "-m", "sdtrain.cli.train", *args]
 
 
 def launch(cmd: list[str], log: Path) -> subprocess.Popen:

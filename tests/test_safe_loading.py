@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdtrain.checkpoint import CheckpointError
-from sdtrain.train import train
+from sdtrain.artifacts.checkpoint import CheckpointError
+from sdtrain.cli.train import train
 from tests.conftest import compose_cfg, tiny_overrides
 from tests.datamodules.test_webdataset import png, write_tar
 
@@ -47,7 +47,7 @@ def test_resume_from_a_planted_checkpoint_runs_no_code(
 
 
 def test_sample_from_a_planted_checkpoint_runs_no_code(tmp_path: Path):
-    from sdtrain.sample import main as sample_main
+    from sdtrain.cli.sample import main as sample_main
 
     marker = tmp_path / "code-ran"
     evil = planted_checkpoint(tmp_path, marker)

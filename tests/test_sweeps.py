@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
-from sdtrain.train import instantiate_map, prepare
+from sdtrain.cli.train import instantiate_map, prepare
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
 
 
@@ -32,7 +32,7 @@ def _no_hydra_left():
 def cli(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
     pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=pythonpath, **env_vars)
-    cmd = [sys.executable, "-m", "sdtrain.train", *args]
+    cmd = [sys.executable, "-m", "sdtrain.cli.train", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -65,7 +65,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def test_grid_trials_share_one_latent_cache_and_one_wandb_group(
     tiny_model: Path, shards: str, tmp_path: Path
 ):
-    from sdtrain.cache import main as cache_latents
+    from sdtrain.cli.cache_latents import main as cache_latents
     from tests.wandb_files import offline_run, run_record
 
     cache = tmp_path / "latents"

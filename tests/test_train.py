@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from sdtrain import checkpoint
-from sdtrain.loggers import wandb_has_credentials
-from sdtrain.train import train
+from sdtrain.artifacts import checkpoint
+from sdtrain.cli.train import train
+from sdtrain.runtime.loggers import wandb_has_credentials
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
 
 
@@ -133,7 +133,7 @@ def _cli(
     for name in unset:
         env.pop(name, None)
     return subprocess.run(
-        [sys.executable, "-m", "sdtrain.train", *args],
+        [sys.executable, "-m", "sdtrain.cli.train", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -143,7 +143,7 @@ def _cli(
 
 
 def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path, monkeypatch):
-    from tests.sdtrain.test_training_step import read_records
+    from tests.training.test_training_step import read_records
 
     args = tiny_overrides(tiny_model, shards, 4) + [
         "trainer=ddp",
@@ -151,7 +151,7 @@ def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path,
         "trainer.precision=32-true",
         "trainer.devices=2",
         "logger=csv",
-        "model._target_=tests.sdtrain.recording.RecordingModule",
+        "model._target_=tests.training.recording.RecordingModule",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     monkeypatch.setenv("SDTRAIN_RECORD_DIR", str(tmp_path))
@@ -168,7 +168,7 @@ def test_ddp_two_processes_on_cpu(tiny_model: Path, shards: str, tmp_path: Path,
 
 # The README's `sdtrain-train hparams_search=lr_sweep` runs these 4 trials too (tests/test_readme.py
 # checks a checkpoint per trial; slow as well); the default suite runs 2-trial grids
-# (tests/test_sweeps.py, tests/sdtrain/test_sweep_table.py) and composes lr_sweep (test_configs).
+# (tests/test_sweeps.py, tests/runtime/test_sweep_table.py) and composes lr_sweep (test_configs).
 @pytest.mark.slow
 def test_hparams_sweep_multirun(tiny_model: Path, shards: str, tmp_path: Path):
     keep = [o for o in tiny_overrides(tiny_model, shards, 2) if not o.startswith("callbacks.")]
@@ -285,7 +285,7 @@ def test_config_errors_fail_before_a_model_is_built(
     monkeypatch: pytest.MonkeyPatch,
 ):
     """Each bad value is named (key and value) before any weights load."""
-    import sdtrain.train as T
+    import sdtrain.cli.train as T
 
     (tmp_path / "empty").mkdir()
     override = override.replace("EMPTY", str(tmp_path / "empty"))
@@ -328,7 +328,7 @@ def test_each_experiment_trains_the_tiny_model(
     experiment: str, tiny_model: Path, shards: str, tmp_path: Path
 ):
     """Every conf/experiment file trains as written but for the size (2 CPU steps at 32 px); LoRA's
-    is run by tests/sdtrain/test_lora.py. pretrain's U-Net starts fresh: its weights are not the
+    is run by tests/models/test_lora.py. pretrain's U-Net starts fresh: its weights are not the
     folder's."""
     from diffusers import UNet2DConditionModel
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrain.checkpoint_io import (
+from sdtrain.artifacts.checkpoint_io import (
     AtomicCheckpointIO,
     atomic_write,
     partial_name,
@@ -20,7 +20,7 @@ from sdtrain.checkpoint_io import (
     remove_partial,
     replace_folder,
 )
-from sdtrain.train import train
+from sdtrain.cli.train import train
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
 
 
@@ -129,7 +129,7 @@ def start(run: Path, model: Path, shards: str, scratch: Path, extra: list[str]) 
     env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(scratch))
     log = open(run.parent / "log.txt", "a")  # a file, not a pipe: an unread pipe stalls the run
     return subprocess.Popen(
-        [sys.executable, "-m", "sdtrain.train", *args],
+        [sys.executable, "-m", "sdtrain.cli.train", *args],
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -11,7 +11,6 @@ import lightning as L
 import pytest
 import torch
 
-from sdtrain import demo
 from sdtrain.callbacks.image_metrics import (
     ImageMetrics,
     clip_score_metric,
@@ -19,9 +18,10 @@ from sdtrain.callbacks.image_metrics import (
     held_out,
     to_uint8,
 )
+from sdtrain.cli.shards import main as shards_main
+from sdtrain.cli.train import instantiate_map, train
 from sdtrain.datamodules.transforms import decode_image
-from sdtrain.shards import main as shards_main
-from sdtrain.train import instantiate_map, train
+from sdtrain.demo import shapes as demo
 from tests.conftest import compose_cfg
 from tests.metrics_fixtures import TinyFeatures, make_tiny_clip
 

@@ -13,7 +13,7 @@ import torch
 
 from sdtrain.callbacks.progress_log import ProgressLog, duration
 from sdtrain.callbacks.report import smooth
-from sdtrain.train import train
+from sdtrain.cli.train import train
 from tests.conftest import compose_cfg, tiny_overrides
 from tests.test_train import _cli
 
@@ -138,7 +138,7 @@ def test_train_log_holds_step_lines_and_the_summary(tiny_model: Path, shards: st
 def test_end_line_names_only_what_exists(
     tiny_model: Path, shards: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
-    caplog.set_level(logging.INFO, logger="sdtrain.train")
+    caplog.set_level(logging.INFO, logger="sdtrain.cli.train")
     keep = [o for o in tiny_overrides(tiny_model, shards, 2) if not o.startswith("callbacks.")]
     cfg = compose_cfg(tmp_path, keep + ["callbacks=none", "logger=csv"])
     assert train(cfg) is not None

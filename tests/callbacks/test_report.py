@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from sdtrain.callbacks.report import PANEL_H, PANEL_W, plot_curves, smooth, write_gallery
-from sdtrain.train import train
+from sdtrain.cli.train import train
 from tests.conftest import compose_cfg, tiny_overrides
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdtrain import checkpoint
+from sdtrain.artifacts import checkpoint
 from sdtrain.callbacks.throughput import (
     ThroughputMonitor,
     mfu,
@@ -20,8 +20,8 @@ from sdtrain.callbacks.throughput import (
     unet_train_flops,
     wait_fraction,
 )
-from sdtrain.models import load_parts
-from sdtrain.train import train
+from sdtrain.cli.train import train
+from sdtrain.models.loader import load_parts
 from tests.conftest import compose_cfg, tiny_overrides
 
 

@@ -39,7 +39,7 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def shaped(tmp_path_factory) -> tuple[str, Path]:
     """28 noise images of four shapes (nested folders) -> two shards by sdtrain-shards."""
-    from sdtrain.shards import main
+    from sdtrain.cli.shards import main
 
     base = tmp_path_factory.mktemp("shaped")
     seed = 0
@@ -130,8 +130,8 @@ def test_three_shapes_train_in_batches_of_one_shape_none_square_cropped(
     shaped: tuple[str, Path], tiny_model: Path
 ):
     from sdtrain.datamodules.transforms import to_tensor
-    from sdtrain.models import load_parts
-    from sdtrain.module import StableDiffusionModule
+    from sdtrain.models.loader import load_parts
+    from sdtrain.training.module import StableDiffusionModule
 
     shard, images = shaped
     dm = WebDataModule(
@@ -218,7 +218,7 @@ def test_resume_under_buckets_goes_on_without_repeating_the_pass(
 def test_buckets_are_refused_for_a_latent_cache(
     shaped: tuple[str, Path], tiny_model: Path, tmp_path
 ):
-    from sdtrain.cache import main as cache_main
+    from sdtrain.cli.cache_latents import main as cache_main
 
     out = tmp_path / "latents"
     cache_main([shaped[0], str(out), "--pretrained", str(tiny_model), "--resolution", "32",
@@ -236,7 +236,7 @@ def test_ddp_ranks_step_together_with_one_shape_per_batch(
 ):
     """2 ranks, one shard each, of other shapes: their buckets fill at other rates, yet both
     train every step (a rank that ran out would hang the other in its next all-reduce).
-    ~17 s on a 2-core CPU: two DDP processes (sdtrain.train, trainer=ddp on the CPU) start, load
+    ~17 s on a 2-core CPU: two DDP processes (sdtrain.cli.train, trainer=ddp on the CPU) start, load
     the tiny model and train 8 steps."""
     import subprocess
     import sys
@@ -245,7 +245,7 @@ def test_ddp_ranks_step_together_with_one_shape_per_batch(
     from tests.conftest import ROOT, tiny_overrides
 
     run, steps = tmp_path / "run", 8
-    cmd = [sys.executable, "-m", "sdtrain.train", *tiny_overrides(tiny_model, shaped[0], steps)]
+    cmd = [sys.executable, "-m", "sdtrain.cli.train", *tiny_overrides(tiny_model, shaped[0], steps)]
     cmd += [f"hydra.run.dir={run}", "logger=csv", "callbacks=[default,ledger]",
             "~callbacks.sample_images", "data.resampled=false", "data.resolution=48",
             "data.buckets=auto", "data.bucket_step=16", "data.center_crop=true", "trainer=ddp",

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdtrain import batch as B
+from sdtrain.cli.shards import main as shards_main
+from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.captions import CaptionProcessor, caption_processor
 from sdtrain.datamodules.transforms import LatentTransform
 from sdtrain.datamodules.webdataset import WebDataModule
-from sdtrain.models import load_tokenizer, tokenize
-from sdtrain.shards import main as shards_main
+from sdtrain.models.parts import load_tokenizer, tokenize
 
 TAGS = ["sks", "dog", "grass", "sunny", "tree", "red collar"]
 
@@ -112,7 +112,7 @@ def test_webdatamodule_rewrites_captions_deterministically(tag_shards: str, tiny
 def test_a_latent_cache_with_contexts_is_refused_at_setup(
     tag_shards: str, tiny_model: Path, tmp_path: Path
 ):
-    from sdtrain.cache import main as cache_main
+    from sdtrain.cli.cache_latents import main as cache_main
 
     out = tmp_path / "latents"
     cache_main([tag_shards, str(out), "--pretrained", str(tiny_model), "--resolution", "32",

@@ -16,13 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from sdtrain import batch as B
-from sdtrain import diffusion
-from sdtrain.cache import check_latent_cache, main, text_encoder_fingerprint, vae_fingerprint
+from sdtrain.artifacts.cache import (
+    check_latent_cache,
+    main,
+    text_encoder_fingerprint,
+    vae_fingerprint,
+)
+from sdtrain.cli.train import train
+from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.webdataset import WebDataModule
-from sdtrain.models import load_frozen, load_parts
-from sdtrain.module import StableDiffusionModule
-from sdtrain.train import train
+from sdtrain.models.loader import load_parts
+from sdtrain.models.parts import load_frozen
+from sdtrain.training import diffusion
+from sdtrain.training.module import StableDiffusionModule
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
 
 KINDS = {"fp16": [], "bf16-text": ["--dtype", "bf16", "--text"]}
@@ -43,7 +49,7 @@ def cache(request, tiny_model: Path, shards: str, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory) -> Path:
     """A second tiny model: same shapes, another (random) VAE."""
-    from sdtrain.tiny import make_tiny_model
+    from sdtrain.demo.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("other") / "tiny-sd", vae_steps=0, seed=1)
 
@@ -131,7 +137,7 @@ def test_cached_batch_trains_like_the_pixel_batch(cache: Path, tiny_model: Path,
 
 
 class CheckedModule(StableDiffusionModule):
-    """The module with the latent-cache check its on_fit_start gets (see sdtrain.cache)."""
+    """The module with the latent-cache check its on_fit_start gets (see sdtrain.artifacts.cache)."""
 
     def on_fit_start(self) -> None:
         dm = self._trainer.datamodule if self._trainer is not None else None
@@ -193,7 +199,7 @@ def test_trains_two_steps_from_the_cache(cache: Path, tiny_model: Path, tmp_path
 @pytest.mark.slow
 def test_two_ranks_write_apart(tiny_model: Path, shards: str, tmp_path: Path):
     """DDP on the CPU (2 processes): each rank writes its own shards, rank 0 the cache.json."""
-    cmd = [sys.executable, "-m", "sdtrain.cache"]
+    cmd = [sys.executable, "-m", "sdtrain.artifacts.cache"]
     cmd += cache_args(shards, tmp_path / "cache", tiny_model) + ["--devices", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -135,7 +135,7 @@ def test_decompression_bomb_raises_skip_sample(monkeypatch, side):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from sdtrain.tiny import build_tokenizer
+    from sdtrain.demo.tiny import build_tokenizer
 
     return build_tokenizer()
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtrain import demo
 from sdtrain.datamodules.webdataset import WebDataModule, expand_shards
+from sdtrain.demo import shapes as demo
 from tests.conftest import cpu_trainer
 
 
@@ -141,8 +141,8 @@ def test_too_few_shards_to_split_is_a_clear_error(shards: str, tiny_model: Path)
 def test_training_runs_on_past_broken_samples_and_logs_the_count(tmp_path: Path, tiny_model: Path):
     from functools import partial
 
-    from sdtrain.models import load_parts
-    from sdtrain.module import StableDiffusionModule
+    from sdtrain.models.loader import load_parts
+    from sdtrain.training.module import StableDiffusionModule
 
     dm = broken_shard_datamodule(tmp_path, tiny_model, batch_size=4)
     model = StableDiffusionModule(

@@ -1,0 +1,76 @@
+"""The batch contract: the keys a training batch may hold, named in one place.
+
+A batch holds the image as `PIXELS`, `LATENT_DIST` or `LATENTS`, and the caption as `INPUT_IDS` or
+`CONTEXT`; the training step encodes only what is missing, so cached latents or cached text
+embeddings are a data concern, not a model change.
+
+| key | shape, dtype | what |
+| --- | --- | --- |
+| `pixels` | (B, 3, H, W) float in [-1, 1] | images, encoded by the frozen VAE in the step |
+| `latent_dist` | (B, 2C, H/f, W/f) float | the VAE posterior's mean and log-variance, concatenated on channels (diffusers' `latent_dist.parameters`, unscaled): the step samples it, as it does for pixels |
+| `latents` | (B, C, H/f, W/f) float | VAE latents already sampled and multiplied by the VAE's scaling_factor |
+| `input_ids` | (B, L) long | caption token ids (L = 77 for CLIP), encoded by the frozen text encoder |
+| `context` | (B, L, D) float | text-encoder last hidden states for the captions |
+| `captions` | list of B str | the caption text (for logs; optional) |
+| `keys` | list of B str | the samples' WebDataset keys (optional) |
+| `skipped` | int | unusable samples the loader dropped while making this batch (optional) |
+| `skipped_kinds`, `skipped_shards` | {str: int} | the same by kind (`SKIP_KINDS`) and by shard url (optional) |
+| `position` | [worker, workers, pass, drawn] ints | where the data stands after this batch: the DataLoader worker that made it (its virtual id), how many there are, its pass over the shards and the samples it has drawn in that pass (optional; `sdtrain.datamodules.position`) |
+| `original_size`, `crop_top_left` | (B, 2) long | with aspect-ratio buckets: each image's (height, width) as decoded, and the (top, left) of its crop in resized pixels: SDXL's size conditioning, unused by SD-1 (optional; `sdtrain.datamodules.buckets`) |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PIXELS = "pixels"
+LATENTS = "latents"
+LATENT_DIST = "latent_dist"
+INPUT_IDS = "input_ids"
+CONTEXT = "context"
+CAPTIONS = "captions"
+KEYS = "keys"
+SKIPPED = "skipped"
+POSITION = "position"
+SKIPPED_KINDS = "skipped_kinds"  # {kind: count} over SKIP_KINDS
+SKIPPED_SHARDS = "skipped_shards"  # {shard url: count}
+ORIGINAL_SIZE = "original_size"  # (B, 2) (height, width) before resizing
+CROP_TOP_LEFT = "crop_top_left"  # (B, 2) (top, left) of the crop, resized pixels
+# Why a sample (or a shard's remainder) was skipped: logged as data/skipped/<kind>.
+SKIP_KINDS = (
+    "no_image",
+    "decode",
+    "too_large",
+    "no_caption",
+    "bad_caption",
+    "bad_latent",
+    "bad_shard",
+)
+
+IMAGE_KEYS = (LATENTS, LATENT_DIST, PIXELS)  # preferred first: latents skip the VAE encode
+TEXT_KEYS = (CONTEXT, INPUT_IDS)  # preferred first: a context skips the text encoder
+
+
+def _first(batch: dict[str, Any], keys: tuple[str, ...], what: str) -> str:
+    for k in keys:
+        if batch.get(k) is not None:
+            return k
+    raise KeyError(
+        f"training batch has no {what}: it needs one of {list(keys)}, has {sorted(batch)} "
+        "(see sdtrain.datamodules.batch)"
+    )
+
+
+def image_key(batch: dict[str, Any]) -> str:
+    """The first of `IMAGE_KEYS` the batch holds; a KeyError naming them all if none."""
+    return _first(batch, IMAGE_KEYS, "image")
+
+
+def text_key(batch: dict[str, Any]) -> str:
+    """`context` if the batch holds it, else `input_ids`; a KeyError naming both if neither."""
+    return _first(batch, TEXT_KEYS, "caption")
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    """Samples in a batch, whichever image key it holds (for throughput monitors)."""
+    return batch[image_key(batch)].shape[0]

@@ -1,0 +1,309 @@
+"""Encode image-text shards once with the frozen VAE (and text encoder): a latent cache to train on.
+
+One device:        sdtrain-cache-latents /data/mine/ /data/mine-latents --pretrained /models/sd15 --resolution 512
+GPUs on one node:  sdtrain-cache-latents /data/mine/ /data/mine-latents --pretrained /models/sd15 --devices 8
+torchrun:          torchrun --nproc_per_node 8 -m sdtrain.cli.cache_latents /data/mine/ /data/mine-latents --pretrained /models/sd15 --devices 8
+Train on it:       sdtrain-train data=latents data.train_shards=/data/mine-latents model.pretrained=/models/sd15
+
+It runs as `Trainer.predict`, the launch training uses. Each rank reads its share of the source
+shards once (split by rank, then by DataLoader worker, in order: no shuffling, no resampling),
+decodes and crops every image with the training transform (centre crop, never flipped) and writes
+its own shards, `OUT/{rank:02d}-{n:05d}.tar`, holding per sample:
+
+  KEY.latent_dist.npy       (2C, h, w) float16: the VAE posterior's mean and log-variance,
+                            diffusers' `latent_dist.parameters` (unscaled, unclamped)
+  KEY.latent_dist.bf16.npy  the same with --dtype bf16: bfloat16 bit patterns in a uint16 array
+                            (numpy has no bfloat16); `torch.from_numpy(a).view(torch.bfloat16)`
+  KEY.context.npy           (77, D) float16: the text encoder's last hidden states (--text only)
+  KEY.txt                   the caption
+  KEY.json                  original_size [w, h] as decoded, resized_size, crop_box [left, top,
+                            right, bottom] in resized pixels, flipped (always false)
+
+Arrays are plain `.npy`, read with `np.load(allow_pickle=False)`: a shard holds data, never code.
+After every rank has finished, rank 0 writes `OUT/cache.json` (what made the cache and what it
+holds). It comes last, so a folder with a cache.json is a complete cache. Training checks the
+cache's VAE fingerprint against its own model (`check_latent_cache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+import sdtrain
+from sdtrain.datamodules import batch as B
+from sdtrain.datamodules.transforms import Collate, ImageTextTransform
+from sdtrain.datamodules.webdataset import (
+    CACHE_FILE,
+    CACHE_FORMAT,
+    CACHE_FORMAT_VERSION,
+    DecodeStage,
+    SplitByRank,
+    SplitByWorker,
+)
+from sdtrain.models.family import SD, Family
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+LATENT_FILES = {"fp16": "latent_dist.npy", "bf16": "latent_dist.bf16.npy"}  # by --dtype
+CONTEXT_FILE = "context.npy"  # always fp16
+# The text encoder's config keys that change its output; the rest (transformers_version, dtype,
+# return_dict, ...) differ between library versions for the same model.
+TEXT_CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+)
+
+
+def _fingerprint(config: dict[str, Any], model: torch.nn.Module) -> str:
+    """sha256 over `config` (sorted JSON) and every weight's name, shape and bytes.
+
+    Floating weights are hashed as fp32, so one folder's weights loaded in fp16 or fp32 agree.
+    """
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.contiguous().reshape(-1).numpy())
+    return h.hexdigest()
+
+
+def vae_fingerprint(vae) -> str:
+    """sha256 of the VAE's class, config (scaling_factor included) and weights.
+
+    Diffusers' bookkeeping keys (`_name_or_path`, `_diffusers_version`, ...) are left out: the
+    same VAE copied to another folder keeps its fingerprint.
+    """
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    return _fingerprint({"class": type(vae).__name__, **config}, vae)
+
+
+def text_encoder_fingerprint(text_encoder) -> str:
+    """sha256 of the text encoder's class, the config keys that shape its output, and weights."""
+    config = {k: getattr(text_encoder.config, k, None) for k in TEXT_CONFIG_KEYS}
+    return _fingerprint({"class": type(text_encoder).__name__, **config}, text_encoder)
+
+
+def check_latent_cache(
+    info: dict[str, Any],
+    vae,
+    text_encoder=None,
+    model_folder: str | None = None,
+) -> None:
+    """Refuse a latent cache that this model's VAE (and text encoder, if it holds contexts) did
+    not make: another VAE's latents are another latent space, and training on them would run
+    without error and learn the wrong thing.
+
+    Args:
+        info: the cache's parsed cache.json (`WebDataModule.latent_cache_info`).
+        vae: the model's VAE.
+        text_encoder: the model's text encoder (checked when the cache holds contexts).
+        model_folder: where the model came from, for the message.
+
+    Raises:
+        ValueError: naming the cache folder and the fingerprint it records, and the model folder
+            and the fingerprint of its part.
+    """
+    checks = [("VAE", "vae_fingerprint", vae, vae_fingerprint)]
+    if info.get("text"):
+        checks.append(
+            ("text encoder", "text_encoder_fingerprint", text_encoder, text_encoder_fingerprint)
+        )
+    for what, key, part, fingerprint in checks:
+        ours = None if part is None else fingerprint(part)
+        if info.get(key) != ours:
+            raise ValueError(
+                f"latent cache {info.get('folder')} was made with the {what} of "
+                f"{info.get('pretrained')} ({what} fingerprint {info.get(key)}, {CACHE_FILE}), "
+                f"but this run's model {model_folder} has {what} fingerprint {ours}. Cache again "
+                f"with `sdtrain-cache-latents SRC OUT --pretrained {model_folder}`, or train on "
+                "the image shards."
+            )
+        log.info("latent cache %s: %s fingerprint %s matches", info.get("folder"), what, ours)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def to_storage(t: torch.Tensor, dtype: str, what: str, keys: list[str]) -> np.ndarray:
+    """(B, ...) tensor -> numpy in `dtype` ("bf16": bit patterns as uint16); refuses inf or NaN."""
+    t = t.detach().to("cpu", DTYPES[dtype])
+    if not torch.isfinite(t).all():
+        raise ValueError(
+            f"{what} of the batch with keys {keys[:3]}... is not finite in {dtype}"
+            + (" (fp16 overflows above 65504: use --dtype bf16)" if dtype == "fp16" else "")
+        )
+    return (t.view(torch.uint16) if dtype == "bf16" else t).numpy()
+
+
+class ShardSink:
+    """Writes samples to `OUT/{rank:02d}-{n:05d}.tar`, a new shard every `per_shard` samples.
+
+    The first shard opens with the first sample, so a rank without data leaves no empty shard.
+    """
+
+    def __init__(self, out: Path, rank: int, per_shard: int) -> None:
+        self.pattern = str(out / f"{rank:02d}-%05d.tar")
+        self.per_shard = per_shard
+        self.writer: wds.ShardWriter | None = None
+        self.count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self.writer is None:
+            self.writer = wds.ShardWriter(self.pattern, maxcount=self.per_shard, verbose=0)
+        self.writer.write(sample)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class CacheCollate(Collate):
+    """Collate, keeping each example's crop record ("meta") for its .json."""
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return super().__call__(examples) | {"meta": [e["meta"] for e in examples]}
+
+
+class LatentEncoder(L.LightningModule):
+    """The `Trainer.predict` system: each rank encodes its share of the shards into its own shards.
+
+    Args:
+        vae, text_encoder, tokenizer: the frozen parts (`sdtrain.models.parts.load_frozen`).
+        urls: the source shards, every rank's.
+        out: the cache folder.
+        recipe: what goes into cache.json besides what the run finds out (samples, shards,
+            fingerprints, shapes).
+        batch_size, num_workers, samples_per_shard: as the command line says.
+    """
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        urls: list[str],
+        out: Path,
+        recipe: dict[str, Any],
+        batch_size: int = 32,
+        num_workers: int = 4,
+        samples_per_shard: int = 1000,
+        family: Family = SD,
+    ) -> None:
+        super().__init__()
+        self.family = family  # how captions become contexts (models/family.py)
+        self.vae = vae.requires_grad_(False).eval()
+        # no text encoder on the device unless contexts are cached
+        self.text_encoder = text_encoder.requires_grad_(False).eval() if recipe["text"] else None
+        self.tokenizer, self.urls, self.out, self.recipe = tokenizer, urls, out, recipe
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.samples_per_shard = samples_per_shard
+        self.files = {B.LATENT_DIST: LATENT_FILES[recipe["dtype"]]}  # batch key -> extension
+        self.storage = {B.LATENT_DIST: recipe["dtype"]}  # batch key -> dtype
+        if recipe["text"]:
+            self.files[B.CONTEXT], self.storage[B.CONTEXT] = CONTEXT_FILE, "fp16"
+        self.sink: ShardSink | None = None
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.global_rank, self.trainer.world_size
+        transform = ImageTextTransform(
+            self.recipe["resolution"], center_crop=True, random_flip=False, with_meta=True
+        )
+        pipe = wds.DataPipeline(
+            wds.SimpleShardList(self.urls),  # in order, once
+            SplitByRank(rank, world),
+            SplitByWorker(),
+            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            DecodeStage(transform),
+            wds.batched(self.batch_size, collation_fn=CacheCollate(self.tokenizer), partial=True),
+        )
+        workers = min(self.num_workers, len(self.urls[rank::world]))  # a worker per shard at most
+        return DataLoader(pipe, batch_size=None, num_workers=workers)
+
+    def on_predict_start(self) -> None:
+        # every rank looks before any rank writes (the barrier), so all of them fail alike
+        if any(self.out.glob("*.tar")) or (self.out / CACHE_FILE).exists():
+            raise FileExistsError(
+                f"OUT {self.out} already holds shards or a {CACHE_FILE}; choose an empty folder"
+            )
+        self.trainer.strategy.barrier("cache-start")
+        self.sink = ShardSink(self.out, self.global_rank, self.samples_per_shard)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        keys = batch[B.KEYS]
+        pixels = batch[B.PIXELS].to(self.vae.dtype)  # (B, 3, H, W) in [-1, 1]
+        tensors = {B.LATENT_DIST: self.vae.encode(pixels).latent_dist.parameters}  # (B, 2C, h, w)
+        if self.text_encoder is not None:
+            tensors[B.CONTEXT] = self.family.condition(self.text_encoder, batch[B.INPUT_IDS])
+        arrays = {
+            self.files[k]: to_storage(t, self.storage[k], k, keys) for k, t in tensors.items()
+        }
+        for i, key in enumerate(keys):
+            sample = {ext: npy_bytes(a[i]) for ext, a in arrays.items()}
+            sample["txt"] = batch[B.CAPTIONS][i].encode("utf-8")
+            sample["json"] = json.dumps(batch["meta"][i]).encode()
+            self.sink.write({"__key__": key, **sample})
+
+    def on_predict_end(self) -> None:
+        self.sink.close()
+        count = torch.tensor(self.sink.count, device=self.device)
+        total = int(self.trainer.strategy.reduce(count, reduce_op="sum"))
+        self.trainer.strategy.barrier("cache-end")  # every rank's shards are closed
+        if self.trainer.is_global_zero:
+            write_cache_json(self.out, self.cache_info(total))
+
+    def cache_info(self, samples: int) -> dict[str, Any]:
+        """cache.json: what made the cache (recipe, fingerprints) and what it holds."""
+        cfg = self.vae.config
+        factor = 2 ** (len(cfg.block_out_channels) - 1)  # VAE downsampling: 8 for SD
+        side = self.recipe["resolution"] // factor
+        info = {
+            "format": CACHE_FORMAT,
+            "format_version": CACHE_FORMAT_VERSION,
+            "sdtrain_version": sdtrain.__version__,
+            **self.recipe,
+            "center_crop": True,
+            "random_flip": False,
+            "vae_fingerprint": vae_fingerprint(self.vae),
+            "vae_scaling_factor": cfg.scaling_factor,
+            "latent_shape": [2 * cfg.latent_channels, side, side],
+            "text_encoder_fingerprint": None,
+            "context_shape": None,
+            "files": self.files,
+            "samples": samples,
+            "shards": sorted(p.name for p in self.out.glob("*.tar")),
+        }
+        if self.text_encoder is not None:
+            info["text_encoder_fingerprint"] = text_encoder_fingerprint(self.text_encoder)
+            te = self.text_encoder.config
+            info["context_shape"] = [te.max_position_embeddings, te.hidden_size]
+        return info
+
+
+def write_cache_json(out: Path, info: dict[str, Any]) -> None:
+    """Write cache.json through a temporary file: it appears whole or not at all."""
+    tmp = out / f"{CACHE_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(out / CACHE_FILE)

@@ -1,0 +1,1 @@
+"""Thin entry points: each parses its arguments and calls library functions."""

@@ -1,0 +1,51 @@
+"""`sdtrain-export`: the command line of `sdtrain.artifacts.export` (its docstring is the --help)."""
+
+from __future__ import annotations
+
+import argparse
+
+from sdtrain.artifacts import checkpoint
+from sdtrain.artifacts import export as export_module
+from sdtrain.artifacts.export import export, export_single_file
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=export_module.__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("ckpt", help="a .ckpt written by sdtrain-train")
+    p.add_argument("out", nargs="?", help="diffusers folder to write (optional with --single-file)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw weights")
+    p.add_argument("--pretrained", help="model folder, if the one the run used has moved")
+    p.add_argument("--single-file", help="also (or only) write this original-layout .safetensors")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="--single-file's")
+    p.add_argument("--single-file-config", help="configs folder of a run that trained from a file")
+    p.add_argument("--lora", action="store_true", help="a LoRA run: OUT gets its LoRA files only")
+    a = p.parse_args(argv)
+    if a.out is None and a.single_file is None:
+        p.error("give OUT (a diffusers folder), --single-file FILE.safetensors, or both")
+    try:
+        if a.single_file:
+            args = (a.ema, a.pretrained, a.single_file_config, a.dtype)
+            print(f"wrote {export_single_file(a.ckpt, a.single_file, *args)}")
+        if a.out is None:
+            return
+        if a.lora:
+            from sdtrain.artifacts.export_lora import export_lora
+
+            args = (a.ema, a.pretrained, a.single_file_config)
+            print("wrote", *export_lora(a.ckpt, a.out, *args))
+            return
+        out = export(a.ckpt, a.out, a.ema, a.pretrained, a.single_file_config)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(
+            f"sdtrain-export: {e}; pass a .ckpt that sdtrain-train wrote "
+            "(<run folder>/checkpoints/last.ckpt)"
+        ) from e
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"sdtrain-export: {e}") from e
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

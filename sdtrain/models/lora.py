@@ -1,0 +1,223 @@
+"""LoRA through peft, and what trains besides the U-Net: a loader wrapper and the module's helpers.
+
+`load_parts` wraps `sdtrain.models.loader.load_parts` (the `model.parts` loader): with `model.lora` set it
+freezes the U-Net's base weights and adds peft LoRA adapters to its attention projections (and to
+the text encoder's with `model.lora.text_encoder=true`), the way diffusers' own
+train_text_to_image_lora.py does (`unet.add_adapter(LoraConfig(...))`). The module then trains
+whatever requires grad; the helpers below say what that is, name it for checkpoints and the EMA,
+and split it into optimizer groups (the text encoder's own LR).
+
+Names: U-Net parameters keep their bare names (`conv_in.weight`, or with LoRA
+`...attn1.to_q.lora_A.default.weight`), text-encoder parameters are `text_encoder.`-prefixed, so
+the EMA shadow of a U-Net-only run is keyed as it always was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from sdtrain.models.parts import Parts
+
+TEXT_PREFIX = "text_encoder."  # text-encoder names in trainable_parameters, the EMA and checkpoints
+UNET_PREFIX = (
+    "unet."  # the U-Net's prefix in Lightning's state_dict (as sdtrain.artifacts.checkpoint)
+)
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
+KEYS = ("rank", "alpha", "dropout", "target_modules", "text_encoder", "text_encoder_target_modules")
+
+
+def load_parts(lora: dict[str, Any] | None = None, **loader_args: Any) -> Parts:
+    """`sdtrain.models.loader.load_parts(**loader_args)`, with LoRA adapters added when `lora` is set.
+
+    Args:
+        lora: `model.lora` (keys `KEYS`, see `add_lora`); None trains the whole U-Net as before.
+        loader_args: the arguments of `sdtrain.models.loader.load_parts`.
+    """
+    from sdtrain.models.loader import load_parts as load
+
+    if lora and loader_args.get("unet_config") is not None:
+        raise ValueError(
+            "model.lora adapts the pretrained U-Net, whose weights checkpoints do not keep: "
+            "set model.unet_config=null"
+        )
+    parts = load(**loader_args)
+    if lora:
+        unknown = sorted(set(lora) - set(KEYS))
+        if unknown:
+            raise ValueError(f"model.lora.{unknown[0]}: no such key; model.lora takes {KEYS}")
+        add_lora(parts, **lora)
+    return parts
+
+
+def add_lora(
+    parts: Parts,
+    rank: int = 4,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    target_modules: Iterable[str] = UNET_TARGETS,
+    text_encoder: bool = False,
+    text_encoder_target_modules: Iterable[str] = TEXT_TARGETS,
+) -> Parts:
+    """Freeze the U-Net (and text encoder) base weights and add trainable LoRA adapters, in place.
+
+    Args:
+        rank: the adapters' rank r (4-128 is usual; parameters grow linearly with it).
+        alpha: the update is scaled by alpha / rank; None: alpha = rank (scale 1).
+        dropout: dropout on the adapters' input while training.
+        target_modules: U-Net module names (suffixes) that get adapters.
+        text_encoder: add adapters to the text encoder too.
+        text_encoder_target_modules: text-encoder module names that get adapters.
+    """
+    if int(rank) < 1:
+        raise ValueError(f"model.lora.rank={rank} must be >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.lora.dropout={dropout} is not in [0, 1)")
+    alpha = float(rank if alpha is None else alpha)
+    parts.unet.requires_grad_(False)
+    _adapt(parts.unet, rank, alpha, dropout, target_modules, "model.lora.target_modules")
+    if text_encoder:
+        parts.text_encoder.requires_grad_(False)
+        where = "model.lora.text_encoder_target_modules"
+        _adapt(parts.text_encoder, rank, alpha, dropout, text_encoder_target_modules, where)
+    return parts
+
+
+def _adapt(model, rank: int, alpha: float, dropout: float, targets: Iterable[str], where: str):
+    """Adapters with Gaussian A and zero B, so the adapted model starts out as the base model.
+
+    The U-Net through diffusers' `add_adapter`; the text encoder through peft's
+    `inject_adapter_in_model` (what transformers' `add_adapter` calls, without its peft version
+    gate: transformers 5 asks for peft >= 0.22)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = list(targets)
+    config = LoraConfig(
+        r=int(rank),
+        lora_alpha=alpha,
+        lora_dropout=float(dropout),
+        init_lora_weights="gaussian",
+        target_modules=targets,
+    )
+    try:
+        if hasattr(model, "fuse_lora"):  # diffusers' PeftAdapterMixin
+            model.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, model)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"{where}={targets}: {str(e).splitlines()[0]}") from e
+
+
+def has_adapter(model) -> bool:
+    """Whether peft adapters were added to this diffusers or transformers model."""
+    return bool(getattr(model, "peft_config", None))
+
+
+def describe(unet, text_encoder) -> dict[str, Any] | None:
+    """The LoRA settings of these models as `model.lora` takes them (plain types, for the
+    checkpoint's run metadata, so export can rebuild the adapters); None without LoRA."""
+    if not has_adapter(unet):
+        return None
+    cfg = unet.peft_config["default"]
+    text = text_encoder.peft_config["default"] if has_adapter(text_encoder) else None
+    return {
+        "rank": int(cfg.r),
+        "alpha": float(cfg.lora_alpha),
+        "dropout": float(cfg.lora_dropout),
+        "target_modules": sorted(cfg.target_modules),
+        "text_encoder": text is not None,
+        "text_encoder_target_modules": sorted(text.target_modules) if text else list(TEXT_TARGETS),
+    }
+
+
+def set_text_encoder_training(text_encoder, full: bool) -> bool:
+    """Freeze the text encoder unless it trains; return whether it trains.
+
+    It trains fully with `full` (model.train_text_encoder), or its LoRA adapters train when the
+    loader added them; otherwise every weight is frozen, as before.
+    """
+    if full and has_adapter(text_encoder):
+        raise ValueError(
+            "model.train_text_encoder=true and model.lora.text_encoder=true: pick one "
+            "(full fine-tuning of the text encoder, or LoRA adapters on it)"
+        )
+    if full:
+        text_encoder.requires_grad_(True)
+        return True
+    if not has_adapter(text_encoder):
+        text_encoder.requires_grad_(False)
+    return has_adapter(text_encoder)
+
+
+def trainable(unet, text_encoder) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of everything that trains: U-Net names bare, text encoder's prefixed."""
+    yield from ((n, p) for n, p in unet.named_parameters() if p.requires_grad)
+    for n, p in text_encoder.named_parameters():
+        if p.requires_grad:
+            yield f"{TEXT_PREFIX}{n}", p
+
+
+def param_groups(
+    named: Iterable[tuple[str, torch.nn.Parameter]], text_encoder_lr: float | None
+) -> list[Any]:
+    """The optimizer's params: a plain list when only the U-Net trains (as before), else a U-Net
+    group and a text-encoder group with `text_encoder_lr` (None: the optimizer's lr)."""
+    unet, text = [], []
+    for name, p in named:
+        (text if name.startswith(TEXT_PREFIX) else unet).append(p)
+    if not text:
+        return unet
+    group: dict[str, Any] = {"params": text, "name": "text_encoder"}
+    if text_encoder_lr is not None:
+        group["lr"] = float(text_encoder_lr)
+    return [{"params": unet, "name": "unet"}, group]
+
+
+def checkpoint_keys(unet, text_encoder) -> set[str]:
+    """The state_dict keys a checkpoint keeps: every `unet.` weight of a fully trained U-Net, only
+    the adapters of a LoRA one (the base reloads from the model folder), and the text encoder's
+    weights that train."""
+    if has_adapter(unet):
+        keys = {f"{UNET_PREFIX}{n}" for n, p in unet.named_parameters() if p.requires_grad}
+    else:
+        keys = {f"{UNET_PREFIX}{k}" for k in unet.state_dict()}
+    text = text_encoder.named_parameters()
+    return keys | {f"{TEXT_PREFIX}{n}" for n, p in text if p.requires_grad}
+
+
+def add_recorded(parts: Parts, recorded: dict[str, Any] | None) -> Parts:
+    """The adapters a checkpoint's run trained (`describe`, in its run metadata), to load into."""
+    return add_lora(parts, **recorded) if recorded else parts
+
+
+def load_text_encoder(text_encoder, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Load a trained text encoder's weights (full, or its adapters; names without the prefix)."""
+    if not weights and not has_adapter(text_encoder):
+        return  # it was frozen
+    missing, unexpected = text_encoder.load_state_dict(weights, strict=False)
+    trained = {n for n, p in text_encoder.named_parameters() if p.requires_grad}
+    lacking = sorted(trained & set(missing)) if has_adapter(text_encoder) else []
+    if unexpected or lacking:
+        bad = (unexpected or lacking)[0]
+        raise KeyError(f"{where}: text-encoder weights do not fit the model ({bad})")
+
+
+def fuse(model) -> None:
+    """Merge LoRA adapters into the base weights and drop them: a plain model to save_pretrained."""
+    if not has_adapter(model):
+        return
+    if hasattr(model, "fuse_lora"):  # diffusers' U-Net
+        model.fuse_lora()
+        model.unload_lora()
+        return
+    from diffusers.utils import recurse_remove_peft_layers  # what unload_lora calls
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():  # the text encoder: peft's own merge, then its base layers
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    recurse_remove_peft_layers(model)
+    del model.peft_config

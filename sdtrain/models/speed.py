@@ -1,0 +1,118 @@
+"""Fast settings for the U-Net step, each a switch in `model.speed` (measured in docs/benchmarks.md).
+
+- `compile`: None (eager), "unet" (the whole U-Net's forward) or "blocks" (each down/mid/up block
+  on its own: regional compile, shorter warm-up, the same kernels where the time goes). Compiled in
+  place with `nn.Module.compile`, so parameter names, checkpoints and the EMA are unchanged.
+- `channels_last`: NHWC memory format for the U-Net's convolutions (cuDNN's fast layout on GPUs).
+- `drop_layout_copies`: with `compile` and `channels_last`, compile through `sdtrain.models.layout.backend`,
+  which removes diffusers' `.contiguous()` calls in front of convolutions (NHWC -> NCHW -> NHWC
+  copies of large activations that change no value) before Inductor sees the graph.
+- `attention`: which fused kernel serves `scaled_dot_product_attention` (the U-Net's attention):
+  None leaves PyTorch's own choice; "flash", "efficient" or "cudnn" allows only that one (the math
+  kernel stays as the fallback for shapes it cannot take). Set per process, before compiling.
+- `fuse_projections`: one matmul for each attention's q, k and v (k and v for cross-attention),
+  with diffusers' own parameters (`sdtrain.models.attention`).
+- `float32_matmul_precision`: "high" lets fp32 matmuls use TF32 on Ampere and later ("highest"
+  keeps full fp32). Set once per process, before the first matmul.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = (None, "unet", "blocks")
+ATTENTION = (None, "flash", "efficient", "cudnn")
+
+
+def check(compile: str | None, attention: str | None = None) -> None:
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"model.compile={compile!r} is not one of {list(COMPILE_MODES)}")
+    if attention not in ATTENTION:
+        raise ValueError(f"model.attention={attention!r} is not one of {list(ATTENTION)}")
+
+
+def set_attention(name: str | None) -> None:
+    """Allow only the `name` fused SDPA kernel (plus the math fallback); None changes nothing."""
+    check(None, name)
+    if name is None:
+        return
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_math_sdp(True)
+    log.info("attention: %s kernel (math as the fallback)", name)
+
+
+def compile_unet(
+    unet: nn.Module, mode: str | None, drop_layout_copies: bool = False, **options
+) -> None:
+    """Compile the U-Net in place: whole ("unet") or block by block ("blocks"); with
+    `drop_layout_copies` (for a channels-last U-Net) through `sdtrain.models.layout.backend`."""
+    check(mode)
+    if mode is None:
+        return
+    if drop_layout_copies:
+        from sdtrain.models import layout
+
+        options.setdefault("backend", layout.backend(options.pop("inner_backend", "inductor")))
+    if mode == "unet":
+        unet.compile(**options)
+        return
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    for block in blocks:
+        if block is not None:
+            block.compile(**options)
+    log.info("compiled %d U-Net blocks (regional compile)", len(blocks))
+
+
+def profile_compiled_whole(trainer, compile: str | None) -> None:
+    """Lightning's PyTorchProfiler puts a `record_function` hook on every module by default, and
+    each hook breaks torch.compile's graph: a profiled compiled U-Net would run module by module,
+    mostly eager, and its trace would show a step that never happens unprofiled. With a compiled
+    U-Net the module names are turned off (the kernels and operators are still recorded)."""
+    from lightning.pytorch.profilers import PyTorchProfiler
+
+    profiler = getattr(trainer, "profiler", None)
+    if compile is None or not isinstance(profiler, PyTorchProfiler):
+        return
+    if getattr(profiler, "_record_module_names", False):
+        profiler._record_module_names = False
+        log.warning(
+            "model.compile=%s with PyTorchProfiler: record_module_names turned off (its per-module "
+            "hooks break the compiled graph at every module); pass record_module_names:false",
+            compile,
+        )
+
+
+def to_channels_last(unet: nn.Module) -> None:
+    unet.to(memory_format=torch.channels_last)
+
+
+def apply(unet: nn.Module, h, fsdp: bool) -> None:
+    """The module's fast settings (`h`: its hparams), in place, in the order they need."""
+    if h.channels_last and fsdp:  # FSDP2 shards need contiguous parameters
+        log.warning("model.channels_last=true is ignored under trainer=fsdp")
+    elif h.channels_last:
+        to_channels_last(unet)
+    set_attention(h.attention)
+    if h.fuse_projections:
+        from sdtrain.models import attention
+
+        attention.fuse_projections(unet)
+    nhwc = h.channels_last and not fsdp
+    compile_unet(unet, h.compile, drop_layout_copies=h.drop_layout_copies and nhwc)
+
+
+def set_float32_matmul_precision(precision: str | None) -> None:
+    if precision is None:
+        return
+    if precision not in ("highest", "high", "medium"):
+        raise ValueError(
+            f"float32_matmul_precision={precision!r}; use 'highest', 'high' or 'medium'"
+        )
+    torch.set_float32_matmul_precision(precision)

@@ -1,0 +1,403 @@
+"""The training system: frozen VAE + CLIP text encoder, trainable U-Net, diffusion loss, EMA."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+
+from sdtrain.artifacts import checkpoint
+from sdtrain.artifacts.cache import check_latent_cache
+from sdtrain.datamodules import batch as B
+from sdtrain.datamodules.position import DataPosition
+from sdtrain.models import lora, speed
+from sdtrain.models.parts import Parts
+from sdtrain.runtime import devices
+from sdtrain.training import diffusion, sharding
+from sdtrain.training.draws import Draws
+from sdtrain.training.ema import EMA
+from sdtrain.training.encoding import Encoders, posterior_from_moments
+from sdtrain.training.nonfinite import NonFiniteGuard, clip_with_norm, skips_on_device
+from sdtrain.training.skips import SkipTally
+
+log = logging.getLogger(__name__)
+
+
+class StableDiffusionModule(Encoders, Draws, L.LightningModule):
+    """Trains a U-Net to denoise VAE latents conditioned on CLIP text embeddings.
+
+    Args:
+        parts: the built models (`sdtrain.models.loader.load_parts` or any loader that returns Parts).
+        optimizer: partial optimizer, finished with the trainable parameters.
+        lr_scheduler: partial LR scheduler, finished with the optimizer; stepped every step.
+        ema: an EMA of the trainable weights, updated once per optimizer step; None for none.
+        train_text_encoder: fine-tune the whole text encoder too (its own optimizer group).
+        text_encoder_lr: the text encoder's learning rate (full or LoRA); None: the optimizer's.
+        caption_dropout: probability of training on the empty caption (for classifier-free
+            guidance at sampling time).
+        min_snr_gamma: gamma for min-SNR loss weighting, None for plain MSE.
+        noise_offset: scale of the per-channel noise offset, 0 to turn off.
+        loss, huber_c, huber_schedule: "mse", or the pseudo-Huber "huber" / "smooth_l1" with its
+            parameter c and how c follows the timestep (`diffusion.elementwise_loss`).
+        input_perturbation: gamma of input perturbation, 0 to turn off (`diffusion.perturbed_noise`).
+        timestep_sampling, logit_normal, timestep_range: how training timesteps are drawn:
+            "uniform" or "logit_normal" with [mean, std], within [low, high) or all of [0, T)
+            (`diffusion.sample_timesteps`).
+        gradient_checkpointing: trade compute for memory in the U-Net.
+        compile: torch.compile the U-Net: None (eager), "unet" (whole) or "blocks" (regional).
+        channels_last: NHWC memory format for the U-Net (faster convolutions on GPUs).
+        drop_layout_copies: with `compile` and `channels_last`, remove diffusers' `.contiguous()`
+            copies in front of convolutions from the compiled graph (`sdtrain.models.layout`).
+        attention: the fused attention kernel: None (PyTorch's choice), "flash", "efficient" or
+            "cudnn" (`speed.set_attention`).
+        fuse_projections: one matmul for each attention's q/k/v (k/v for cross-attention), the
+            same parameters (`sdtrain.models.attention`).
+        max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
+            stops; each such step is skipped on every rank (`sdtrain.training.nonfinite`).
+        max_bad_data_fraction: stop with an error naming the worst shards once more than this
+            share of the data samples drawn was unusable (`sdtrain.training.skips`); None: never.
+        fsdp_reduce_dtype: under trainer=fsdp, the dtype gradients are reduced in ("float32" or
+            "bfloat16"; `sdtrain.training.sharding`).
+        fsdp_param_dtype: under trainer=fsdp, None computes under the trainer's autocast as DDP
+            does; "bfloat16" gathers and computes the U-Net in bf16 (`sdtrain.training.sharding`).
+        seed: base of the training draws (timesteps, noise, caption dropout), mixed with the rank
+            and step (see `diffusion.step_generator`).
+    """
+
+    def __init__(
+        self,
+        parts: Parts,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        ema: EMA | None = None,
+        train_text_encoder: bool = False,
+        text_encoder_lr: float | None = None,
+        caption_dropout: float = 0.1,
+        min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        loss: str = "mse",
+        huber_c: float = 0.1,
+        huber_schedule: str = "snr",
+        input_perturbation: float = 0.0,
+        timestep_sampling: str = "uniform",
+        logit_normal: tuple[float, float] = (0.0, 1.0),
+        timestep_range: tuple[int, int] | None = None,
+        gradient_checkpointing: bool = False,
+        compile: str | None = None,
+        channels_last: bool = False,
+        drop_layout_copies: bool = True,
+        attention: str | None = None,
+        fuse_projections: bool = False,
+        max_nonfinite_in_a_row: int = 10,
+        max_bad_data_fraction: float | None = 0.5,
+        fsdp_reduce_dtype: str = "float32",
+        fsdp_param_dtype: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
+        speed.check(compile, attention)
+        num_train = parts.noise_scheduler.config.num_train_timesteps
+        diffusion.check_options(loss, huber_c, huber_schedule, input_perturbation,
+                                timestep_sampling, logit_normal, timestep_range, num_train)  # fmt: skip
+        self.save_hyperparameters(ignore=["parts", "optimizer", "lr_scheduler", "ema"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
+        self.family = parts.family  # what differs between model families (models/family.py)
+        # the schedule in fp32, copied to the step's device once (`schedule`): indexing the
+        # scheduler's CPU copy copied it to the GPU every step, a host sync. Not a buffer: a
+        # module-wide cast (bf16-true) would round it, and checkpoints stay as they were.
+        self._schedule = parts.noise_scheduler.alphas_cumprod.to(torch.float32).clone()
+        self.pretrained = parts.pretrained
+        self.single_file_config = parts.single_file_config  # recorded: export reloads with it
+        self.vae.requires_grad_(False).eval()
+        # trains fully (train_text_encoder), through LoRA adapters the loader added, or not at all
+        self.text_encoder_trains = lora.set_text_encoder_training(
+            self.text_encoder, train_text_encoder
+        )
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.ema = ema
+        self._fast = False  # compile / channels-last applied (configure_model runs once)
+        self.strict_loading = False  # checkpoints hold what trains; the frozen parts reload
+        self.skips = SkipTally(max_bad_data_fraction)  # unusable data samples, all ranks
+        self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
+        self._skip_update = False  # this optimizer step's gradients were dropped
+        self._found_inf: torch.Tensor | None = None  # or flagged, for the optimizer to skip
+        self._grad_norm: torch.Tensor | None = None  # the check's total norm, for clipping
+        self._empty_context: torch.Tensor | None = None
+        self._micro, self._micro_step = 0, -1  # micro-batch index within the optimizer step
+
+    @property
+    def parts(self) -> Parts:
+        return Parts(
+            self.unet,
+            self.vae,
+            self.text_encoder,
+            self.tokenizer,
+            self.noise_scheduler,
+            self.pretrained,
+            self.single_file_config,
+        )
+
+    def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of all that trains (U-Net, LoRA adapters, text encoder; names in
+        `sdtrain.models.lora`): the optimizer's, the EMA's and the checkpoint's."""
+        return lora.trainable(self.unet, self.text_encoder)
+
+    def train(self, mode: bool = True):
+        """Keep the frozen parts in eval mode whatever Lightning asks (no dropout, fixed norms)."""
+        super().train(mode)
+        self.vae.eval()
+        if not self.text_encoder_trains:
+            self.text_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------ encoding
+
+    def latents_and_context(self, batch: dict[str, Any], g: torch.Generator):
+        """fp32 latents, context and the step's draws, encoding only what the batch lacks.
+
+        The draws (timesteps, noise, caption dropout) come first and the VAE posterior sample
+        last, so a batch of cached latents gets the same draws as the batch of pixels it came from.
+        """
+        image = B.image_key(batch)
+        if image == B.LATENTS:
+            latents, posterior = batch[B.LATENTS].float(), None
+        elif image == B.LATENT_DIST:
+            posterior = posterior_from_moments(batch[B.LATENT_DIST])
+        else:
+            posterior = self.encode_images(batch[B.PIXELS])
+        if B.text_key(batch) == B.CONTEXT:
+            if self.text_encoder_trains:  # cached contexts come from the text encoder as it was
+                raise ValueError("the text encoder trains: use a latent cache made without --text")
+            context = batch[B.CONTEXT].float()
+        else:
+            context = self.encode_text(batch[B.INPUT_IDS]).float()
+        draws = self.draw(latents if posterior is None else posterior[0], g)
+        if posterior is not None:
+            latents = self.sample_latents(*posterior, g)
+        return latents, context, draws
+
+    # ------------------------------------------------------------------ the step
+
+    def configure_model(self) -> None:
+        """FSDP sharding (trainer=fsdp, sdtrain.training.sharding) and the fast settings (sdtrain.models.speed),
+        applied in place once the strategy is set up."""
+        if self._fast:
+            return
+        self._fast = True
+        fsdp = self._trainer is not None and sharding.is_fsdp(self._trainer.strategy)
+        if fsdp and self.text_encoder_trains:  # only the U-Net is sharded (and its grads reduced)
+            raise ValueError("a training text encoder needs trainer=ddp, not trainer=fsdp")
+        h = self.hparams
+        if fsdp:
+            mesh = self.device_mesh["data_parallel"]
+            sharding.shard_unet(self.unet, mesh, h.fsdp_reduce_dtype, h.fsdp_param_dtype)
+        speed.apply(self.unet, h, fsdp)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
+        """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""
+        if self.hparams.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        return self.unet(noisy, timesteps, **self.family.unet_inputs(context)).sample
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        g = self.step_generator()
+        latents, context, draws = self.latents_and_context(batch, g)  # (B, 4, h, w), (B, 77, D)
+        b, t, noise = latents.shape[0], draws["t"], draws["noise"]
+        if self.hparams.caption_dropout > 0:
+            context = torch.where(draws["drop"][:, None, None], self.empty_context(b), context)
+        h, alphas = self.hparams, self.schedule(latents.device)
+        model_noise = diffusion.perturbed_noise(noise, draws.get("perturb"), h.input_perturbation)
+        noisy = diffusion.add_noise(alphas, latents, model_noise, t)  # the target keeps `noise`
+        target = diffusion.target_for(self.noise_scheduler, latents, noise, t, alphas)
+        weights = None
+        if self.hparams.min_snr_gamma:
+            snr_t = diffusion.snr(alphas, t)
+            weights = diffusion.min_snr_weights(
+                snr_t, self.hparams.min_snr_gamma, self.noise_scheduler.config.prediction_type
+            )
+        c = None
+        if h.loss != "mse":
+            num_train = self.noise_scheduler.config.num_train_timesteps
+            c = diffusion.huber_c_at(h.huber_c, h.huber_schedule, t, alphas, num_train)
+        loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights, h.loss, c)
+
+        self.count_skipped(batch)
+        # a progress-bar metric is read back (.item(), a host sync) on every step: only with a bar
+        bar = self._trainer is not None and self._trainer.progress_bar_callback is not None
+        self.log("train/loss", loss, prog_bar=bar)
+        self.log("train/lr", devices.scalar(self.optimizers().param_groups[0]["lr"], self.device))
+        self.log("data/skipped", self.skips.total.float())
+        for kind, n in zip(B.SKIP_KINDS, self.skips.by_kind.float(), strict=True):
+            self.log(f"data/skipped/{kind}", n)
+        return loss
+
+    def count_skipped(self, batch: dict[str, Any]) -> None:
+        """Add the samples skipped while this batch was made, summed over all ranks, to the
+        run's totals (`sdtrain.training.skips`; it stops the run past `max_bad_data_fraction`)."""
+        reduce = None
+        if self._trainer is not None and self._trainer.world_size > 1:
+            reduce = partial(self._trainer.strategy.reduce, reduce_op="sum")
+        self.skips.add(batch, self.device, reduce)
+
+    def on_train_end(self) -> None:
+        """One summary line of what was skipped (the warnings name each sample)."""
+        self.nonfinite.settle(self.global_step, stop=False)  # steps skipped on the device
+        if self._trainer is not None and not self._trainer.is_global_zero:
+            return
+        counts = self.skips.kinds()
+        if counts or self.nonfinite.total:
+            kinds = ", ".join(f"{k} {n}" for k, n in counts.items()) or "none"
+            log.warning(
+                "skipped %d data samples (%s) and %d non-finite steps in this run",
+                int(self.skips.total.item()),
+                kinds,
+                self.nonfinite.total,
+            )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks every run needs whatever the config lists: the data position in checkpoints."""
+        return [DataPosition()]
+
+    def configure_optimizers(self):
+        lr = self.hparams.text_encoder_lr  # a group of its own when the text encoder trains
+        opt = self.optimizer_factory(params=lora.param_groups(self.trainable_parameters(), lr))
+        if self.lr_scheduler_factory is None:
+            return opt
+        sched = self.lr_scheduler_factory(optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Under bf16 autocast there is no loss scaler, so nothing to unscale: clip the norm
+        directly. Lightning's AMP plugin refuses any clipping with a fused optimizer (it assumes
+        a float16 scaler), which would rule out fused AdamW, the faster update on GPUs. The
+        non-finite check's norm is reused: the gradients are read once for it, not twice."""
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        direct = isinstance(plugin, MixedPrecision) and plugin.scaler is None
+        norm, self._grad_norm = self._grad_norm, None
+        plain = norm is not None and type(plugin) in (Precision, HalfPrecision)  # no scaler
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and (direct or plain):
+            params = [p for _, p in self.trainable_parameters() if p.grad is not None]
+            clip_with_norm(params, gradient_clip_val, norm)  # as clip_grad_norm_ does
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ------------------------------------------------------------------ EMA
+
+    def on_fit_start(self) -> None:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        info = getattr(dm, "latent_cache_info", None)
+        if info is not None:  # a latent cache must come from this model's VAE (and text encoder)
+            check_latent_cache(info, self.vae, self.text_encoder, self.pretrained)
+        if self.ema is not None:
+            self.ema.attach(self.trainable_parameters())
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After backward (and DDP's all-reduce), before clipping: drop non-finite gradients."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        reduce = None
+        if strategy is not None and strategy.world_size > 1:
+            reduce = partial(strategy.reduce, reduce_op="sum")
+        params = (p for _, p in self.trainable_parameters())
+        opt = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
+        self._found_inf = None
+        if skips_on_device(opt, strategy):  # no sync: the optimizer skips on the GPU
+            self._found_inf = self.nonfinite.flag(params, self.global_step + 1, reduce)
+            opt.found_inf = self._found_inf
+        else:
+            self._skip_update = self.nonfinite.check(params, self.global_step + 1, reduce)
+        fsdp = strategy is not None and sharding.is_fsdp(strategy)
+        self._grad_norm = None if fsdp else self.nonfinite.norm  # a shard's norm is not the norm
+        if self._trainer is not None:
+            skipped = self.nonfinite.pending_total(self.device)  # a float would sync
+            self.log("train/skipped_nonfinite", skipped, reduce_fx="max")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch),
+        before any callback's on_train_batch_end, so checkpoints and samples see this step's EMA.
+        A step whose gradients were dropped as non-finite leaves the EMA alone too."""
+        self._skip_update, self._found_inf = False, None
+        super().optimizer_step(*args, **kwargs)
+        step = self.global_step + 1  # Lightning counts this step once the hook returns
+        if self._skip_update:
+            return
+        found_inf = self._found_inf
+        if self.ema is not None and step % self.ema.update_every == 0:
+            keep = None if found_inf is None else 1.0 - found_inf
+            self.ema.update(self.trainable_parameters(), step, keep)
+        every = self._trainer.log_every_n_steps if self._trainer is not None else 1
+        if found_inf is not None and step % max(1, every) == 0:
+            self.nonfinite.settle(step)  # a sync once a logging window, as logging makes anyway
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[bool]:
+        """Within the scope the trainable weights are the EMA's; after it, exactly the raw ones.
+
+        Yields whether EMA weights are in (False without an EMA, or before it has a shadow).
+        """
+        if self.ema is None or self.ema.shadow is None:
+            yield False
+            return
+        with self.ema.swapped_in(self.trainable_parameters()):
+            yield True
+
+    def pipeline(self, sampler: str = "ddim"):
+        """A diffusers text-to-image pipeline over this module's parts (shared, not copied)."""
+        from sdtrain.artifacts.sampling import build_pipeline
+
+        parts = (self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler)
+        return build_pipeline(*parts, sampler, family=self.family)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        """Keep the trainable weights only; add the schema's entry (sdtrain.artifacts.checkpoint)."""
+        self.nonfinite.settle(self.global_step, stop=False)  # its count, read from the device
+        keep = lora.checkpoint_keys(self.unet, self.text_encoder)
+        checkpoint.trainable_only(ckpt["state_dict"], keep)
+        wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
+        cfg = self.noise_scheduler.config
+        run = {
+            "pretrained": self.pretrained,
+            "single_file_config": self.single_file_config,  # a single file's configs folder
+            "unet_config": checkpoint.plain(dict(self.unet.config)),
+            "prediction_type": self.noise_scheduler.config.prediction_type,
+            "wandb_run_id": wandb_ids[0] if wandb_ids else None,  # a resume logs on into it
+            "lora": lora.describe(self.unet, self.text_encoder),  # export rebuilds the adapters
+            "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),  # export keeps it
+        }
+        gather = not sharding.saves_sharded(self._trainer and self._trainer.strategy)  # or shards
+        ema = self.ema.state_dict(gather) if self.ema is not None else None
+        skips = self.skips.state()
+        ckpt[checkpoint.ROOT] = checkpoint.build(
+            run, ema, skips["total"], self.nonfinite.total, skips["by_kind"], skips["drawn"]
+        )
+
+    def on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        checkpoint.upgrade(ckpt)
+        sd = ckpt.get("state_dict")  # absent under FSDP: the strategy loaded the weights itself
+        keys = lora.checkpoint_keys(self.unet, self.text_encoder)  # what this run trains
+        missing = sorted(k for k in keys if sd is not None and k not in sd)
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[0]}")
+        ema_state = checkpoint.ema_state(ckpt)
+        if self.ema is not None and ema_state is not None:
+            self.ema.load_state_dict(ema_state)
+        entry = ckpt[checkpoint.ROOT]
+        self.nonfinite.total = int(entry.get("skipped_nonfinite", 0))
+        by_kind = entry.get("skipped_by_kind") or {}
+        self.skips.load(checkpoint.skipped_total(ckpt), by_kind, int(entry.get("drawn_total", 0)))

@@ -1,0 +1,122 @@
+"""EMA maths, weight swapping, and its state (the module's use of it: tests/training/test_module.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sdtrain.training.ema import EMA, SMALL, ema_decay
+
+
+def test_decay_warmup_and_cap():
+    assert ema_decay(0, 0.999, warmup=True) == pytest.approx(0.1)
+    assert ema_decay(90, 0.999, warmup=True) == pytest.approx(91 / 100)
+    assert ema_decay(10**6, 0.999, warmup=True) == 0.999
+    assert ema_decay(0, 0.999, warmup=False) == 0.999
+
+
+def test_update_matches_the_formula_and_swap_restores():
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    ema = EMA(decay=0.9, warmup=False)
+    ema.attach(m.named_parameters())
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m.named_parameters(), step=1)
+    assert torch.allclose(ema.shadow["weight"], 0.9 * w0 + 0.1 * (w0 + 1.0))
+    assert (ema.num_updates, ema.last_step) == (1, 1)
+    raw = m.weight.detach().clone()
+    with ema.swapped_in(m.named_parameters()):
+        assert torch.equal(m.weight, ema.shadow["weight"])
+    assert torch.equal(m.weight, raw)
+    assert ema.shadow["weight"].dtype == torch.float32
+
+
+def test_shadow_is_fp32_for_bf16_parameters():
+    m = nn.Linear(3, 2).to(torch.bfloat16)
+    ema = EMA()
+    ema.attach(m.named_parameters())
+    assert ema.shadow["weight"].dtype == torch.float32
+    raw = m.weight.detach().clone()
+    with ema.swapped_in(m.named_parameters()):
+        pass
+    assert torch.equal(m.weight, raw) and m.weight.dtype == torch.bfloat16
+
+
+def test_converges_to_constant_weights():
+    m = nn.Linear(3, 2)
+    ema = EMA(decay=0.5, warmup=False)
+    ema.attach(m.named_parameters())
+    with torch.no_grad():
+        m.weight.fill_(3.0)
+    for step in range(40):
+        ema.update(m.named_parameters(), step)
+    assert torch.allclose(ema.shadow["weight"], torch.full_like(m.weight, 3.0))
+
+
+def test_state_dict_round_trip_and_mismatch():
+    m = nn.Linear(3, 2)
+    ema = EMA(decay=0.9)
+    ema.attach(m.named_parameters())
+    ema.update(m.named_parameters(), step=1)
+    restored = EMA(decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    restored.attach(m.named_parameters())
+    assert restored.num_updates == 1 and restored.last_step == 1
+    assert all(torch.equal(restored.shadow[k], ema.shadow[k]) for k in ema.shadow)
+    other = nn.Linear(3, 4, bias=False)
+    fresh = EMA()
+    fresh.load_state_dict(ema.state_dict())
+    with pytest.raises(KeyError, match="EMA state in the checkpoint does not match"):
+        fresh.attach(other.named_parameters())
+
+
+@pytest.mark.parametrize("kw", [{"decay": 1.0}, {"decay": 0.0}, {"update_every": 0}])
+def test_bad_settings(kw):
+    with pytest.raises(ValueError, match="model.ema"):
+        EMA(**kw)
+
+
+def test_device_weighted_update_makes_no_full_size_temporary():
+    """The sync-free update (`keep` on the device) runs large parameters in place: no copy as
+    large as the weights (sub, mul, add made one for all: 8 memory passes, not 3, and the U-Net's
+    size again in GPU memory); the small ones go together."""
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {
+                t.untyped_storage().data_ptr()
+                for t in pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            for t in pytree.tree_leaves(out):  # new storage, not a view or an in-place write
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 8))  # one weight of 131072
+    ema, ref = EMA(decay=0.9, warmup=False), EMA(decay=0.9, warmup=False)
+    ema.attach(m.named_parameters())
+    ref.attach(m.named_parameters())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    with Allocations() as seen:
+        ema.update(m.named_parameters(), step=1, keep=torch.tensor(1.0))
+    small = sum(p.numel() for p in m.parameters() if p.numel() < SMALL)
+    assert 0 < seen.largest <= small < SMALL  # only the small parameters' (batched) difference
+    ref.update(m.named_parameters(), step=1)
+    assert all(torch.allclose(ema.shadow[k], ref.shadow[k]) for k in ref.shadow)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    ema.update(m.named_parameters(), step=2, keep=torch.tensor(0.0))  # a skipped step
+    assert all(torch.equal(ema.shadow[k], before[k]) for k in before)
