@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtrain.artifacts import checkpoint
+from sdtrain.artifacts.folder import save_folder
 from sdtrain.models import lora
 from sdtrain.models.parts import Parts
 
@@ -40,7 +41,7 @@ def export(
     modules = (parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, scheduler)
     pipe = assemble_pipeline(*modules, parts.family)
     out = Path(out)
-    pipe.save_pretrained(out)
+    save_folder(pipe, out)
     return out
 
 

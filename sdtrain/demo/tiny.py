@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from sdtrain.artifacts.folder import save_folder
 from sdtrain.demo import shapes as demo
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def make_tiny_model(out: str | Path, resolution: int = 32, vae_steps: int = 300,
     p = build_parts(resolution, vae_steps, seed)
     pipe = assemble_pipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, p.noise_scheduler)
     out = Path(out)
-    pipe.save_pretrained(out)
+    save_folder(pipe, out)
     # vocab.json + merges.txt too, for transformers versions whose CLIPTokenizer is the slow one.
     write_bpe_files(out / "tokenizer")
     return out

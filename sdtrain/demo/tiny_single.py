@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sdtrain.artifacts.folder import save_folder
 from sdtrain.demo import tiny
 
 FLAVOURS = ("sd1", "sd2")
@@ -71,7 +72,7 @@ def write_config_folder(parts, out: str | Path) -> Path:
         parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, parts.noise_scheduler
     )
     out = Path(out)
-    pipe.save_pretrained(out)
+    save_folder(pipe, out)
     tiny.write_bpe_files(out / "tokenizer")  # the slow CLIPTokenizer's files too
     for weights in out.glob("*/*.safetensors"):
         weights.unlink()

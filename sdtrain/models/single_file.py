@@ -183,6 +183,13 @@ def openclip_to_original(state: dict[str, torch.Tensor]) -> dict[str, Any]:
             out[f"{sd}attn.in_proj_{kind}"] = torch.cat(qkv)
         for key in [k for k in state if k.startswith(hf)]:
             out[sd + _rename(key[len(hf) :], OPENCLIP_LAYER)] = state.pop(key)
+    # SD-2 checkpoints hold one resblock more than SD conditions on (it reads the penultimate
+    # layer's output; diffusers' text encoder stops there, 23 of OpenCLIP's 24): write it as the
+    # established converters do, a copy of the last one, which no conditioning reads. Loaders that
+    # expect all 24 (ComfyUI) then find every weight; diffusers skips it.
+    last, extra = f"transformer.resblocks.{layers[-1]}.", f"transformer.resblocks.{layers[-1] + 1}."
+    for key in [k for k in out if k.startswith(last)]:
+        out[extra + key[len(last) :]] = out[key].clone()
     for hf, sd in OPENCLIP_TOP.items():
         out[sd] = state.pop(hf)
     if state:

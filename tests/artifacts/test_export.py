@@ -82,3 +82,39 @@ def test_export_of_a_non_checkpoint_names_the_file(tmp_path: Path):
     junk.write_bytes(pickle.dumps("hello") + b"\x00garbage")
     with pytest.raises(SystemExit, match="notes.ckpt"):
         export_main([str(junk), str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("flavour", ["sd1", "sd2"])
+def test_exported_text_encoder_keys_are_the_established_ones(
+    flavour: str, checkpoint: Path, tiny_model: Path, tmp_path: Path
+):
+    """Every key of the folder's text encoder file under `text_model.`, as SD-1.5's and SD-2's own
+    folders hold them (read from the file, whatever transformers writes), and the model loads
+    from it whole, with the weights it was written from."""
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    from sdtrain.artifacts.folder import save_folder
+    from sdtrain.demo.tiny_single import build_flavour
+    from sdtrain.models.parts import assemble_pipeline
+
+    if flavour == "sd1":  # a real export: the run's folder's text encoder
+        export_main([str(checkpoint), str(tmp_path / "out")])
+        source = CLIPTextModel.from_pretrained(tiny_model / "text_encoder").state_dict()
+    else:  # an SD-2-shaped (OpenCLIP-style) text encoder through the same folder writer
+        p = build_flavour("sd2")
+        save_folder(
+            assemble_pipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, p.noise_scheduler),
+            tmp_path / "out",
+        )
+        source = p.text_encoder.state_dict()
+    folder = tmp_path / "out" / "text_encoder"
+    (file,) = folder.glob("*.safetensors")
+    with safe_open(str(file), "pt") as f:
+        keys = set(f.keys())
+    model, info = CLIPTextModel.from_pretrained(folder, output_loading_info=True)
+    assert keys and all(k.startswith("text_model.") for k in keys), sorted(keys)[:3]
+    assert len(keys) == len([k for k in source if not k.endswith("position_ids")])
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, source[name]), name

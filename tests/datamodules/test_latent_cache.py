@@ -18,10 +18,10 @@ import torch
 
 from sdtrain.artifacts.cache import (
     check_latent_cache,
-    main,
     text_encoder_fingerprint,
     vae_fingerprint,
 )
+from sdtrain.cli.cache_latents import main
 from sdtrain.cli.train import train
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.webdataset import WebDataModule

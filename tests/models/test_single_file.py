@@ -231,3 +231,31 @@ def test_single_file_errors_name_the_key_or_file(tmp_path: Path, shards: str):
     cfg = compose_cfg(tmp_path / "run", tiny_overrides(path, shards, 2) + ["logger=none"])
     with pytest.raises(ValueError, match="model.single_file_config is not set"):
         train(cfg)
+
+
+def test_sd2_text_encoder_is_written_with_all_24_openclip_layers():
+    """SD-2's text encoder at its real size (OpenCLIP ViT-H: 1024 wide, 23 layers in diffusers, 24
+    in the original checkpoints). The file holds the 24th as SD-2 checkpoints do, with the keys
+    diffusers' own loader knows to skip there (so ComfyUI, which reads all 24, finds every weight)."""
+    from diffusers.loaders.single_file_utils import SD_2_TEXT_ENCODER_KEYS_TO_IGNORE
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdtrain.models.single_file import openclip_to_original
+
+    config = CLIPTextConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=16,
+        num_hidden_layers=23,
+        hidden_act="gelu",
+        projection_dim=1024,
+    )
+    with torch.device("meta"):
+        state = CLIPTextModel(config).state_dict()
+    original = openclip_to_original(state)
+    blocks = {k.split(".")[4] for k in original if ".resblocks." in k}
+    assert blocks == {str(i) for i in range(24)}
+    per_block = [k for k in original if ".resblocks.0." in k]
+    assert len(per_block) == 12  # fused q/k/v in and out, two norms, the MLP's two linears
+    assert set(SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) <= set(original)
+    assert len(original) == 24 * 12 + 5  # + token and position embeddings, ln_final, projection
