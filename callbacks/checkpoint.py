@@ -7,10 +7,16 @@ import os
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sdtrain.artifacts.checkpoint_io import remove_partial
+from sdtrain.training.nonfinite import NonFiniteStepError
+from sdtrain.training.skips import BadDataError
 
 log = logging.getLogger(__name__)
+
+# Raised on every rank at the same step: a checkpoint save (a collective) is safe then.
+GROUP_WIDE = (SIGTERMException, NonFiniteStepError, BadDataError)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -49,6 +55,23 @@ class StepCheckpoint(ModelCheckpoint):
                 "checkpoints are written in place: a kill mid-save can leave a truncated file. "
                 "Keep sdtrain.artifacts.checkpoint_io.AtomicCheckpointIO in trainer.plugins."
             )
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Save on an exception only where every rank raises it together (a stop request, the
+        non-finite stop, the bad-data stop) or on a single process. An error on one rank of
+        several must not wait in the save's barrier while the others sit in the step's
+        all-reduce: it ends the run with its own message instead (Lightning's observer and
+        `sdtrain.runtime.watchdog` end the other ranks)."""
+        if trainer.world_size > 1 and not isinstance(exception, GROUP_WIDE):
+            log.error(
+                "rank %d: %s: %s; no checkpoint is saved for an error on one rank (the run "
+                "resumes from the last saved step)",
+                trainer.global_rank,
+                type(exception).__name__,
+                exception,
+            )
+            return
+        super().on_exception(trainer, pl_module, exception)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step and self._last_global_step_saved != trainer.global_step:

@@ -24,6 +24,7 @@ if [[ -f "$run/checkpoints/last.ckpt" || -f "$run/checkpoints/last.ckpt/meta.pt"
   resume=(ckpt_path=last)
   echo "slurm.sh: resuming $run from checkpoints/last.ckpt (restart ${SLURM_RESTART_COUNT:-?})"
 fi
-# exec: srun's tasks get the signals; the overrides given here ("$@") come last and win
-exec srun sdtrain-train experiment=finetune_sd15 trainer.devices="$SLURM_NTASKS_PER_NODE" \
+# exec: srun's tasks get the signals; --kill-on-bad-exit: a task that fails ends the others;
+# the overrides given here ("$@") come last and win
+exec srun --kill-on-bad-exit=1 sdtrain-train experiment=finetune_sd15 trainer.devices="$SLURM_NTASKS_PER_NODE" \
   trainer.num_nodes="$SLURM_NNODES" trainer.strategy=ddp hydra.run.dir="$run" "${resume[@]}" "$@"

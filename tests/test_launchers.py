@@ -20,7 +20,8 @@ from tests.conftest import ROOT
 from tests.test_preemption import wait_for
 
 SHIMS = {
-    "srun": '#!/usr/bin/env bash\nexec "$@"\n',  # one node, one task: run it here
+    # one node, one task: run it here (srun's own options, such as --kill-on-bad-exit, dropped)
+    "srun": '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n',
     # records its arguments, then ends the job as SLURM's requeue does: SIGTERM to the caller
     "scontrol": '#!/usr/bin/env bash\necho "$@" >> "$SCONTROL_LOG"\nkill -TERM "$PPID"\n',
 }
@@ -182,3 +183,4 @@ def test_slurm_resumes_from_a_last_checkpoint_file_or_sharded_folder(
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "resuming" in out and log.read_text().split()[-1] == "ckpt_path=last", log.read_text()
+    assert log.read_text().split()[0] == "--kill-on-bad-exit=1"  # a failed task ends the others

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sdtrain.artifacts import checkpoint
 from sdtrain.artifacts.checkpoint_io import put_back
 from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
+from sdtrain.callbacks.stop import GroupStop
 from sdtrain.cli.config_checks import (
     LOADER_INPUTS,
     check_targets,
@@ -40,7 +41,7 @@ from sdtrain.models import speed
 from sdtrain.models.loader import check_model_folder
 from sdtrain.models.parts import check_resolution
 from sdtrain.models.single_file import check_config_folder, is_single_file
-from sdtrain.runtime import preemption, quiet
+from sdtrain.runtime import quiet, watchdog
 from sdtrain.training import batching
 from sdtrain.training.validation import check_optimized_metric, in_sweep, optimized_value
 
@@ -81,6 +82,58 @@ def resume_wandb_run(cfg: DictConfig, saved: dict[str, Any]) -> None:
         with open_dict(cfg):
             cfg.logger.wandb.id = run_id
             cfg.logger.wandb.resume = "allow"
+
+
+# diffusers schedules whose LR does not depend on num_training_steps: nothing to keep or say
+HORIZON_FREE = ("constant", "constant_with_warmup", "piecewise_constant")
+
+
+def keep_lr_horizon(cfg: DictConfig, ckpt: Path, saved: dict[str, Any]) -> None:
+    """A resumed run continues the LR schedule it had: `model.lr_scheduler.num_training_steps`
+    (by default `${trainer.max_steps}`) becomes the horizon the checkpoint recorded, whatever
+    `trainer.max_steps` is now, and a log line says so when they differ. Past the horizon the LR
+    stays at its final value (`sdtrain.training.module.hold_after_horizon`). A horizon set
+    explicitly on the resume (not through trainer.max_steps) replaces the recorded one, with a
+    warning: the LR moves to that schedule's value at the step reached."""
+    sched = cfg.model.get("lr_scheduler")
+    if not sched or "num_training_steps" not in sched or sched.get("name") in HORIZON_FREE:
+        return
+    recorded, now = checkpoint.lr_horizon(saved), sched.num_training_steps
+    step = int(saved.get("global_step", 0))
+    if recorded is None:
+        log.warning(
+            "%s records no LR schedule horizon (written by an older sdtrain): the %s schedule is "
+            "rebuilt with num_training_steps=%s; if the run that wrote it had another "
+            "trainer.max_steps, pass model.lr_scheduler.num_training_steps=<that> to go on "
+            "with its schedule",
+            ckpt,
+            sched.get("name"),
+            now,
+        )
+        return
+    if now == recorded:
+        return
+    if not OmegaConf.is_interpolation(sched, "num_training_steps"):  # set on purpose
+        log.warning(
+            "model.lr_scheduler.num_training_steps=%s replaces the horizon of %d steps that %s "
+            "recorded: from step %d the LR follows the new schedule (it jumps to that schedule's "
+            "value there)",
+            now,
+            recorded,
+            ckpt,
+            step,
+        )
+        return
+    sched.num_training_steps = recorded
+    log.warning(
+        "resuming at step %d with trainer.max_steps=%s: the LR schedule keeps its recorded "
+        "horizon of %d steps (%s); after it the LR stays at its final value. To plan a new "
+        "schedule, set model.lr_scheduler.num_training_steps explicitly",
+        step,
+        cfg.trainer.get("max_steps"),
+        recorded,
+        sched.get("name"),
+    )
 
 
 # Keys of the `model` config that feed the loader (`model.parts` interpolates them) rather than
@@ -174,6 +227,7 @@ def prepare(cfg: DictConfig) -> Prepared | None:
         if finished(cfg, ckpt, saved):
             return None
         resume_wandb_run(cfg, saved)
+        keep_lr_horizon(cfg, ckpt, saved)
         del saved  # memory-mapped; Lightning reads the file again in fit
     L.seed_everything(cfg.seed, workers=True)
     speed.set_float32_matmul_precision(cfg.get("float32_matmul_precision"))
@@ -195,7 +249,7 @@ def prepare(cfg: DictConfig) -> Prepared | None:
 def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
     """Build module, callbacks, loggers and trainer, fit, and return the metric."""
     model = build_model(cfg.model)
-    callbacks = instantiate_map(cfg.get("callbacks"))
+    callbacks = [*instantiate_map(cfg.get("callbacks")), GroupStop()]  # signals stop all ranks
     loggers = instantiate_map(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
@@ -203,12 +257,13 @@ def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
     speed.profile_compiled_whole(trainer, cfg.model.get("compile"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if watchdog.launched_by_a_parent(trainer.local_rank, lightning_child(trainer)):
+        watchdog.exit_with_parent()  # rank 0 or torchrun's agent gone: do not wait in a collective
     try:
-        with preemption.usr1_stops_like_sigterm(trainer):
-            trainer.fit(
-                model, datamodule=prepared.datamodule, ckpt_path=prepared.ckpt, weights_only=True
-            )
-    except SIGTERMException:  # SIGTERM or SIGUSR1: checkpoint saved at the step reached
+        trainer.fit(
+            model, datamodule=prepared.datamodule, ckpt_path=prepared.ckpt, weights_only=True
+        )
+    except SIGTERMException:  # SIGTERM, SIGUSR1 or Ctrl-C on any rank: saved at the step reached
         if trainer.is_global_zero:
             log.warning(
                 "stopped by a signal at step %d; resume with: sdtrain-train "
@@ -223,6 +278,14 @@ def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
         log.info(run_folder_line(trainer))  # else ProgressLog's summary said it
     key = cfg.get("optimized_metric") or "train/loss"
     return optimized_value(trainer.callback_metrics, key, sweep=in_sweep())
+
+
+def lightning_child(trainer: L.Trainer) -> bool:
+    """Whether this process is a rank Lightning's own launcher started (not rank 0)."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return isinstance(launcher, _SubprocessScriptLauncher) and trainer.local_rank > 0
 
 
 def train(cfg: DictConfig) -> float | None:
