@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -16,15 +17,21 @@ from tests.test_train import _cli
 
 
 def two_rank_args(
-    strategy: str, tiny_model: Path, shards: str, steps: int, *extra: str, every: int = 2
+    strategy: str,
+    tiny_model: Path,
+    shards: str,
+    steps: int,
+    *extra: str,
+    every: int = 2,
+    precision: str | None = "32-true",
 ) -> list[str]:
-    """`steps` steps of the tiny model on 2 CPU processes (gloo) under trainer=STRATEGY, in fp32,
-    saving every `every` steps."""
+    """`steps` steps of the tiny model on 2 CPU processes (gloo) under trainer=STRATEGY, in fp32
+    (`precision` None: the precision trainer=STRATEGY ships), saving every `every` steps."""
     return tiny_overrides(tiny_model, shards, steps) + [
         f"trainer={strategy}",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.precision=32-true",
+        *([f"trainer.precision={precision}"] if precision else []),
         "trainer.enable_progress_bar=false",
         "logger=csv",
         "data.resampled=false",
@@ -105,6 +112,98 @@ def load_start(tiny_model: Path) -> dict[str, torch.Tensor]:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
+
+
+class ClipProbe(L.Callback):
+    """Each step's global gradient norm (all ranks' shards together) before the clip and after it
+    (read once the optimizer has stepped: the update leaves the clipped gradients as they are),
+    with the precision plugin and clip value the run trained under; written by rank 0 as JSON to
+    `out` when training ends."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.steps, self.before = out, [], None
+
+    @staticmethod
+    def norm(pl_module) -> tuple[float, int]:
+        """(the 2-norm of all the trainable gradients, how many parameters have one)."""
+        import torch.distributed as dist
+
+        from sdtrain.training.sharding import local
+
+        squares, n = torch.zeros((), dtype=torch.float64), 0
+        for _, p in pl_module.trainable_parameters():
+            if p.grad is not None:  # a DTensor shard: this rank's part of the gradient
+                squares += local(p.grad).double().pow(2).sum()
+                n += 1
+        dist.all_reduce(squares)  # the shards partition each gradient: squares add up
+        return float(squares.sqrt()), n
+
+    def on_train_start(self, trainer, pl_module):
+        plugin = trainer.precision_plugin
+        self.setup = {
+            "precision": trainer.precision,
+            "plugin": type(plugin).__name__,
+            "scaler": getattr(plugin, "scaler", None) is not None,
+            "gradient_clip_val": trainer.gradient_clip_val,
+            "strategy": type(trainer.strategy).__name__,
+            "sharded": all(hasattr(p, "device_mesh") for _, p in pl_module.trainable_parameters()),
+        }
+
+        def after_step(optimizer, args, kwargs):  # the clip ran inside the step, before the update
+            (before, n_before), (after, n_after) = self.before, self.norm(pl_module)
+            self.steps.append({"before": before, "after": after, "n": [n_before, n_after]})
+
+        trainer.optimizers[0].register_step_post_hook(after_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before = self.norm(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            import json
+
+            Path(self.out).write_text(json.dumps({"setup": self.setup, "steps": self.steps}))
+
+
+def test_fsdp_clips_the_global_norm_under_bf16_mixed_as_shipped(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
+    """trainer=fsdp as shipped (bf16-mixed, gradient_clip_val 1.0; the tests above run fp32): bf16
+    autocast has no loss scaler, so the module clips the sharded gradients itself
+    (`configure_gradient_clipping`'s direct path, not Lightning's), and the norm it clips is the
+    whole gradient's over both ranks: after the clip it is exactly gradient_clip_val. A shard-local
+    norm would leave the global one near sqrt(2) times it; a skipped clip, the norm before."""
+    from tests.conftest import compose_cfg
+
+    shipped = compose_cfg(tmp_path / "cfg", ["trainer=fsdp"]).trainer
+    assert (shipped.precision, shipped.gradient_clip_val) == ("bf16-mixed", 1.0)
+    run, out = tmp_path / "run", tmp_path / "clip.json"
+    probe = [
+        "+callbacks.clip_probe._target_=tests.test_fsdp.ClipProbe",
+        f"+callbacks.clip_probe.out={out}",
+    ]
+    args = two_rank_args(
+        "fsdp", tiny_model, shards, 2, f"hydra.run.dir={run}", *probe, precision=None, every=2
+    )
+    proc = _cli(args, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    got = json.loads(out.read_text())
+    assert got["setup"] == {
+        "precision": "bf16-mixed",
+        "plugin": "MixedPrecision",  # autocast, no GradScaler: the module's own clip
+        "scaler": False,
+        "gradient_clip_val": 1.0,
+        "strategy": "FSDPStrategy",
+        "sharded": True,
+    }
+    steps = got["steps"]
+    assert len(steps) == 2
+    for step in steps:
+        assert step["n"][0] == step["n"][1] > 0  # every trainable parameter has its gradient
+        assert step["before"] > 1.5  # the clip has work to do: the norm is well above 1.0
+        assert step["after"] == pytest.approx(1.0, rel=1e-4)  # the global norm, clipped to it
 
 
 # ~44 s on a 2-core CPU (two more 2-process runs and a DDP refusal). The gathered-checkpoint test

@@ -19,9 +19,33 @@ from sdtrain.runtime.loggers import wandb_has_credentials
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
 
 
-def test_fast_dev_run(tiny_model: Path, shards: str, tmp_path: Path):
+class StepLosses(L.Callback):
+    """The loss each training step returned (built from config like any callback)."""
+
+    instances: list[StepLosses] = []
+
+    def __init__(self):
+        self.losses: list[float] = []
+        StepLosses.instances.append(self)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_fast_dev_run(tiny_model: Path, shards: str, tmp_path: Path, caplog):
+    """One step; train() returns optimized_metric's value. The config's val/loss_ema needs
+    held-out data, which this run has none of (data.val_shards=null): outside a sweep that is a
+    warning and train/loss is returned, the loss of the step."""
     cfg = compose_cfg(tmp_path, tiny_overrides(tiny_model, shards) + ["debug=fast", "logger=none"])
-    assert train(cfg) is not None
+    assert cfg.optimized_metric == "val/loss_ema" and cfg.data.val_shards is None
+    with open_dict(cfg):
+        cfg.callbacks.step_losses = {"_target_": "tests.test_train.StepLosses"}
+    with caplog.at_level("WARNING", logger="sdtrain.training.validation"):
+        value = train(cfg)
+    (loss,) = StepLosses.instances[-1].losses  # fast_dev_run: one step
+    assert value == pytest.approx(loss, rel=1e-6, abs=0) and 0 < value < 10
+    assert "optimized_metric=val/loss_ema was never logged" in caplog.text
+    assert "returning train/loss instead" in caplog.text
 
 
 def test_short_run_logs_loss_lr_and_skips(tiny_model: Path, shards: str, tmp_path: Path):
@@ -31,10 +55,12 @@ def test_short_run_logs_loss_lr_and_skips(tiny_model: Path, shards: str, tmp_pat
         + ["logger=csv", "trainer.log_every_n_steps=1", "callbacks.throughput.window=3"],
     )
     loss = train(cfg)
-    assert loss is not None and torch.isfinite(torch.tensor(loss))
     (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
     assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(6))
+    # no held-out data (val_shards=null): train() falls back to train/loss, the last step's
+    last = [float(r["train/loss"]) for r in rows if r["train/loss"]][-1]
+    assert loss == pytest.approx(last, rel=1e-6, abs=0) and torch.isfinite(torch.tensor(loss))
     lrs = [float(r["train/lr"]) for r in rows if r["train/lr"]]
     assert lrs == sorted(lrs) and lrs[0] < lrs[-1]  # warming up
     assert all(float(r["data/skipped"]) == 0 for r in rows if r["data/skipped"])

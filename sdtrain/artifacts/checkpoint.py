@@ -6,6 +6,7 @@ A checkpoint is Lightning's dictionary plus one entry of ours, `checkpoint["sdtr
 | --- | --- |
 | `state_dict` (Lightning) | the trainable weights only: the U-Net's (`unet.`-prefixed; with LoRA only its adapters), the text encoder's when it trains (`text_encoder.`); frozen parts are left out and reload from `run.pretrained` |
 | `optimizer_states`, `lr_schedulers`, `loops`, `global_step`, `epoch`, `callbacks` (Lightning) | the training position; `callbacks` holds the sampling callback's bookkeeping and `DataPosition`: the data position per rank and worker (`sdtrain.datamodules.position`) |
+| `lr_schedulers[0]["num_training_steps"]` | the LR schedule's horizon (`model.lr_scheduler.num_training_steps` as the scheduler was built): a resume keeps it (`lr_horizon`); absent before it, or when the scheduler has none |
 | `sdtrain.version` | `VERSION`, the schema of this layout |
 | `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None), `lora` (`model.lora`'s settings, None without LoRA; absent before it), `single_file_config` (the configs folder of a single-file `pretrained`; None for a folder; absent before it), `zero_terminal_snr` (whether the noise schedule was rescaled to zero terminal SNR; export and sampling rebuild it; absent before it) |
 | `sdtrain.training.ema` | `EMA.state_dict()`: fp32 `shadow` by parameter name, `num_updates`, `last_step`, `decay`; None without EMA |
@@ -196,6 +197,17 @@ def load(path: str | Path) -> dict[str, Any]:
 def run_info(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The run metadata of an upgraded checkpoint (`RUN_KEYS`)."""
     return dict(ckpt[ROOT]["run"])
+
+
+LR_HORIZON = "num_training_steps"  # the key of the horizon in the LR scheduler's saved state
+
+
+def lr_horizon(ckpt: dict[str, Any]) -> int | None:
+    """The horizon (total steps) the checkpoint's LR schedule was built with; None when it holds
+    none (written before sdtrain recorded it, weights only, or a scheduler without a horizon)."""
+    schedulers = ckpt.get("lr_schedulers") or [None]
+    value = schedulers[0].get(LR_HORIZON) if isinstance(schedulers[0], dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def ema_state(ckpt: dict[str, Any]) -> dict[str, Any] | None:

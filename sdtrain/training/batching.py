@@ -5,15 +5,22 @@ optimizer step over the world of W processes: each takes G / W, as the largest p
 that divides G / W and fits `data.max_batch_size_per_device` (null: `data.batch_size`), times
 the gradient accumulation that makes up the rest. G = 16 gives (per device, accumulation) (16, 1)
 on 1 process with a cap of 16, (8, 1) on 2, and (4, 2) on 2 with a cap of 4. A G that W does not
-divide is refused, naming the nearest sizes it does.
+divide is refused, naming the nearest sizes it does. So is a G / W above the cap whose largest
+divisor that fits is under half the cap, or 1 (with a cap above 1): G = 14 on 2 processes with a
+cap of 4 leaves 7 per process, prime, which only 1 per device x 7 accumulation steps would make
+up; the error names the nearest sizes that split well (12: 3 x 2, 16: 4 x 2). Every micro-batch
+has the same size: no uneven split.
 
-The learning rate stays `model.optimizer.lr` unless `model.lr_scaling` says how it follows the
-global batch from `model.base_batch_size` (the batch that lr was tuned at): `linear` (lr x G / base,
-the rule of thumb for SGD-like steps) or `sqrt` (lr x sqrt(G / base), often better for Adam).
+The learning rates stay `model.optimizer.lr` and `model.text_encoder_lr` unless `model.lr_scaling`
+says how they follow the global batch from `model.base_batch_size` (the batch they were tuned at):
+`linear` (lr x G / base, the rule of thumb for SGD-like steps) or `sqrt` (lr x sqrt(G / base),
+often better for Adam). Both scale by the same factor; a null `text_encoder_lr` is the (scaled)
+optimizer lr anyway.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -43,7 +50,9 @@ def split(global_size: int, world: int, cap: int) -> Batching:
     """Per-device batch (the largest divisor of global/world that is <= cap) and accumulation.
 
     Raises:
-        ValueError: `global_size` is not a whole multiple of `world`, or a value is below 1.
+        ValueError: `global_size` is not a whole multiple of `world`, a value is below 1, or the
+            per-process count does not split well within `cap` (`splits_well`): the error names
+            the nearest global sizes below and above that do.
     """
     for key, value in (("global_batch_size", global_size), ("max_batch_size_per_device", cap)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -59,8 +68,40 @@ def split(global_size: int, world: int, cap: int) -> Batching:
             f"multiple of {world}, e.g. {nearest}"
         )
     per_rank = global_size // world
-    per_device = max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
+    per_device = largest_fit(per_rank, cap)
+    if not splits_well(per_rank, cap):
+        low = smallest_batch(cap)
+        below = next(p for p in range(per_rank - 1, 0, -1) if splits_well(p, cap))
+        above = next(p for p in itertools.count(per_rank + 1) if splits_well(p, cap))
+        choices = " or ".join(
+            f"{p * world} ({largest_fit(p, cap)} per device x {p // largest_fit(p, cap)} "
+            "accumulation step(s))"
+            for p in (below, above)
+        )
+        raise ValueError(
+            f"data.global_batch_size={global_size} gives {per_rank} samples per process over "
+            f"{world} process(es), and no per-device batch from {low} to "
+            f"data.max_batch_size_per_device={cap} divides {per_rank}: it would train "
+            f"{per_device} per device x {per_rank // per_device} accumulation steps. Use "
+            f"data.global_batch_size={choices}, or another data.max_batch_size_per_device"
+        )
     return Batching(global_size, world, per_device, per_rank // per_device)
+
+
+def largest_fit(per_rank: int, cap: int) -> int:
+    """The largest per-device batch that divides `per_rank` and is at most `cap`."""
+    return max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
+
+
+def smallest_batch(cap: int) -> int:
+    """The smallest per-device batch accepted when accumulation is needed: half of `cap`
+    (rounded up), and never 1 unless `cap` is 1."""
+    return 1 if cap == 1 else max(2, -(-cap // 2))
+
+
+def splits_well(per_rank: int, cap: int) -> bool:
+    """`per_rank` samples fit one micro-batch, or split into equal ones of `smallest_batch` or more."""
+    return per_rank <= cap or largest_fit(per_rank, cap) >= smallest_batch(cap)
 
 
 def device_count(devices: Any, accelerator: str) -> int:
@@ -109,9 +150,10 @@ def scaled_lr(lr: float, global_size: int, rule: str | None, base: int | None) -
 
 
 def apply(cfg: DictConfig) -> Batching | None:
-    """Set `data.batch_size`, `trainer.accumulate_grad_batches` and `model.optimizer.lr` in `cfg`
-    from the global batch and the LR rule, logging what was derived; None (and `cfg` as it was)
-    when neither `data.global_batch_size` nor `model.lr_scaling` is set."""
+    """Set `data.batch_size`, `trainer.accumulate_grad_batches`, `model.optimizer.lr` and a given
+    `model.text_encoder_lr` in `cfg` from the global batch and the LR rule, logging what was
+    derived; None (and `cfg` as it was) when neither `data.global_batch_size` nor
+    `model.lr_scaling` is set."""
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
     global_size, rule = data.get("global_batch_size"), model.get("lr_scaling")
     if global_size is None and rule is None:
@@ -133,20 +175,29 @@ def apply(cfg: DictConfig) -> Batching | None:
                 batching.accumulate,
                 global_size,
             )
-    lr = scaled_lr(float(model.optimizer.lr), global_size, rule, model.get("base_batch_size"))
+    base = model.get("base_batch_size")
+    lr = scaled_lr(float(model.optimizer.lr), global_size, rule, base)
+    text_lr = model.get("text_encoder_lr")  # its own lr scales by the same rule
+    if text_lr is not None:
+        text_lr = scaled_lr(float(text_lr), global_size, rule, base)
     with open_dict(cfg):
         data.batch_size = batching.per_device
         trainer.accumulate_grad_batches = batching.accumulate
         model.optimizer.lr = lr
+        if text_lr is not None:
+            model.text_encoder_lr = text_lr
     if _rank() == 0:
         how = f"{rule} from model.base_batch_size={model.base_batch_size}" if rule else "as given"
+        text = "" if text_lr is None else f", text encoder lr {text_lr:g}"
         log.info(
-            "global batch %d = %d process(es) x %d per device x %d accumulation step(s); lr %g (%s)",
+            "global batch %d = %d process(es) x %d per device x %d accumulation step(s); "
+            "lr %g%s (%s)",
             global_size,
             world,
             batching.per_device,
             batching.accumulate,
             lr,
+            text,
             how,
         )
     return batching

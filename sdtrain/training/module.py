@@ -137,6 +137,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         self._grad_norm: torch.Tensor | None = None  # the check's total norm, for clipping
         self._empty_context: torch.Tensor | None = None
         self._micro, self._micro_step = 0, -1  # micro-batch index within the optimizer step
+        self._lr_horizon: int | None = None  # the LR schedule's total steps (configure_optimizers)
 
     @property
     def parts(self) -> Parts:
@@ -277,7 +278,18 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         if self.lr_scheduler_factory is None:
             return opt
         sched = self.lr_scheduler_factory(optimizer=opt)
+        self._lr_horizon = hold_after_horizon(sched, self.lr_scheduler_factory)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A resume restored the scheduler's state, and with it the horizon recorded then: record
+        this run's instead (they differ only when the resume set model.lr_scheduler.num_training_steps
+        explicitly; sdtrain.cli.train.keep_lr_horizon), so its checkpoints say what it ran."""
+        if self._trainer is None or self._lr_horizon is None:
+            return
+        for config in self._trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, checkpoint.LR_HORIZON):
+                setattr(config.scheduler, checkpoint.LR_HORIZON, self._lr_horizon)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -401,3 +413,32 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         self.nonfinite.total = int(entry.get("skipped_nonfinite", 0))
         by_kind = entry.get("skipped_by_kind") or {}
         self.skips.load(checkpoint.skipped_total(ckpt), by_kind, int(entry.get("drawn_total", 0)))
+
+
+def hold_after_horizon(scheduler: Any, factory: Any) -> int | None:
+    """The horizon (`num_training_steps`) `factory` built `scheduler` with, recorded in the
+    scheduler's state (`checkpoint.LR_HORIZON`, saved in `lr_schedulers`) and held: past it the LR
+    stays at the schedule's value at the horizon, its final value. diffusers' linear, polynomial
+    and cosine_with_restarts schedules do that already (0, or lr_end); its cosine is periodic and
+    turns back up (half the peak at 1.5 x the horizon, the peak at 2 x), which a run with more
+    steps than its schedule (a resume with a larger trainer.max_steps) must not do. None, and the
+    scheduler as built, when it is no LambdaLR or has no horizon of at least 1 step."""
+    keywords = getattr(factory, "keywords", None) or {}
+    horizon = keywords.get("num_training_steps")
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
+        return None
+    scheduler.lr_lambdas = [_held(f, horizon) for f in scheduler.lr_lambdas]
+    setattr(scheduler, checkpoint.LR_HORIZON, horizon)
+    return horizon
+
+
+def _held(lr_lambda: Callable[[int], float], horizon: int) -> Callable[[int], float]:
+    """`lr_lambda` held at its value at `horizon` after it. A closure, as diffusers' are: the
+    scheduler's state saves it as None, not as pickled code."""
+
+    def held(step: int) -> float:
+        return lr_lambda(min(step, horizon))
+
+    return held

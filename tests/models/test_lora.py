@@ -144,6 +144,87 @@ def test_exported_lora_files_load_in_diffusers(lora_run, tiny_model: Path, tmp_p
     assert not any("lora" in k for k in folder.unet.state_dict())
 
 
+# alpha != rank: every other run here has alpha = rank (scale 1), which hides a scale dropped or
+# applied twice anywhere between training and the files
+RANK, ALPHA = 4, 8.0
+
+
+@pytest.fixture(scope="module")
+def scaled_lora_run(tiny_model: Path, shards: str, tmp_path_factory) -> tuple[Keep, Path]:
+    """experiment=lora with rank 4 and alpha 8 (scale 2), 2 steps."""
+    out = tmp_path_factory.mktemp("scaled-lora-run")
+    scaled = [f"model.lora.rank={RANK}", f"model.lora.alpha={ALPHA}"]
+    keep = run(out, tiny_overrides(tiny_model, shards, 2) + CPU + scaled)
+    return keep, out / "checkpoints" / "last.ckpt"
+
+
+def test_lora_alpha_other_than_rank_trains_and_exports_scaled(
+    scaled_lora_run, tiny_model: Path, tmp_path: Path
+):
+    """rank 4, alpha 8: training, the merged export, diffusers' and kohya's files all apply
+    W = W0 + (alpha / rank) * B @ A, computed here from the checkpoint's adapter tensors (the
+    EMA's, which export writes); diffusers' load_lora_weights on the file gives the merged U-Net's
+    outputs, which are the trained module's."""
+    from diffusers import UNet2DConditionModel
+
+    keep, ckpt_path = scaled_lora_run
+    ckpt = checkpoint.load(ckpt_path)
+    recorded = checkpoint.run_info(ckpt)["lora"]
+    assert (recorded["rank"], recorded["alpha"]) == (RANK, ALPHA)
+    shadow = checkpoint.ema_state(ckpt)["shadow"]
+    a_suffix, b_suffix = ".lora_A.default.weight", ".lora_B.default.weight"
+    A = {k.removesuffix(a_suffix): v.double() for k, v in shadow.items() if k.endswith(a_suffix)}
+    B = {k.removesuffix(b_suffix): v.double() for k, v in shadow.items() if k.endswith(b_suffix)}
+    assert A and A.keys() == B.keys() and len(shadow) == 2 * len(A)
+    assert all(a.shape[0] == RANK and B[m].shape[1] == RANK for m, a in A.items())
+    delta = {m: (ALPHA / RANK) * (B[m] @ A[m]) for m in A}  # the update each projection gets
+    assert max(d.abs().max().item() for d in delta.values()) > 1e-3  # the adapters moved
+
+    # the merged export: base + (alpha / rank) * B @ A on every adapted projection, the rest as is
+    export_main([str(ckpt_path), str(tmp_path / "fused")])
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "fused" / "unet").eval()
+    got = merged.state_dict()
+    base = load_parts(tiny_model).unet.state_dict()
+    assert got.keys() == base.keys()
+    adapted = {f"{m}.weight" for m in delta}
+    assert adapted <= base.keys()
+    for m, d in delta.items():
+        want = base[f"{m}.weight"].double() + d
+        torch.testing.assert_close(got[f"{m}.weight"].double(), want, rtol=0, atol=1e-6, msg=m)
+    assert all(torch.equal(got[k], v) for k, v in base.items() if k not in adapted)
+
+    # the LoRA files: the scale folded into up, so up @ down (diffusers) and alpha / rank *
+    # up @ down (kohya, which states its alpha) are the same update
+    export_main([str(ckpt_path), str(tmp_path / "lora"), "--lora"])
+    ours = load_file(tmp_path / "lora" / DIFFUSERS_NAME)
+    kohya = load_file(tmp_path / "lora" / KOHYA_NAME)
+    assert len(ours) == len(shadow) and len(kohya) == 3 * len(A)
+    for m, d in delta.items():
+        up, down = ours[f"unet.{m}.lora.up.weight"], ours[f"unet.{m}.lora.down.weight"]
+        torch.testing.assert_close(up.double() @ down.double(), d, rtol=0, atol=1e-6, msg=m)
+        k = "lora_unet_" + m.replace(".", "_")
+        up, down = kohya[f"{k}.lora_up.weight"], kohya[f"{k}.lora_down.weight"]
+        scale = kohya[f"{k}.alpha"].item() / down.shape[0]
+        torch.testing.assert_close(scale * up.double() @ down.double(), d, rtol=0, atol=1e-6)
+
+    # diffusers reads the file into the base U-Net: the merged U-Net's outputs, and the trained
+    # module's (its adapters, EMA weights, at peft's alpha / rank); the base U-Net's differ
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([10, 500])
+    c = torch.randn(2, 77, merged.config.cross_attention_dim, generator=g)
+    pipe = base_pipeline(tiny_model)
+    with torch.no_grad():
+        before = pipe.unet(x, t, encoder_hidden_states=c).sample
+        pipe.load_lora_weights(tmp_path / "lora")  # finds pytorch_lora_weights.safetensors
+        loaded = pipe.unet(x, t, encoder_hidden_states=c).sample
+        want = merged(x, t, encoder_hidden_states=c).sample
+        with keep.module.ema_weights():
+            trained = keep.module.unet.eval()(x, t, encoder_hidden_states=c).sample
+    assert (before - want).abs().max() > 1e-3  # the update changes the outputs measurably
+    torch.testing.assert_close(loaded, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained, want, rtol=1e-5, atol=1e-5)
+
+
 def test_export_lora_of_a_full_run_is_refused(tiny_model: Path, shards: str, tmp_path: Path):
     cfg = tiny_overrides(tiny_model, shards, 1) + ["logger=none"]
     train(compose_cfg(tmp_path, cfg))

@@ -63,14 +63,42 @@ def sdpa_flags():
     cuda.enable_math_sdp(True)
 
 
+# The kernel a U-Net's attention runs on the CPU under each setting: the CPU has a flash kernel of
+# its own and no efficient or cuDNN one, and its dispatch obeys the same process-wide switches, so
+# "efficient" and "cudnn" (flash turned off) fall back to the math kernel.
+CPU_KERNEL = {
+    "flash": "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "efficient": "aten::_scaled_dot_product_attention_math",
+    "cudnn": "aten::_scaled_dot_product_attention_math",
+}
+
+
+def sdpa_kernels(
+    unet: torch.nn.Module, *inputs: torch.Tensor, **kw
+) -> tuple[set[str], torch.Tensor]:
+    """The SDPA kernels the U-Net's forward ran (profiler op names) and its output."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = unet(*inputs, **kw).sample
+    kernels = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+    return kernels, out
+
+
 @pytest.mark.parametrize("name", ["flash", "efficient", "cudnn"])
 def test_attention_allows_only_the_named_kernel_and_keeps_outputs(name: str, sdpa_flags):
-    unet = build_parts(32).unet.eval()
+    """The switches are set as named; the U-Net's attention then runs the kernel they allow (on
+    the CPU: its flash kernel, or math when flash is off), and its output is the U-Net's with
+    diffusers' plain attention (explicit softmax(QK^T)V, no SDPA): an independent reference."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    reference = build_parts(32).unet.eval()
+    reference.set_attn_processor(AttnProcessor())
     x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
     with torch.no_grad():
-        want = unet(x, t, encoder_hidden_states=c).sample
+        want = reference(x, t, encoder_hidden_states=c).sample
     m = StableDiffusionModule(build_parts(32), optimizer=partial(torch.optim.AdamW), attention=name)
-    m.unet.load_state_dict(unet.state_dict())
+    m.unet.load_state_dict(reference.state_dict())
     m.configure_model()
     cuda = torch.backends.cuda
     on = {
@@ -79,8 +107,10 @@ def test_attention_allows_only_the_named_kernel_and_keeps_outputs(name: str, sdp
         "cudnn": cuda.cudnn_sdp_enabled(),
     }
     assert on == {k: k == name for k in on} and cuda.math_sdp_enabled()
-    with torch.no_grad():  # on the CPU every choice ends in the math kernel: the same numbers
-        torch.testing.assert_close(m.unet(x, t, encoder_hidden_states=c).sample, want)
+    kernels, got = sdpa_kernels(m.unet.eval(), x, t, encoder_hidden_states=c)
+    assert kernels == {CPU_KERNEL[name]}  # every attention of the U-Net took the allowed kernel
+    # SDPA against the explicit product: ~7e-7 apart on outputs of size ~1 (fp32 rounding)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_attention_names_the_key():

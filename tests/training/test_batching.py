@@ -30,7 +30,9 @@ def _no_launcher(monkeypatch: pytest.MonkeyPatch):
         (16, 2, 16, 8, 1),
         (16, 2, 4, 4, 2),
         (48, 2, 16, 12, 2),  # largest divisor of 24 that fits 16, not 16 itself
-        (34, 2, 16, 1, 17),  # 17 per rank is prime: only 1 divides it
+        (36, 2, 16, 9, 2),  # 9 of 16: at least half the cap
+        (6, 2, 16, 3, 1),  # a small count per process fits one micro-batch: no accumulation
+        (14, 2, 1, 1, 7),  # a cap of 1: batch 1 is the only split there is
         (2048, 32, 16, 16, 4),
     ],
 )
@@ -49,6 +51,47 @@ def test_indivisible_global_batch_names_the_numbers_and_the_nearest(
         ValueError, match=rf"global_batch_size={global_size} .* {world} .*{nearest}"
     ):
         split(global_size, world, 16)
+
+
+@pytest.mark.parametrize(
+    "global_size, world, cap, per_rank, would, below, above",
+    [
+        (14, 2, 4, 7, "1 per device x 7", "12 (3 per device x 2", "16 (4 per device x 2"),
+        (34, 2, 16, 17, "1 per device x 17", "32 (16 per device x 1", "36 (9 per device x 2"),
+        (14, 2, 2, 7, "1 per device x 7", "12 (2 per device x 3", "16 (2 per device x 4"),
+        (7, 1, 3, 7, "1 per device x 7", "6 (3 per device x 2", "8 (2 per device x 4"),
+        # not prime, but its largest divisor within 8 is 2: under half the cap
+        (44, 2, 8, 22, "2 per device x 11", "42 (7 per device x 3", "48 (8 per device x 3"),
+    ],
+)
+def test_a_per_process_count_that_splits_badly_is_refused_with_the_nearest_good_sizes(
+    global_size: int, world: int, cap: int, per_rank: int, would: str, below: str, above: str
+):
+    """Never a silent fall-back to 1 (or a few) per device x k accumulation steps: the error names
+    data.global_batch_size, the count per process and the nearest sizes below and above that
+    give at least half of max_batch_size_per_device per device."""
+    with pytest.raises(ValueError) as e:
+        split(global_size, world, cap)
+    message = str(e.value)
+    assert f"data.global_batch_size={global_size} gives {per_rank} samples per process" in message
+    assert f"data.max_batch_size_per_device={cap}" in message
+    assert f"it would train {would} accumulation steps" in message
+    assert f"Use data.global_batch_size={below} accumulation step(s)) or {above}" in message
+
+
+def test_prepare_refuses_a_prime_count_per_process(tiny_model: Path, shards: str, tmp_path: Path):
+    """Global 14 on 2 processes with a cap of 4: 7 per process, prime; refused before any model."""
+    overrides = tiny_overrides(tiny_model, shards) + [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.devices=2",
+        "data.global_batch_size=14",
+        "data.max_batch_size_per_device=4",
+    ]
+    cfg = compose_cfg(tmp_path, overrides)
+    with pytest.raises(ValueError, match=r"global_batch_size=14 gives 7 samples .*=12 .* or 16 "):
+        prepare(cfg)
 
 
 @pytest.mark.parametrize("bad", [0, -4, 2.5, True])
@@ -135,6 +178,33 @@ def test_prepare_scales_lr_without_a_global_batch(tiny_model: Path, shards: str,
     prepare(cfg)
     assert cfg.data.batch_size == 4 and cfg.trainer.accumulate_grad_batches == 2
     assert cfg.model.optimizer.lr == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("rule, factor", [("linear", 2.0), ("sqrt", math.sqrt(2))])
+def test_lr_scaling_scales_an_explicit_text_encoder_lr_too(
+    rule: str, factor: float, tiny_model: Path, shards: str, tmp_path: Path, caplog
+):
+    """Global 8 from a base of 4: model.text_encoder_lr follows the rule as optimizer.lr does."""
+    overrides = tiny_overrides(tiny_model, shards) + [
+        "data.global_batch_size=8",
+        f"model.lr_scaling={rule}",
+        "model.base_batch_size=4",
+        "model.text_encoder_lr=1e-4",
+    ]
+    cfg = compose_cfg(tmp_path, overrides)
+    with caplog.at_level("INFO", logger="sdtrain.training.batching"):
+        batching.apply(cfg)
+    assert cfg.model.optimizer.lr == pytest.approx(1e-3 * factor)
+    assert cfg.model.text_encoder_lr == pytest.approx(1e-4 * factor)
+    assert f"text encoder lr {1e-4 * factor:g}" in caplog.text
+
+
+def test_a_null_text_encoder_lr_stays_null(tiny_model: Path, shards: str, tmp_path: Path):
+    """null: the text encoder takes the optimizer's lr, scaled once, there."""
+    overrides = tiny_overrides(tiny_model, shards)
+    cfg = compose_cfg(tmp_path, overrides + ["model.lr_scaling=linear", "model.base_batch_size=2"])
+    batching.apply(cfg)
+    assert cfg.model.text_encoder_lr is None and cfg.model.optimizer.lr == pytest.approx(2e-3)
 
 
 def test_prepare_refuses_an_indivisible_global_batch(tiny_model: Path, shards: str, tmp_path: Path):
