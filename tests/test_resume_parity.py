@@ -203,3 +203,31 @@ def test_wandb_history_survives_a_sigkill_and_the_resume_logs_on_into_the_same_r
     assert len({run_id(r) for r in runs}) == 1, runs  # one run id
     steps = {r["trainer/global_step"] for d in runs for r in history(d) if "train/loss" in r}
     assert steps == set(range(30))
+
+
+@pytest.mark.slow  # ~90 s on a 2-core CPU
+def test_a_stop_inside_an_accumulation_window_resumes_bit_for_bit(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
+    """SIGTERM arrives at micro-batch 6 of a run accumulating 4: the run stops at the end of
+    that window (step 2), and its resume ends like an uninterrupted run, bit for bit. Before, it
+    stopped mid-window and the resumed first step averaged 2 micro-batches divided by 4."""
+    steps, accumulate = 5, ["trainer.accumulate_grad_batches=4"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    signal_at = ["+callbacks.sig._target_=tests.ranks_helpers.SignalAt", "+callbacks.sig.batch=5"]
+    log = tmp_path / "stopped.log"
+    finish(
+        launch(command(stopped, tiny_model, shards, *accumulate, *signal_at, steps=steps), log), log
+    )
+    assert load(stopped)["global_step"] == 2  # the window micro-batch 6 was in ends at step 2
+    assert "stopped by a signal at step 2" in log.read_text()
+    resume = command(stopped, tiny_model, shards, *accumulate, "ckpt_path=last", steps=steps)
+    finish(launch(resume, log), log)
+    whole_log = tmp_path / "whole.log"
+    finish(
+        launch(command(whole, tiny_model, shards, *accumulate, steps=steps), whole_log), whole_log
+    )
+    a, b = load(whole), load(stopped)
+    assert a["global_step"] == b["global_step"] == steps
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "sdtrain"):
+        assert_same(a[key], b[key], key)
