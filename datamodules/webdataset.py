@@ -24,8 +24,7 @@ from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this 
     ResampledShardList,
     ShuffledShardList,
     ShuffleStage,
-    SplitByRank,
-    SplitByWorker,
+    SplitSamples,
     worker_info,
 )
 from sdtrain.datamodules.sources import (  # noqa: F401  (re-exported: this module's API)
@@ -71,9 +70,11 @@ class WebDataModule(L.LightningDataModule):
         max_batch_size_per_device: the per-device cap of that derivation; recorded only.
         num_workers: DataLoader worker processes.
         shuffle_buffer: samples held for shuffling (per worker).
-        resampled: draw shards with replacement forever, each rank and worker on its own seed
-            (best for large data sets and many GPUs); False walks the shards split by rank and
-            worker, in a new order every pass, repeated forever.
+        resampled: every rank and worker walks all the shards forever, each shard once per round
+            in its own seeded order (best for large data sets and many GPUs); False reads the
+            shards in one new order every pass and deals their samples out to the ranks and
+            workers, so each sample is drawn once a pass whatever the shard count
+            (`order.SplitSamples`; every worker reads every shard).
         seed: base seed for shard order and shuffling, which also depend on the rank, the
             DataLoader worker, the pass over the shards and the step the run starts from (see
             DataOrder): a resumed run draws new data rather than replaying its first steps.
@@ -231,14 +232,6 @@ class WebDataModule(L.LightningDataModule):
         self.check_shard_kind()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        world = self.data_order().world_size
-        parts = world * max(1, self.hparams.num_workers)
-        if not self.hparams.resampled and len(self.urls) < parts:
-            raise ValueError(
-                f"data.train_shards has {len(self.urls)} shard(s) but {world} rank(s) x "
-                f"{max(1, self.hparams.num_workers)} worker(s) need at least {parts} to split them; "
-                "write more, smaller shards, use fewer workers, or set data.resampled=true"
-            )
 
     def check_shard_kind(self) -> None:
         """Refuse settings the shards cannot honour (latent_cache, resolution, random_flip).
@@ -309,17 +302,15 @@ class WebDataModule(L.LightningDataModule):
         order = self.data_order() if order is None else order
         cursor = Cursor(order)
         decode = DecodeStage(self.transform(), order)
-        if h.resampled:
-            shards = [ResampledShardList(self.urls, order, cursor)]
-        else:
-            shards = [
-                ShuffledShardList(self.urls, order, cursor),
-                SplitByRank(order.rank, order.world_size),
-                SplitByWorker(cursor),
-            ]
+        if h.resampled:  # each slot its own endless shard order
+            read = [ResampledShardList(self.urls, order, cursor)]
+        else:  # one shard order a pass for all, each slot keeping its own samples
+            read = [ShuffledShardList(self.urls, order, cursor)]
+        read.append(wds.tarfile_to_samples(handler=decode.shard_error))
+        if not h.resampled:
+            read.append(SplitSamples(order.rank, order.world_size, order, cursor))
         stages = [
-            *shards,
-            wds.tarfile_to_samples(handler=decode.shard_error),
+            *read,
             ShuffleStage(h.shuffle_buffer, order, cursor),
             PositionStage(cursor),
             decode,

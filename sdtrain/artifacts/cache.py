@@ -42,14 +42,13 @@ from torch.utils.data import DataLoader
 
 import sdtrain
 from sdtrain.datamodules import batch as B
+from sdtrain.datamodules.order import SplitByRank, SplitByWorker
 from sdtrain.datamodules.transforms import Collate, ImageTextTransform
 from sdtrain.datamodules.webdataset import (
     CACHE_FILE,
     CACHE_FORMAT,
     CACHE_FORMAT_VERSION,
     DecodeStage,
-    SplitByRank,
-    SplitByWorker,
 )
 from sdtrain.models.family import SD, Family
 

@@ -133,11 +133,37 @@ def test_spawned_workers_split_by_rank_and_worker(shards: str, tiny_model: Path)
         assert not parts[0] & parts[1]  # no sample on both ranks
         assert len(parts[0]) == len(parts[1]) == SAMPLES // 2
         assert len(parts[0] | parts[1]) == SAMPLES  # and together every sample
-    # the next pass deals the shards out anew
-    rank0_shards = [
-        {shard_of(k) for k in seen[0][p * SAMPLES // 2 : (p + 1) * SAMPLES // 2]} for p in (0, 1)
-    ]
-    assert rank0_shards[0] != rank0_shards[1]
+    # the next pass deals the samples out anew
+    rank0 = [set(seen[0][p * SAMPLES // 2 : (p + 1) * SAMPLES // 2]) for p in (0, 1)]
+    assert rank0[0] != rank0[1]
+
+
+@pytest.mark.parametrize("shards_used, ranks, workers", [(3, 2, 1), (1, 2, 2), (3, 2, 2)])
+def test_each_sample_once_a_pass_for_any_shard_count(
+    shards_used: int, ranks: int, workers: int, shards: str, tiny_model: Path
+):
+    """resampled=false on layouts that do not divide: 3 shards on 2 ranks, 1 shard on 2 ranks x
+    2 workers. Every slot (rank, worker) gets an equal share of each pass (within one sample),
+    no sample twice in a pass, and over 2 passes each sample at most twice. Splitting whole
+    shards gave one rank 2 shards and the other 1, whose samples came twice as often."""
+    urls = sorted(Path(shards.split("{")[0]).glob("*.tar"))[:shards_used]
+    samples = shards_used * PER_SHARD
+    per_slot = samples // (ranks * workers)  # each slot's share of a pass
+    batch = 4
+    steps = 2 * (per_slot // batch) * workers  # two passes, on each rank (no partial batches)
+    drawn = {}
+    for rank in range(ranks):
+        dm = make([str(u) for u in urls], tiny_model, resampled=False, num_workers=workers,
+                  batch_size=batch, shuffle_buffer=4)  # fmt: skip
+        dm.set_rank(rank, ranks)
+        drawn[rank] = keys(dm, steps)
+    every = [k for r in drawn for k in drawn[r]]
+    counts = {k: every.count(k) for k in set(every)}
+    assert max(counts.values()) <= 2, sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    half = len(drawn[0]) // 2  # each rank's first pass
+    first = [k for r in drawn for k in drawn[r][:half]]
+    assert len(first) == len(set(first))  # no sample twice in a pass
+    assert len(first) >= samples - ranks * workers * batch  # at most a partial batch per slot left
 
 
 class KeyProbe(L.LightningModule):
