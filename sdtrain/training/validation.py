@@ -61,7 +61,7 @@ def check_optimized_metric(cfg: Any, datamodule: Any) -> None:
     why = []
     if not getattr(datamodule, "val_urls", None):
         why.append("no held-out data (set data.val_shards or data.val_split_shards)")
-    if f"{__name__}.ValidationLoss" not in targets:
+    if "sdtrain.callbacks.val_loss.ValidationLoss" not in targets:  # a name: callbacks sit above
         why.append("no validation callback (callbacks.val_loss)")
     if "_ema" in key and not cfg.model.get("ema"):
         why.append("no EMA (model.ema=null)")
