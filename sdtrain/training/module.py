@@ -393,7 +393,8 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
             "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),  # export keeps it
         }
         gather = not sharding.saves_sharded(self._trainer and self._trainer.strategy)  # or shards
-        ema = self.ema.state_dict(gather) if self.ema is not None else None
+        writes = self._trainer is None or self._trainer.is_global_zero  # a whole file: rank 0's
+        ema = self.ema.state_dict(gather, writes) if self.ema is not None else None
         skips = self.skips.state()
         ckpt[checkpoint.ROOT] = checkpoint.build(
             run, ema, skips["total"], self.nonfinite.total, skips["by_kind"], skips["drawn"]

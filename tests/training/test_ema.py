@@ -27,10 +27,14 @@ def test_update_matches_the_formula_and_swap_restores():
     ema.update(m.named_parameters(), step=1)
     assert torch.allclose(ema.shadow["weight"], 0.9 * w0 + 0.1 * (w0 + 1.0))
     assert (ema.num_updates, ema.last_step) == (1, 1)
-    raw = m.weight.detach().clone()
+    raw, average = m.weight.detach().clone(), ema.shadow["weight"].clone()
     with ema.swapped_in(m.named_parameters()):
-        assert torch.equal(m.weight, ema.shadow["weight"])
-    assert torch.equal(m.weight, raw)
+        assert torch.equal(m.weight, average)
+        with pytest.raises(
+            RuntimeError, match="inside swapped_in"
+        ):  # the shadow holds the raw weights
+            ema.update(m.named_parameters(), step=2)
+    assert torch.equal(m.weight, raw) and torch.equal(ema.shadow["weight"], average)
     assert ema.shadow["weight"].dtype == torch.float32
 
 
@@ -120,3 +124,67 @@ def test_device_weighted_update_makes_no_full_size_temporary():
     before = {k: v.clone() for k, v in ema.shadow.items()}
     ema.update(m.named_parameters(), step=2, keep=torch.tensor(0.0))  # a skipped step
     assert all(torch.equal(ema.shadow[k], before[k]) for k in before)
+
+
+def test_swapping_the_ema_in_keeps_no_copy_of_the_weights():
+    """`swapped_in` trades values with the shadow in place: inside the scope no copy of the
+    weights is alive (a backup of every trainable weight cost SD-1.5's U-Net 3.4 GB of GPU
+    memory per sampling round), and after it weights and shadow are exactly as before."""
+    import weakref
+
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Alive(TorchDispatchMode):
+        """Weak references to every tensor an op returns on new storage."""
+
+        def __init__(self):
+            super().__init__()
+            self.made: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {
+                t.untyped_storage().data_ptr()
+                for t in pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    self.made.append(weakref.ref(t))
+            return out
+
+        def elements(self) -> int:
+            return sum(t.numel() for r in self.made if (t := r()) is not None)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 8))
+    ema = EMA(decay=0.9, warmup=False)
+    ema.attach(m.named_parameters())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    raw = {k: p.detach().clone() for k, p in m.named_parameters()}
+    shadow = {k: v.clone() for k, v in ema.shadow.items()}
+    with Alive() as alive:
+        with ema.swapped_in(m.named_parameters()):
+            inside = alive.elements()
+            swapped = all(torch.equal(p, shadow[k]) for k, p in m.named_parameters())
+    assert swapped
+    assert inside == 0, f"{inside} elements of copies alive in the scope"
+    assert all(torch.equal(p, raw[k]) for k, p in m.named_parameters())
+    assert all(torch.equal(ema.shadow[k], shadow[k]) for k in shadow)
+
+
+def test_a_rank_that_does_not_write_keeps_no_host_copy_of_the_ema():
+    """Under DDP only rank 0 writes a checkpoint: another rank's state_dict copies nothing (every
+    rank used to copy the fp32 EMA to the host, ~3.4 GB for SD-1.5's U-Net, and drop it)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 8))
+    ema = EMA(decay=0.9, warmup=False)
+    ema.attach(m.named_parameters())
+    written = ema.state_dict(gather=True, writes=True)
+    assert all(torch.equal(written["shadow"][k], v) for k, v in ema.shadow.items())
+    assert all(v.device.type == "cpu" for v in written["shadow"].values())
+    other = ema.state_dict(gather=True, writes=False)
+    assert other["shadow"] is None and other["num_updates"] == written["num_updates"]
