@@ -165,6 +165,7 @@ class ClipProbe(L.Callback):
             Path(self.out).write_text(json.dumps({"setup": self.setup, "steps": self.steps}))
 
 
+@pytest.mark.slow  # ~20 s: 2 FSDP processes in bf16-mixed
 def test_fsdp_clips_the_global_norm_under_bf16_mixed_as_shipped(
     tiny_model: Path, shards: str, tmp_path: Path
 ):

@@ -52,7 +52,12 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:
 # SIGUSR1 is slow here: tests/test_launchers.py sends it under SLURM in the default suite
 # SIGINT: Ctrl-C stops as a preemption does (the resume line, exit 0); a second one stops at once
 @pytest.mark.parametrize(
-    "sig", ["SIGTERM", "SIGINT", pytest.param("SIGUSR1", marks=pytest.mark.slow)]
+    "sig",
+    [
+        "SIGTERM",
+        pytest.param("SIGINT", marks=pytest.mark.slow),
+        pytest.param("SIGUSR1", marks=pytest.mark.slow),
+    ],
 )
 def test_signal_saves_at_the_step_reached_and_resume_continues(
     sig: str, tiny_model: Path, shards: str, tmp_path: Path

@@ -126,7 +126,7 @@ def children(pid: int) -> list[int]:
 STARTED = "U-Net training FLOPs per image"  # rank 0's line once training has begun
 
 
-@pytest.mark.parametrize("rank", [1, 0])
+@pytest.mark.parametrize("rank", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_an_error_on_one_rank_ends_every_rank_with_its_message(
     rank: int, tiny_model: Path, shards: str, tmp_path: Path
 ):
@@ -151,7 +151,7 @@ def test_an_error_on_one_rank_under_torchrun_ends_every_rank(
     assert "RuntimeError: boom on rank 1 at step" in out
 
 
-@pytest.mark.parametrize("victim", ["rank 1", "rank 0"])
+@pytest.mark.parametrize("victim", ["rank 1", pytest.param("rank 0", marks=pytest.mark.slow)])
 def test_a_rank_killed_outright_ends_the_run(
     victim: str, tiny_model: Path, shards: str, tmp_path: Path
 ):
