@@ -87,7 +87,7 @@ def build_latent_cache(folder: Path, work: Path, px: int, count: int) -> Path:
     shards_main(
         [str(work / f"images-{px}"), str(work / f"shards-{px}"), "--samples-per-shard", "256"]
     )
-    cmd = [sys.executable, "-m", "sdtrain.artifacts.cache", str(work / f"shards-{px}"), str(out)]
+    cmd = [sys.executable, "-m", "sdtrain.cli.cache_latents", str(work / f"shards-{px}"), str(out)]
     cmd += ["--pretrained", str(folder), "--resolution", str(px), "--text", "--batch-size", "32"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)

@@ -323,11 +323,11 @@ def run_sdtrain(a, model: Path, shards: str, seed: int, out: Path, name: str, ex
     ckpt = run / "checkpoints" / "last.ckpt"
     raw, ema = out / f"{name}-raw", out / f"{name}-ema"
     call(
-        [sys.executable, "-m", "sdtrain.artifacts.export", str(ckpt), str(raw), "--no-ema"],
+        [sys.executable, "-m", "sdtrain.cli.export", str(ckpt), str(raw), "--no-ema"],
         root,
         env,
     )
-    call([sys.executable, "-m", "sdtrain.artifacts.export", str(ckpt), str(ema)], root, env)
+    call([sys.executable, "-m", "sdtrain.cli.export", str(ckpt), str(ema)], root, env)
     say(f"{name} seed {seed}: trained in {secs:.0f} s (subprocess, start-up included)")
     return raw, ema, secs
 

@@ -199,7 +199,7 @@ def test_trains_two_steps_from_the_cache(cache: Path, tiny_model: Path, tmp_path
 @pytest.mark.slow
 def test_two_ranks_write_apart(tiny_model: Path, shards: str, tmp_path: Path):
     """DDP on the CPU (2 processes): each rank writes its own shards, rank 0 the cache.json."""
-    cmd = [sys.executable, "-m", "sdtrain.artifacts.cache"]
+    cmd = [sys.executable, "-m", "sdtrain.cli.cache_latents"]
     cmd += cache_args(shards, tmp_path / "cache", tiny_model) + ["--devices", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
