@@ -120,6 +120,7 @@ export SLURM_NNODES=1 SLURM_NTASKS_PER_NODE=1 SLURM_JOB_ID=1
 exec bash "$@"
 """,
     "srun": """#!/usr/bin/env bash
+while [[ "${1:-}" == --* ]]; do shift; done  # srun's own options: --kill-on-bad-exit=1, ...
 exec "$@"
 """,
     "wandb": f"""#!/usr/bin/env bash
