@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_overrides
+from tests.test_preemption import wait_for as wait_for_line
 
 LONG = 100000  # steps: the run ends by the error or the signal, never by max_steps
 
@@ -61,16 +62,12 @@ def torchrun(model: Path, shards: str, run: Path, extra: list[str] = ()) -> subp
 
 
 def wait_for(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:
-    lines, end = [], time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    kill_group(proc)
-    raise AssertionError(f"no {text!r} within {timeout} s:\n{''.join(lines)[-3000:]}")
+    """test_preemption's wait_for, killing every process of the run if `text` never comes."""
+    try:
+        return wait_for_line(proc, text, timeout)
+    except AssertionError:
+        kill_group(proc)
+        raise
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -98,29 +95,25 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def group_alive(pgid: int) -> list[int]:
-    """Live (not zombie) processes in the process group `pgid`."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
-    return alive
-
-
-def children(pid: int) -> list[int]:
+def processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
+        found.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[2])))
     return found
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Live (not zombie) processes in the process group `pgid`."""
+    return [pid for pid, state, _, group in processes() if group == pgid and state != "Z"]
+
+
+def children(pid: int) -> list[int]:
+    return [child for child, _, parent, _ in processes() if parent == pid]
 
 
 STARTED = "U-Net training FLOPs per image"  # rank 0's line once training has begun

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdtrain.training.ema import EMA, SMALL, ema_decay
+
+
+class NewTensors(TorchDispatchMode):
+    """Every tensor an op returns on new storage (not a view or an in-place write): the largest
+    one's size, and weak references to all, to count those still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.made: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.largest = max(self.largest, t.numel())
+                self.made.append(weakref.ref(t))
+        return out
+
+    def elements(self) -> int:
+        """Elements of the new tensors still alive."""
+        return sum(t.numel() for r in self.made if (t := r()) is not None)
 
 
 def test_decay_warmup_and_cap():
@@ -87,26 +118,6 @@ def test_device_weighted_update_makes_no_full_size_temporary():
     """The sync-free update (`keep` on the device) runs large parameters in place: no copy as
     large as the weights (sub, mul, add made one for all: 8 memory passes, not 3, and the U-Net's
     size again in GPU memory); the small ones go together."""
-    from torch.utils import _pytree as pytree
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Allocations(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            seen = {
-                t.untyped_storage().data_ptr()
-                for t in pytree.tree_leaves((args, kwargs))
-                if isinstance(t, torch.Tensor)
-            }
-            for t in pytree.tree_leaves(out):  # new storage, not a view or an in-place write
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 8))  # one weight of 131072
     ema, ref = EMA(decay=0.9, warmup=False), EMA(decay=0.9, warmup=False)
@@ -115,7 +126,7 @@ def test_device_weighted_update_makes_no_full_size_temporary():
     with torch.no_grad():
         for p in m.parameters():
             p.add_(1.0)
-    with Allocations() as seen:
+    with NewTensors() as seen:
         ema.update(m.named_parameters(), step=1, keep=torch.tensor(1.0))
     small = sum(p.numel() for p in m.parameters() if p.numel() < SMALL)
     assert 0 < seen.largest <= small < SMALL  # only the small parameters' (batched) difference
@@ -130,33 +141,6 @@ def test_swapping_the_ema_in_keeps_no_copy_of_the_weights():
     """`swapped_in` trades values with the shadow in place: inside the scope no copy of the
     weights is alive (a backup of every trainable weight cost SD-1.5's U-Net 3.4 GB of GPU
     memory per sampling round), and after it weights and shadow are exactly as before."""
-    import weakref
-
-    from torch.utils import _pytree as pytree
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Alive(TorchDispatchMode):
-        """Weak references to every tensor an op returns on new storage."""
-
-        def __init__(self):
-            super().__init__()
-            self.made: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            seen = {
-                t.untyped_storage().data_ptr()
-                for t in pytree.tree_leaves((args, kwargs))
-                if isinstance(t, torch.Tensor)
-            }
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    self.made.append(weakref.ref(t))
-            return out
-
-        def elements(self) -> int:
-            return sum(t.numel() for r in self.made if (t := r()) is not None)
-
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 8))
     ema = EMA(decay=0.9, warmup=False)
@@ -166,7 +150,7 @@ def test_swapping_the_ema_in_keeps_no_copy_of_the_weights():
             p.add_(torch.randn_like(p))
     raw = {k: p.detach().clone() for k, p in m.named_parameters()}
     shadow = {k: v.clone() for k, v in ema.shadow.items()}
-    with Alive() as alive:
+    with NewTensors() as alive:
         with ema.swapped_in(m.named_parameters()):
             inside = alive.elements()
             swapped = all(torch.equal(p, shadow[k]) for k, p in m.named_parameters())
