@@ -92,7 +92,7 @@ def keep_lr_horizon(cfg: DictConfig, ckpt: Path, saved: dict[str, Any]) -> None:
     """A resumed run continues the LR schedule it had: `model.lr_scheduler.num_training_steps`
     (by default `${trainer.max_steps}`) becomes the horizon the checkpoint recorded, whatever
     `trainer.max_steps` is now, and a log line says so when they differ. Past the horizon the LR
-    stays at its final value (`sdtrain.training.module.hold_after_horizon`). A horizon set
+    stays at its final value (`sdtrain.training.lr_schedule.hold_after_horizon`). A horizon set
     explicitly on the resume (not through trainer.max_steps) replaces the recorded one, with a
     warning: the LR moves to that schedule's value at the step reached."""
     sched = cfg.model.get("lr_scheduler")

@@ -11,7 +11,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from sdtrain.artifacts import checkpoint
-from sdtrain.training.module import hold_after_horizon
+from sdtrain.training.lr_schedule import hold_after_horizon
 
 
 def lrs(sched, opt, steps: int) -> list[float]:
