@@ -4,8 +4,8 @@ checkpoint, so a resumed run goes on with the samples it had not yet trained on.
 Each batch says where its worker stands after it (`sdtrain.datamodules.batch.POSITION`: the worker's virtual
 id, the worker count, its pass over the shards and the samples it has drawn in that pass). The
 `DataPosition` callback keeps the latest of these per rank and worker, for batches whose
-optimizer step has completed, summed over ranks once per batch so that rank 0, which writes the
-checkpoint, holds every rank's. On resume it hands the saved position to the datamodule
+optimizer step has completed, summed over ranks once per optimizer step so that rank 0, which
+writes the checkpoint, holds every rank's. On resume it hands the saved position to the datamodule
 (`WebDataModule.resume_at`), whose workers then read past what was drawn (without decoding it)
 and continue: over a pass, no sample is lost or repeated.
 
@@ -60,19 +60,22 @@ class DataPosition(Callback):
     # ------------------------------------------------------------------ tracking
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if not getattr(trainer.datamodule, "keeps_position", True):
+            return  # resampled shards: a resume draws anew, so no position is kept or shared
         position = batch.get(POSITION) if isinstance(batch, dict) else None
         if position is not None:
             self.pending.append((trainer.global_step, [int(v) for v in position]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         """Take in the batches whose optimizer step is done (all micro-batches of a completed
-        accumulation), then share this rank's row with the others: every rank calls this once
-        per batch, so the collective lines up."""
+        accumulation), then share this rank's row with the others: once per optimizer step, on
+        the last micro-batch of its window, which every rank reaches together (the same step
+        count), so the collective lines up."""
         done = [p for step, p in self.pending if step < trainer.global_step]
         self.pending = [(s, p) for s, p in self.pending if s >= trainer.global_step]
+        if not done:
+            return  # inside an accumulation window (or nothing tracked): nothing new to share
         if self.mine is None:
-            if not done:
-                return
             self.mine = self.start_row(trainer, workers=done[0][1])
         for worker, workers, passes, drawn in done:
             self.mine["at"][worker] = [passes, drawn]

@@ -183,6 +183,12 @@ class WebDataModule(L.LightningDataModule):
         start_step, offset, resume = at
         return replace(order, start_step=start_step, worker_offset=offset, resume=resume)
 
+    @property
+    def keeps_position(self) -> bool:
+        """Whether checkpoints keep the data position (`DataPosition`): not for resampled shards,
+        which a resumed run draws anew."""
+        return not self.hparams.resampled
+
     def layout(self, world_size: int | None = None) -> dict:
         """What a data position means only under: the shards, how they are split and batched."""
         h = self.hparams
