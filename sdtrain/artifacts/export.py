@@ -1,6 +1,6 @@
 """Export a training checkpoint as a diffusers Stable Diffusion folder.
 
-    sdtrain-export CKPT OUT [--no-ema] [--pretrained FOLDER]
+    sdtrain-export CKPT OUT [--no-ema] [--pretrained FOLDER] [--overwrite]
     sdtrain-export CKPT [OUT] --single-file FILE.safetensors [--dtype fp16|fp32]
     sdtrain-export CKPT OUT --lora [--no-ema]
 
@@ -12,6 +12,9 @@ diffusers' from_single_file). A run that trained from a single file reloads it w
 configs and tokenizer it recorded (model.single_file_config; --single-file-config if it moved).
 A LoRA run (model.lora) exports with its adapters merged in; --lora writes the adapters alone
 (`sdtrain.artifacts.export_lora`: diffusers' and kohya's LoRA files).
+Nothing is overwritten unless --overwrite: OUT must be new or empty (--overwrite replaces a folder
+holding an earlier export whole; a folder of other files is refused even then), FILE new; each is
+written beside its target and renamed into place when complete (`sdtrain.artifacts.outputs`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,16 @@ from pathlib import Path
 
 from sdtrain.artifacts import checkpoint
 from sdtrain.artifacts.folder import save_folder
+from sdtrain.artifacts.outputs import check_file, check_folder, new_file, new_folder
 from sdtrain.models import lora
 from sdtrain.models.parts import Parts
+
+DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
+KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' scripts give it
+# What a folder holding an earlier export has (a diffusers folder or --lora's files): --overwrite
+# replaces such a folder, and no other.
+EXPORTED = ("model_index.json", DIFFUSERS_NAME, KOHYA_NAME)
+EXPORT = "an export"
 
 
 def export(
@@ -30,18 +41,23 @@ def export(
     ema: bool = True,
     pretrained: str | Path | None = None,
     single_file_config: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the diffusers folder `out` from the checkpoint at `ckpt_path`; return `out`."""
+    """Write the diffusers folder `out` from the checkpoint at `ckpt_path`; return `out`.
+
+    `out` must be new or empty, or hold an earlier export and `overwrite` be set.
+    """
     from sdtrain.models.parts import assemble_pipeline, load_scheduler
     from sdtrain.models.single_file import is_single_file
 
+    out = check_folder(out, overwrite, EXPORTED, EXPORT)
     parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config)
     configs = parts.single_file_config if is_single_file(parts.pretrained) else parts.pretrained
     scheduler = sampler_for(load_scheduler(configs), parts.noise_scheduler)
     modules = (parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, scheduler)
     pipe = assemble_pipeline(*modules, parts.family)
-    out = Path(out)
-    save_folder(pipe, out)
+    with new_folder(out) as tmp:
+        save_folder(pipe, tmp)
     return out
 
 
@@ -73,12 +89,19 @@ def export_single_file(
     pretrained: str | Path | None = None,
     single_file_config: str | Path | None = None,
     dtype: str = "fp16",
+    overwrite: bool = False,
 ) -> Path:
-    """Write one original-layout .safetensors `out` (U-Net, VAE, text encoder); return `out`."""
+    """Write one original-layout .safetensors `out` (U-Net, VAE, text encoder); return `out`.
+
+    An existing `out` is replaced only with `overwrite`.
+    """
     from sdtrain.models.single_file import save_single_file
 
+    out = check_file(out, overwrite, ".safetensors")
     parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config)
-    return save_single_file(out, parts.unet, parts.vae, parts.text_encoder, dtype)
+    with new_file(out) as tmp:
+        save_single_file(tmp, parts.unet, parts.vae, parts.text_encoder, dtype)
+    return out
 
 
 def checkpoint_parts(

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from sdtrain.artifacts.export import DIFFUSERS_NAME, EXPORT, EXPORTED, KOHYA_NAME
+from sdtrain.artifacts.outputs import check_folder, new_folder
 from sdtrain.models import lora
 
-DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
-KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' scripts give it
 TEXT_MODEL = "text_model."  # CLIPTextModel's inner module: transformers 5 flattened it away
 
 
@@ -31,13 +31,17 @@ def export_lora(
     ema: bool = True,
     pretrained: str | Path | None = None,
     single_file_config: str | Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
-    """Write the diffusers and kohya LoRA files of the checkpoint's run into `out`; return them."""
+    """Write the diffusers and kohya LoRA files of the checkpoint's run into the folder `out`
+    (new or empty, or an earlier export's with `overwrite`: `sdtrain.artifacts.outputs`); return
+    them."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
     from sdtrain.artifacts.export import checkpoint_parts
 
+    out = check_folder(out, overwrite, EXPORTED, EXPORT)
     parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config, fuse=False)
     if not lora.has_adapter(parts.unet):
         raise ValueError(
@@ -49,11 +53,11 @@ def export_lora(
         text = adapter_weights(parts.text_encoder)
         if not hasattr(parts.text_encoder, "text_model"):  # the name every reader knows
             text = {f"{TEXT_MODEL}{k}": v for k, v in text.items()}
-    out = Path(out)
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=to_diffusers(unet), text_encoder_lora_layers=to_diffusers(text)
-    )
-    save_file(to_kohya(unet, text), out / KOHYA_NAME)
+    with new_folder(out) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=to_diffusers(unet), text_encoder_lora_layers=to_diffusers(text)
+        )
+        save_file(to_kohya(unet, text), tmp / KOHYA_NAME)
     return out / DIFFUSERS_NAME, out / KOHYA_NAME
 
 

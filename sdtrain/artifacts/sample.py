@@ -3,12 +3,15 @@
     sdtrain-sample MODEL --prompt "a red circle" [--prompt ...] [--prompts-file FILE] --out DIR
                    [--seed 0 [--seed 1 ...]] [--steps 25] [--guidance-scale 5] [--sampler ddim]
                    [--height H] [--width W] [--device cuda] [--no-ema] [--pretrained FOLDER]
+                   [--overwrite] [--verbose]
 
 MODEL is a .ckpt written by sdtrain-train (EMA weights by default, --no-ema for the raw ones; the
 VAE and text encoder come from the model folder the run recorded, --pretrained if it moved) or a
 folder written by sdtrain-export. Each prompt is drawn once per seed: image (prompt, seed) starts
 from the noise of that seed alone, so the same seed gives the same image. OUT gets one PNG per
 image (`000_a-red-circle_seed0.png`), `grid.png` (captioned) and `samples.json` (what made them).
+OUT must be new or empty: --overwrite replaces a folder of earlier sdtrain-sample images whole (no
+image of the earlier set stays beside the new ones); a folder of other files is refused even then.
 """
 
 from __future__ import annotations
@@ -22,9 +25,17 @@ import torch
 from PIL import Image
 
 from sdtrain.artifacts.checkpoint import is_sharded
+from sdtrain.artifacts.outputs import check_folder, new_folder
 from sdtrain.artifacts.sampling import build_pipeline, generate, grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RECORD = "samples.json"  # what a folder of earlier sdtrain-sample images holds
+IMAGES = "sdtrain-sample images"
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """`out` if images may be written there: new, empty, or earlier images and `overwrite`."""
+    return check_folder(out, overwrite, (RECORD,), IMAGES)
 
 
 @dataclass
@@ -92,20 +103,24 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "prompt"
 
 
-def write(images: list[Image.Image], s: Settings, out: Path, label: str) -> list[Path]:
-    """One PNG per image, the captioned grid and samples.json in `out`; returns the PNG paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    jobs, paths, files = s.jobs(), [], []
-    for i, (img, (prompt, seed)) in enumerate(zip(images, jobs, strict=True)):
-        paths.append(out / f"{i:03d}_{slug(prompt)}_seed{seed}.png")
-        img.save(paths[-1])
-        files.append({"file": paths[-1].name, "prompt": prompt, "seed": seed})
-    several = len(s.seeds) > 1
-    captions = [f"{p} (seed {seed})" if several else p for p, seed in jobs]
-    grid(images, captions, label=label).save(out / "grid.png")
-    record = {"label": label, "settings": asdict(s), "images": files}
-    (out / "samples.json").write_text(json.dumps(record, indent=2))
-    return paths
+def write(
+    images: list[Image.Image], s: Settings, out: Path, label: str, overwrite: bool = False
+) -> list[Path]:
+    """One PNG per image, the captioned grid and samples.json in the folder `out` (see
+    `check_out`), which they replace whole once written; returns the PNG paths."""
+    out = check_out(out, overwrite)
+    jobs, names, files = s.jobs(), [], []
+    with new_folder(out) as tmp:
+        for i, (img, (prompt, seed)) in enumerate(zip(images, jobs, strict=True)):
+            names.append(f"{i:03d}_{slug(prompt)}_seed{seed}.png")
+            img.save(tmp / names[-1])
+            files.append({"file": names[-1], "prompt": prompt, "seed": seed})
+        several = len(s.seeds) > 1
+        captions = [f"{p} (seed {seed})" if several else p for p, seed in jobs]
+        grid(images, captions, label=label).save(tmp / "grid.png")
+        record = {"label": label, "settings": asdict(s), "images": files}
+        (tmp / RECORD).write_text(json.dumps(record, indent=2))
+    return [out / name for name in names]
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:

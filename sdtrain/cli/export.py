@@ -6,10 +6,12 @@ import argparse
 
 from sdtrain.artifacts import checkpoint
 from sdtrain.artifacts import export as export_module
-from sdtrain.artifacts.export import export, export_single_file
+from sdtrain.artifacts.export import EXPORT, EXPORTED, export, export_single_file
+from sdtrain.artifacts.outputs import check_file, check_folder
+from sdtrain.runtime import quiet
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=export_module.__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -21,22 +23,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="--single-file's")
     p.add_argument("--single-file-config", help="configs folder of a run that trained from a file")
     p.add_argument("--lora", action="store_true", help="a LoRA run: OUT gets its LoRA files only")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT/FILE")
+    p.add_argument("--verbose", action="store_true", help="show other libraries' loading bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     a = p.parse_args(argv)
     if a.out is None and a.single_file is None:
         p.error("give OUT (a diffusers folder), --single-file FILE.safetensors, or both")
+    quiet.apply(verbose=a.verbose)  # no loading bars, no torchvision notice
     try:
-        if a.single_file:
-            args = (a.ema, a.pretrained, a.single_file_config, a.dtype)
-            print(f"wrote {export_single_file(a.ckpt, a.single_file, *args)}")
-        if a.out is None:
-            return
-        if a.lora:
-            from sdtrain.artifacts.export_lora import export_lora
-
-            args = (a.ema, a.pretrained, a.single_file_config)
-            print("wrote", *export_lora(a.ckpt, a.out, *args))
-            return
-        out = export(a.ckpt, a.out, a.ema, a.pretrained, a.single_file_config)
+        run(a)
     except checkpoint.CheckpointError as e:
         raise SystemExit(
             f"sdtrain-export: {e}; pass a .ckpt that sdtrain-train wrote "
@@ -44,7 +43,28 @@ def main(argv: list[str] | None = None) -> None:
         ) from e
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"sdtrain-export: {e}") from e
-    print(f"wrote {out}")
+    finally:
+        quiet.restore()
+
+
+def run(a: argparse.Namespace) -> None:
+    # every target checked before the checkpoint is read: a refusal costs nothing, writes nothing
+    if a.single_file:
+        check_file(a.single_file, a.overwrite, ".safetensors")
+    if a.out is not None:
+        check_folder(a.out, a.overwrite, EXPORTED, EXPORT)
+    if a.single_file:
+        args = (a.ema, a.pretrained, a.single_file_config, a.dtype, a.overwrite)
+        print(f"wrote {export_single_file(a.ckpt, a.single_file, *args)}")
+    if a.out is None:
+        return
+    args = (a.ema, a.pretrained, a.single_file_config, a.overwrite)
+    if a.lora:
+        from sdtrain.artifacts.export_lora import export_lora
+
+        print("wrote", *export_lora(a.ckpt, a.out, *args))
+        return
+    print(f"wrote {export(a.ckpt, a.out, *args)}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,16 @@ from pathlib import Path
 import torch
 
 from sdtrain.artifacts import sample as sample_module
-from sdtrain.artifacts.sample import DTYPES, Settings, load_pipeline, read_prompts, sample, write
+from sdtrain.artifacts.sample import (
+    DTYPES,
+    Settings,
+    check_out,
+    load_pipeline,
+    read_prompts,
+    sample,
+    write,
+)
+from sdtrain.runtime import quiet
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,13 +39,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="default fp32")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="a checkpoint's raw weights")
     p.add_argument("--pretrained", help="model folder, if the one the run used has moved")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier images in --out")
+    p.add_argument("--verbose", action="store_true", help="show other libraries' loading bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    quiet.apply(verbose=a.verbose)  # no loading bars, no torchvision notice
     try:
+        check_out(a.out, a.overwrite)  # before minutes of sampling: a refusal costs nothing
         s = Settings(
             read_prompts(a.prompt, a.prompts_file),
             a.seed or [0],
@@ -51,12 +64,18 @@ def main(argv: list[str] | None = None) -> None:
         if a.dtype != "fp32":
             pipe.to(dtype=DTYPES[a.dtype])
         images = sample(pipe, s)
+        paths = write(images, s, Path(a.out), label(a), a.overwrite)
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise SystemExit(f"sdtrain-sample: {e}") from e
-    weights = "" if Path(a.model).is_dir() else (", EMA" if a.ema else ", raw")
-    label = f"{Path(a.model).name}{weights} · {a.sampler} {a.steps} steps · cfg {a.guidance_scale}"
-    paths = write(images, s, Path(a.out), label)
+    finally:
+        quiet.restore()
     print(f"wrote {len(paths)} images and {Path(a.out) / 'grid.png'}")
+
+
+def label(a: argparse.Namespace) -> str:
+    """The grid's title: the model, its weights, the sampler and its settings."""
+    weights = "" if Path(a.model).is_dir() else (", EMA" if a.ema else ", raw")
+    return f"{Path(a.model).name}{weights} · {a.sampler} {a.steps} steps · cfg {a.guidance_scale}"
 
 
 if __name__ == "__main__":

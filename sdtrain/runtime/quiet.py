@@ -12,6 +12,7 @@ and category; nothing is turned off by level or by a whole library.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -64,7 +65,7 @@ class _Drop(logging.Filter):
 _installed: list[tuple[logging.Logger, logging.Filter]] = []
 _warning_filters: list[tuple] = []
 _env_set: list[str] = []
-_bars_off: list[bool] = []
+_bars_off: list[str] = []  # the modules whose bars apply() turned off
 
 
 def apply(verbose: bool = False, resuming: bool = False) -> None:
@@ -114,13 +115,17 @@ def restore() -> None:
 
 
 def _hf_progress_bars(enabled: bool) -> None:
-    """transformers' (and huggingface_hub's) progress bars on or off; off only if they were on."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
+    """transformers' (and huggingface_hub's) and diffusers' progress bars off (those that were
+    on: `Loading weights`, `Loading pipeline components...`), or back on (those turned off)."""
     if enabled:
-        hf_logging.enable_progress_bar()
-    elif hf_logging.is_progress_bar_enabled():
-        hf_logging.disable_progress_bar()
-        _bars_off.append(True)
+        for name in _bars_off:
+            importlib.import_module(name).enable_progress_bar()
+        return
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            library = importlib.import_module(name)
+        except ImportError:
+            continue
+        if library.is_progress_bar_enabled():
+            library.disable_progress_bar()
+            _bars_off.append(name)

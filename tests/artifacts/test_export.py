@@ -1,15 +1,21 @@
-"""sdtrain-export on a real checkpoint: the model folder's own scheduler, safe loading."""
+"""sdtrain-export on a real checkpoint: the model folder's own scheduler, safe loading, never
+clobbering, file modes, quiet output."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from sdtrain.artifacts import checkpoint as checkpoint_module
 from sdtrain.cli.export import main as export_main
 from sdtrain.cli.train import train
 from tests.conftest import compose_cfg, tiny_overrides
@@ -118,3 +124,109 @@ def test_exported_text_encoder_keys_are_the_established_ones(
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, source[name]), name
+
+
+# ---------------------------------------------------------------- never clobber (issue 27 item 4)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path: what a refused export must leave as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def one_line_exit(argv: list[str], *named: str) -> str:
+    """sdtrain-export's message for `argv`: one line that names each of `named`."""
+    with pytest.raises(SystemExit) as info:
+        export_main(argv)
+    message = str(info.value.code)
+    assert message.startswith("sdtrain-export: ") and "\n" not in message, message
+    assert all(n in message for n in named), message
+    return message
+
+
+def test_export_into_a_used_folder_needs_overwrite_and_then_replaces_it_whole(
+    checkpoint: Path, tmp_path: Path
+):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out = tmp_path / "model"
+    export_main([str(checkpoint), str(out)])
+    (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"stale variant")
+    earlier = files(out)
+    one_line_exit([str(checkpoint), str(out), "--no-ema"], str(out), "--overwrite")
+    assert files(out) == earlier  # untouched: the EMA export and the stale file are still there
+    export_main([str(checkpoint), str(out), "--no-ema", "--overwrite"])
+    assert files(out).keys() == earlier.keys() - {"unet/diffusion_pytorch_model.fp16.safetensors"}
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")  # the raw weights, not the EMA's
+    raw = checkpoint_module.unet_weights(checkpoint_module.load(checkpoint), ema=False)
+    assert all(torch.equal(v, raw[k]) for k, v in unet.state_dict().items())
+    StableDiffusionPipeline.from_pretrained(out, safety_checker=None)  # a whole folder
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary sibling left
+
+
+def test_export_never_mixes_into_a_folder_of_other_files(checkpoint: Path, tmp_path: Path):
+    """Refused even with --overwrite: a mistyped OUT (`.`, a run folder) never loses its files."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"], ["--lora"]):
+        one_line_exit([str(checkpoint), str(out), *extra], str(out), "--overwrite")
+        assert files(out) == {"todo.txt": b"keep me"}
+    (tmp_path / "empty").mkdir()  # an empty folder is as good as a new one
+    export_main([str(checkpoint), str(tmp_path / "empty")])
+    assert (tmp_path / "empty" / "model_index.json").is_file()
+
+
+def test_single_file_target_is_replaced_only_with_overwrite(checkpoint: Path, tmp_path: Path):
+    file = tmp_path / "model.safetensors"
+    export_main([str(checkpoint), "--single-file", str(file)])
+    earlier = file.read_bytes()
+    one_line_exit(
+        [str(checkpoint), "--single-file", str(file), "--no-ema"], str(file), "--overwrite"
+    )
+    # with a folder too, nothing is written: the folder is not made before the file is refused
+    one_line_exit([str(checkpoint), str(tmp_path / "m"), "--single-file", str(file)], str(file))
+    assert file.read_bytes() == earlier and not (tmp_path / "m").exists()
+    export_main([str(checkpoint), "--single-file", str(file), "--no-ema", "--overwrite"])
+    assert file.read_bytes() != earlier  # the raw U-Net now
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_exported_files_have_the_modes_of_other_new_files(checkpoint: Path, tmp_path: Path):
+    """0644 / 0755 under umask 022, weights included (safetensors alone leaves them 0600)."""
+    mask = os.umask(0o022)
+    try:
+        file = tmp_path / "model.safetensors"
+        export_main([str(checkpoint), str(tmp_path / "model"), "--single-file", str(file)])
+    finally:
+        os.umask(mask)
+    paths = [tmp_path / "model", *(tmp_path / "model").rglob("*"), file]
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    want = {k: 0o755 if (tmp_path / k).is_dir() else 0o644 for k in modes}
+    assert modes == want
+    assert "model/unet/diffusion_pytorch_model.safetensors" in modes
+
+
+# ---------------------------------------------------------------- quiet tools (issue 27 item 5)
+
+
+def tool(module: str, args: list[str], cwd: Path) -> list[str]:
+    """The lines `python -m module args` printed (stdout, then stderr); it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return (proc.stdout + proc.stderr).splitlines()
+
+
+def test_export_prints_only_what_it_wrote_unless_verbose(checkpoint: Path, tmp_path: Path):
+    """No transformers/diffusers loading or saving bars, no torchvision notice."""
+    args = [str(checkpoint), "model", "--single-file", "model.safetensors"]
+    assert tool("sdtrain.cli.export", args, tmp_path) == ["wrote model.safetensors", "wrote model"]
+    verbose = "\n".join(tool("sdtrain.cli.export", [*args, "--overwrite", "--verbose"], tmp_path))
+    assert "Loading weights" in verbose and "requires torchvision" in verbose

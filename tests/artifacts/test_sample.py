@@ -1,4 +1,5 @@
-"""sdtrain-sample on a real checkpoint of a tiny run and on its export: files, seeds, EMA, errors."""
+"""sdtrain-sample on a real checkpoint of a tiny run and on its export: files, seeds, EMA, errors,
+never clobbering, quiet output."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from PIL import Image
 from sdtrain.cli.export import main as export_main
 from sdtrain.cli.sample import main as sample_main
 from sdtrain.cli.train import train
+from tests.artifacts.test_export import tool
 from tests.conftest import compose_cfg, tiny_overrides
 
 FAST = ["--steps", "2", "--device", "cpu"]
@@ -121,3 +123,42 @@ def test_bad_paths_are_one_line_errors(model: str, extra: list[str], message: st
 def test_no_prompts_is_an_error(checkpoint: Path, tmp_path: Path):
     with pytest.raises(SystemExit, match="no prompts"):
         sample_main([str(checkpoint), "--out", str(tmp_path / "out")])
+
+
+def test_out_holding_earlier_images_needs_overwrite_and_is_then_replaced_whole(
+    checkpoint: Path, tmp_path: Path
+):
+    """A second run never overwrites images silently, nor leaves the earlier set's other images
+    beside its own (the grid and samples.json would not show them)."""
+    out = tmp_path / "images"
+    first = run(checkpoint, out, "--prompt", "a red circle", "--prompt", "a blue square")
+    record = (out / "samples.json").read_text()
+    with pytest.raises(SystemExit) as info:
+        run(checkpoint, out, "--prompt", "a green triangle")
+    message = str(info.value.code)
+    assert message.startswith(f"sdtrain-sample: {out} ") and "--overwrite" in message
+    assert pixels(out).keys() == first.keys() and (out / "samples.json").read_text() == record
+    again = run(checkpoint, out, "--prompt", "a green triangle", "--overwrite")
+    assert list(again) == ["000_a-green-triangle_seed0.png"]  # the earlier two are gone
+    assert sorted(p.name for p in out.iterdir()) == [*again, "grid.png", "samples.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["images"]  # no temporary sibling left
+
+
+def test_out_of_other_files_is_refused_even_with_overwrite(checkpoint: Path, tmp_path: Path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.png").write_bytes(b"not mine to replace")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit, match=f"sdtrain-sample: {out} holds other files"):
+            run(checkpoint, out, "--prompt", "a red circle", *extra)
+        assert [p.name for p in out.iterdir()] == ["holiday.png"]
+
+
+def test_sample_prints_only_what_it_wrote(checkpoint: Path, tmp_path: Path):
+    """No loading bars (transformers' and diffusers' pipeline bar) and no torchvision notice,
+    from a checkpoint and from an exported folder."""
+    export_main([str(checkpoint), str(tmp_path / "export")])
+    for model in (checkpoint, tmp_path / "export"):
+        out = f"{model.stem}-images"
+        args = [str(model), "--out", out, "--prompt", "a red circle", *FAST]
+        assert tool("sdtrain.cli.sample", args, tmp_path) == [f"wrote 1 images and {out}/grid.png"]

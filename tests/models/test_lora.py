@@ -3,6 +3,8 @@ checkpoint keeps, resume, and the exported files read back by diffusers (both Lo
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import lightning as L
@@ -142,6 +144,25 @@ def test_exported_lora_files_load_in_diffusers(lora_run, tiny_model: Path, tmp_p
     folder.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(image(folder), trained, atol=2e-3)
     assert not any("lora" in k for k in folder.unet.state_dict())
+
+
+def test_lora_export_never_clobbers(lora_run, tmp_path: Path):
+    """A used OUT needs --overwrite, which replaces the folder (raw weights here); files 0644."""
+    _, ckpt_path = lora_run
+    out = tmp_path / "lora"
+    export_main([str(ckpt_path), str(out), "--lora"])
+    ema = {name: (out / name).read_bytes() for name in (DIFFUSERS_NAME, KOHYA_NAME)}
+    with pytest.raises(SystemExit, match=f"{out} already holds an export: pass --overwrite"):
+        export_main([str(ckpt_path), str(out), "--lora", "--no-ema"])
+    assert {name: (out / name).read_bytes() for name in ema} == ema
+    mask = os.umask(0o022)
+    try:
+        export_main([str(ckpt_path), str(out), "--lora", "--no-ema", "--overwrite"])
+    finally:
+        os.umask(mask)
+    assert sorted(p.name for p in out.iterdir()) == sorted(ema)
+    assert all((out / name).read_bytes() != ema[name] for name in ema)  # the raw adapters now
+    assert {stat.S_IMODE((out / name).stat().st_mode) for name in ema} == {0o644}
 
 
 # alpha != rank: every other run here has alpha = rank (scale 1), which hides a scale dropped or

@@ -187,7 +187,8 @@ def test_export_single_file_reloads_in_diffusers_with_the_same_images(
         assert file.is_file()
     finally:
         moved.rename(configs)
-    export_main([str(ckpt), str(folder), "--single-file", str(file), "--dtype", "fp32"])
+    args = [str(folder), "--single-file", str(file), "--dtype", "fp32", "--overwrite"]
+    export_main([str(ckpt), *args])  # over the file written above
     folder_pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     configs_out = configs_only(folder, tmp_path / "configs")  # so every weight is the file's
     file_pipe = StableDiffusionPipeline.from_single_file(
