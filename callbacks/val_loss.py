@@ -42,8 +42,8 @@ class ValidationLoss(EveryNSteps):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         self._batches = dm.heldout_dataloader() if hasattr(dm, "heldout_dataloader") else None
-        if self._batches is None and trainer.is_global_zero:
-            log.info(
+        if self._batches is None and trainer.is_global_zero:  # the run's end says it, if it asks
+            log.debug(
                 "no held-out data (data.val_shards, data.val_split_shards): no %s", VAL_LOSS_EMA
             )
 
@@ -69,11 +69,9 @@ class ValidationLoss(EveryNSteps):
             reduce=reduce,
             forward_context=trainer.precision_plugin.forward_context,
         )
+        weights = {VAL_LOSS: validation.current_weights, VAL_LOSS_EMA: pl_module.ema_weights}
         with eager():  # a compiled U-Net would recompile for the last, smaller batch
-            values = {VAL_LOSS: validation.evaluate(pl_module, self._batches, **kw)}
-            with pl_module.ema_weights() as ema:
-                if ema:
-                    values[VAL_LOSS_EMA] = validation.evaluate(pl_module, self._batches, **kw)
+            values = validation.evaluate_weights(pl_module, self._batches, weights, **kw)
         metrics = {k: v for k, v in values.items() if v is not None}
         for key, value in list(metrics.items()):
             self.best[key] = min(value, self.best.get(key, value))

@@ -25,8 +25,8 @@ module's EMA scope (`val/loss_ema`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 VAL_LOSS = "val/loss"
 VAL_LOSS_EMA = "val/loss_ema"
+# what the validation callback logs (with the lowest so far of each)
+VAL_KEYS = (VAL_LOSS, VAL_LOSS_EMA, f"{VAL_LOSS}_best", f"{VAL_LOSS_EMA}_best")
 
 
 def in_sweep() -> bool:
@@ -77,10 +79,23 @@ def optimized_value(metrics: Mapping[str, Any], key: str, sweep: bool) -> float 
 
     A key the run never logged (no held-out data for `val/loss_ema`, a typo) is an error in a
     sweep, which must not rank its trials by another number; a single run warns and returns
-    `train/loss`, as runs did before the validation loss existed.
+    `train/loss`, as runs did before the validation loss existed: in one short line for the
+    validation losses (no held-out data, or no EMA), naming the metrics logged for another key.
     """
     if key in metrics:
         return float(metrics[key])
+    fallback = metrics.get("train/loss")
+    fallback = None if fallback is None else float(fallback)
+    if not sweep and key in VAL_KEYS:  # one short line, not the run's metric names
+        if VAL_LOSS in metrics:  # held-out data, but no EMA weights to score
+            log.warning("no EMA (model.ema=null): %s not logged; returning train/loss", key)
+        else:
+            log.warning(
+                "no held-out data: %s not logged; add data.val_shards=<shards> or "
+                "data.val_split_shards=1 to rank runs by it (returning train/loss)",
+                key,
+            )
+        return fallback
     have = ", ".join(sorted(metrics)) or "none"
     why = f"optimized_metric={key} was never logged (metrics logged: {have})" + (
         "; it needs held-out data: set data.val_shards or data.val_split_shards"
@@ -89,9 +104,8 @@ def optimized_value(metrics: Mapping[str, Any], key: str, sweep: bool) -> float 
     )
     if sweep:
         raise ValueError(why)
-    fallback = metrics.get("train/loss")
     log.warning("%s; returning train/loss instead", why)
-    return None if fallback is None else float(fallback)
+    return fallback
 
 
 def timestep_grid(num_train_timesteps: int, k: int) -> torch.Tensor:
@@ -124,34 +138,55 @@ def posterior(module: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def per_sample_losses(
-    module: Any, batch: dict[str, Any], timesteps: torch.Tensor, seed: int
-) -> torch.Tensor:
-    """(B,) fp32 losses of one held-out batch: the MSE on the prediction target, averaged over the
-    K `timesteps`, with each sample's fixed draws (`sample_draws`). `module` is the
-    `StableDiffusionModule` (its encoders, U-Net forward and noise scheduler)."""
+def held_out_latents(
+    module: Any, batch: dict[str, Any], seed: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (B, 4, h, w), noise draws (B, K, 4, h, w)) of one held-out batch: each sample's
+    posterior sample and its K noises, from its fixed draws (`sample_draws`). The VAE is frozen,
+    so raw and EMA weights share these: a round encodes its images once."""
     mean, std = posterior(module, batch)  # (B, 4, h, w)
-    k, dev = len(timesteps), mean.device
     draws = torch.stack([sample_draws(seed, i, tuple(mean.shape[1:]), k) for i in batch[INDEX]])
-    draws = draws.to(dev)  # (B, 1 + K, 4, h, w)
-    latents = mean if std is None else mean + std * draws[:, 0]
-    if std is not None:
-        latents = module.family.scale_latents(module.vae.config, latents)
+    draws = draws.to(mean.device)  # (B, 1 + K, 4, h, w)
+    if std is None:
+        return mean, draws[:, 1:]
+    latents = module.family.scale_latents(module.vae.config, mean + std * draws[:, 0])
+    return latents, draws[:, 1:]
+
+
+@torch.no_grad()
+def losses_at(
+    module: Any,
+    batch: dict[str, Any],
+    latents: torch.Tensor,
+    noises: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """(B,) fp32 losses of the module's current weights: the MSE on the prediction target,
+    averaged over the K `timesteps` with the K `noises`. The caption is encoded here, under the
+    weights scored (a trained text encoder has EMA weights too)."""
     if B.text_key(batch) == B.CONTEXT:
         context = batch[B.CONTEXT].float()
     else:
         context = module.encode_text(batch[B.INPUT_IDS]).float()  # (B, 77, D)
-    sched = module.noise_scheduler
+    sched, dev = module.noise_scheduler, latents.device
     total = torch.zeros(latents.shape[0], device=dev, dtype=torch.float32)
     alphas = module.schedule(dev)
     for j, t_j in enumerate(timesteps.tolist()):
         t = torch.full((latents.shape[0],), t_j, device=dev, dtype=torch.long)
-        noise = draws[:, 1 + j]
-        noisy = diffusion.add_noise(alphas, latents, noise, t)
-        target = diffusion.target_for(sched, latents, noise, t, alphas)
+        noisy = diffusion.add_noise(alphas, latents, noises[:, j], t)
+        target = diffusion.target_for(sched, latents, noises[:, j], t, alphas)
         pred = module(noisy, t, context)
         total += F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return total / k
+    return total / len(timesteps)
+
+
+def per_sample_losses(
+    module: Any, batch: dict[str, Any], timesteps: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """(B,) fp32 losses of one held-out batch under the module's current weights (`losses_at`
+    of `held_out_latents`). `module` is the `StableDiffusionModule`."""
+    latents, noises = held_out_latents(module, batch, seed, len(timesteps))
+    return losses_at(module, batch, latents, noises, timesteps)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -167,32 +202,65 @@ def evaluate(
     forward_context: Callable[[], Any] = nullcontext,
 ) -> float | None:
     """The mean held-out loss of `module`'s current weights over `batches` (this rank's share),
-    summed over ranks by `reduce` (an all-reduce sum; None for one process). None when there is
-    no held-out sample at all.
+    summed over ranks by `reduce`; None when there is no held-out sample at all. One weight set
+    of `evaluate_weights`, which documents the arguments."""
+    kw = dict(timesteps=timesteps, seed=seed, reduce=reduce, forward_context=forward_context)
+    return evaluate_weights(module, batches, {"": current_weights}, **kw)[""]
+
+
+@contextmanager
+def current_weights() -> Iterator[bool]:
+    yield True
+
+
+def evaluate_weights(
+    module: Any,
+    batches: Iterable[dict[str, Any]],
+    weights: Mapping[str, Callable[[], Any]],
+    timesteps: int = 8,
+    seed: int = 0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    forward_context: Callable[[], Any] = nullcontext,
+) -> dict[str, float | None]:
+    """The mean held-out loss of each weight set, by name, in one pass over `batches`: each
+    batch is moved and encoded once, then scored under every set.
 
     Args:
         module: the `StableDiffusionModule` (evaluated in eval mode, restored after).
         batches: held-out batches with `index` and `weight` (`datamodules.heldout.HeldOut`).
+        weights: name -> a context manager factory that puts a weight set in for its scope and
+            yields whether it did (`module.ema_weights` yields False without an EMA: that name
+            is then left out of the result).
         timesteps: K, the timesteps per sample (`timestep_grid`).
         seed: base of the per-sample draws.
         reduce: sums a float64 (2,) tensor (loss sum, sample count) over ranks.
         forward_context: the trainer's precision context (bf16 autocast), as training runs.
     """
     grid = timestep_grid(module.noise_scheduler.config.num_train_timesteps, timesteps)
-    sums = torch.zeros(2, dtype=torch.float64, device=module.device)  # (loss sum, count)
+    sums = {name: torch.zeros(2, dtype=torch.float64, device=module.device) for name in weights}
+    absent: set[str] = set()
     was_training = module.training
     module.eval()
     try:
         for batch in batches:
             batch = to_device(batch, module.device)
-            with forward_context():
-                losses = per_sample_losses(module, batch, grid, seed)
             weight = float(batch[WEIGHT])  # 0 for a rank's padding batch
-            count = losses.new_tensor(len(losses), dtype=torch.float64)
-            sums += weight * torch.stack([losses.double().sum(), count])
+            with forward_context():
+                latents, noises = held_out_latents(module, batch, seed, len(grid))
+            for name, scope in weights.items():
+                with scope() as present, forward_context():
+                    if not present:
+                        absent.add(name)
+                        continue
+                    losses = losses_at(module, batch, latents, noises, grid)
+                count = losses.new_tensor(len(losses), dtype=torch.float64)
+                sums[name] += weight * torch.stack([losses.double().sum(), count])
     finally:
         module.train(was_training)
-    if reduce is not None:
-        sums = reduce(sums)
-    total, count = sums.tolist()
-    return None if count == 0 else total / count
+    result: dict[str, float | None] = {}
+    for name, total in sums.items():
+        if name in absent:
+            continue
+        total, count = (reduce(total) if reduce is not None else total).tolist()
+        result[name] = None if count == 0 else total / count
+    return result

@@ -122,13 +122,15 @@ def test_training_lowers_the_validation_loss_and_train_returns_its_best(
     """With optimized_metric=val/loss_ema_best, train() returns the lowest val/loss_ema logged,
     not the last. (The last, the default metric, is what each trial of test_sweeps' grid returns.)
     """
-    scores = []
+    untrained = evaluate(module(tiny_model), heldout(shards, tiny_model), timesteps=4)
+    rounds = []
+    real = validation.evaluate_weights
 
-    def worse_at_the_end(*args, **kw) -> float:  # the 4th score, EMA at step 16, rises by 1
-        scores.append(evaluate(*args, **kw))
-        return scores[-1] + (1.0 if len(scores) == 4 else 0.0)
+    def worse_at_the_end(*args, **kw) -> dict:  # val/loss_ema at step 16 (round 2) rises by 1
+        rounds.append(real(*args, **kw))
+        return {**rounds[-1], VAL_LOSS_EMA: rounds[-1][VAL_LOSS_EMA] + (len(rounds) == 2)}
 
-    monkeypatch.setattr(validation, "evaluate", worse_at_the_end)  # raw, EMA at steps 8 and 16
+    monkeypatch.setattr(validation, "evaluate_weights", worse_at_the_end)  # steps 8 and 16
     steps = 16
     overrides = [
         o for o in tiny_overrides(tiny_model, shards, steps) if not o.startswith("callbacks.")
@@ -148,17 +150,16 @@ def test_training_lowers_the_validation_loss_and_train_returns_its_best(
             "optimized_metric=val/loss_ema_best",
         ],
     )
-    untrained = evaluate(module(tiny_model), heldout(shards, tiny_model), timesteps=4)
     returned = train(cfg)
     (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
     rows = [r for r in csv.DictReader(metrics.open()) if r.get(VAL_LOSS_EMA)]
     assert [int(r["step"]) for r in rows] == [8, 16]
     ema = [float(r[VAL_LOSS_EMA]) for r in rows]
-    assert ema[1] == pytest.approx(scores[3] + 1.0) and ema[0] < ema[1]
+    assert ema[1] == pytest.approx(rounds[1][VAL_LOSS_EMA] + 1.0) and ema[0] < ema[1]
     assert returned == pytest.approx(ema[0], rel=1e-6)  # the lowest, logged at step 8
     assert float(rows[-1][f"{VAL_LOSS_EMA}_best"]) == pytest.approx(ema[0], rel=1e-6)
     trained = float(rows[-1][VAL_LOSS])
-    assert trained < untrained and scores[3] < untrained, (untrained, trained, scores)
+    assert trained < untrained and rounds[1][VAL_LOSS_EMA] < untrained, (untrained, rounds)
 
 
 def test_a_metric_never_logged_is_named(caplog: pytest.LogCaptureFixture):
@@ -221,3 +222,31 @@ def test_the_demo_holds_out_shapes_of_its_own(tiny_model: Path, tmp_path: Path):
     val0 = np.asarray(Image.open(io.BytesIO(first.extractfile(png).read())))
     train0 = np.asarray(next(demo.samples(1, 32, seed=0))[0])  # the training set's first image
     assert val0.shape == train0.shape and not np.array_equal(val0, train0)
+
+
+def test_a_round_encodes_each_held_out_image_once_for_raw_and_ema(shards: str, tiny_model: Path):
+    """Raw and EMA weights score the same VAE latents: one encode per batch a round (two on the
+    code before), and each value equals its weights evaluated alone (issue 26 item 8)."""
+    from sdtrain.training.ema import EMA
+
+    m = module(tiny_model)
+    m.ema = EMA(decay=0.5, warmup=False)
+    m.ema.attach(m.trainable_parameters())
+    with torch.no_grad():
+        for _, p in m.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))  # raw weights move; the shadow stays
+    batches = list(heldout(shards, tiny_model))
+    raw = evaluate(m, batches, timesteps=2)
+    with m.ema_weights() as present:
+        assert present
+        ema = evaluate(m, batches, timesteps=2)
+    assert raw != ema
+    calls = []
+    real = m.vae.encode
+    m.vae.encode = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    weights = {"raw": validation.current_weights, "ema": m.ema_weights}
+    both = validation.evaluate_weights(m, batches, weights, timesteps=2)
+    assert len(calls) == len(batches)
+    assert both == {"raw": raw, "ema": ema}  # bit for bit, as each alone
+    m.ema = None  # no EMA: that name is left out, as the callback logs no val/loss_ema then
+    assert validation.evaluate_weights(m, batches, weights, timesteps=2) == {"raw": raw}
