@@ -26,3 +26,42 @@ class SignalAt(L.Callback):
             import signal as signals
 
             os.kill(os.getpid(), getattr(signals, self.signal))
+
+
+class CountReductions(L.Callback):
+    """Counts the gradient reductions (torch.distributed reduce-scatter and all-reduce calls)
+    inside each micro-batch's backward pass, and writes them per rank to `out`/rankN.json as
+    [[batch_idx, calls], ...]: a spy around the real collectives."""
+
+    NAMES = ("reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "all_reduce")
+
+    def __init__(self, out: str) -> None:
+        self.out, self.calls, self.rows, self.at = out, 0, [], 0
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import torch.distributed as dist
+
+        for name in self.NAMES:
+            real = getattr(dist, name, None)
+            if real is not None:
+                setattr(dist, name, self._counted(real))
+
+    def _counted(self, real):
+        def counted(*args, **kw):
+            self.calls += 1
+            return real(*args, **kw)
+
+        return counted
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.at = self.calls
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.rows.append([len(self.rows), self.calls - self.at])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        from pathlib import Path
+
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))

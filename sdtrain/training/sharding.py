@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +57,22 @@ class FSDPStrategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.world_size  # known once the processes exist
         super().setup_environment()
+
+    @contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Gradient accumulation without a reduce-scatter per micro-batch: Lightning enters
+        this for a window's non-final micro-batches (as it enters DDP's no_sync); FSDP2 then
+        keeps the unsharded gradients and reduce-scatters their sum once, on the last."""
+        from torch.distributed.fsdp import FSDPModule
+
+        roots = [m for m in self.lightning_module.modules() if isinstance(m, FSDPModule)]
+        for m in roots:
+            m.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in roots:
+                m.set_requires_gradient_sync(True, recurse=False)
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         """Sharded (save_distributed_checkpoint): Lightning's layout (a folder of one
