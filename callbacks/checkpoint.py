@@ -56,6 +56,15 @@ class StepCheckpoint(ModelCheckpoint):
                 "Keep sdtrain.artifacts.checkpoint_io.AtomicCheckpointIO in trainer.plugins."
             )
 
+    def saves_on_exception(self, trainer, exception: BaseException) -> bool:
+        """Whether `on_exception` will write last.ckpt for `exception` (the run summary, which
+        runs before it, names the file only then): `save_on_exception` and `save_last` are on,
+        a step was trained since the last save (none at step 0: nothing to save), and the ranks
+        raise it together or there is one process."""
+        if trainer.world_size > 1 and not isinstance(exception, GROUP_WIDE):
+            return False
+        return bool(self.save_last) and self._should_save_on_exception(trainer)
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """Save on an exception only where every rank raises it together (a stop request, the
         non-finite stop, the bad-data stop) or on a single process. An error on one rank of

@@ -6,9 +6,11 @@ Every `every_n_steps` optimizer steps (default: `trainer.log_every_n_steps`), on
 
 `avg` is the debiased exponential moving average of the loss (`smoothing`, as curves.png draws
 it), `img/s` the images of all ranks trained since the previous line over its wall time (sampling
-rounds and checkpoint saves included). At the end, and when a run stops by an exception (a
-preemption signal, a crash, Ctrl-C), a summary: steps done, wall time, final and smoothed loss,
-mean img/s, and the files the run actually wrote.
+rounds and checkpoint saves included). When training starts, one line naming the step range and
+the run folder. At the end, and when a run stops by an exception (a preemption signal, a crash,
+Ctrl-C), a summary: steps done, wall time since training started, final and smoothed loss, mean
+img/s, and the files the run wrote (a checkpoint only if it is on disk, or being saved for this
+stop). A run that ends before its first step says so, with the time since the run started.
 
 Values are read from `trainer.callback_metrics`, so it works with any logger or none. The
 moving average is kept on the device: the host reads values (one sync) only on logging steps.
@@ -25,11 +27,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sdtrain.callbacks.checkpoint import StepCheckpoint
 from sdtrain.callbacks.report import TrainingReport, sampling_callbacks
 from sdtrain.datamodules import batch as B
+from sdtrain.runtime import run_folder
 
 log = logging.getLogger(__name__)
+
+STOPS = (SIGTERMException, KeyboardInterrupt)  # a stop request (signal, Ctrl-C), not a failure
 
 
 class ProgressLog(L.Callback):
@@ -63,16 +70,24 @@ class ProgressLog(L.Callback):
         self._ema: torch.Tensor | float = 0.0
         self._n: torch.Tensor | int = 0
         self._last_step: int | None = None
-        self._start_step = 0
-        self._start = self._window_start = 0.0
+        self._start_step: int | None = None  # the step training started from; None: not yet
+        self._fit_start: float | None = None  # when the fit started (setup), host seconds
+        self._start = self._window_start = 0.0  # when training started
         self._images = self._window_images = 0  # this rank's, since the start / the last line
 
     # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._fit_start, self._start_step = self.clock(), None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = self._window_start = self.clock()
         self._start_step = self._last_step = trainer.global_step
         self._images = self._window_images = 0
+        if trainer.is_global_zero:
+            to = f" to {trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+            root = Path(trainer.default_root_dir).resolve()
+            log.info("training from step %d%s in %s", trainer.global_step, to, root)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero:
@@ -163,24 +178,49 @@ class ProgressLog(L.Callback):
         if not trainer.is_global_zero:
             return
         try:
-            seconds = self.clock() - self._start
-            loss = trainer.callback_metrics.get(self.loss_key)
-            ema, n, *last = self._values(self._ema, self._n, *([loss] if loss is not None else []))
-            steps = trainer.global_step - self._start_step
-            how = "finished" if exception is None else f"stopped ({type(exception).__name__})"
-            line = f"{how} at step {self._of(trainer)}: {steps} steps in {duration(seconds)}"
-            if seconds > 0 and self._images:
-                line += f", {self._images * trainer.world_size / seconds:.1f} img/s"
-            if last:
-                line += f"; loss {last[0]:.4f} (avg {self._average(ema, n):.4f})"
-            log.info(line)
-            log.info(run_folder_line(trainer, saving=exception is not None))
+            if self._start_step is None or trainer.global_step == self._start_step:
+                log.info(self._no_step_line(trainer, exception))
+            else:
+                log.info(self._steps_line(trainer, exception))
+            log.info(run_folder_line(trainer, exception))
             for lg in trainer.loggers:
                 folder = wandb_folder(lg)
                 if folder is not None and getattr(lg.experiment, "offline", False):
                     log.info("W&B run saved offline; upload it with: wandb sync %s", folder)
         except Exception:
             log.exception("the run summary failed")
+
+    def _steps_line(self, trainer: L.Trainer, exception: BaseException | None) -> str:
+        """`finished at step 6/6: 6 steps in 4.0s, 12.0 img/s; loss 0.1234 (avg 0.1301)`."""
+        seconds = self.clock() - self._start
+        loss = trainer.callback_metrics.get(self.loss_key)
+        ema, n, *last = self._values(self._ema, self._n, *([loss] if loss is not None else []))
+        steps = trainer.global_step - self._start_step
+        how = "finished" if exception is None else f"stopped ({type(exception).__name__})"
+        line = f"{how} at step {self._of(trainer)}: {steps} steps in {duration(seconds)}"
+        if seconds > 0 and self._images:
+            line += f", {self._images * trainer.world_size / seconds:.1f} img/s"
+        if last:
+            line += f"; loss {last[0]:.4f} (avg {self._average(ema, n):.4f})"
+        return line
+
+    def _no_step_line(self, trainer: L.Trainer, exception: BaseException | None) -> str:
+        """`failed (ValueError) before the first step, 9.1s after the run started; nothing trained`."""
+        if exception is None:
+            how = "finished"
+        elif isinstance(exception, STOPS):
+            how = f"stopped ({type(exception).__name__})"
+        else:
+            how = f"failed ({type(exception).__name__})"
+        line = f"{how} before the first step"
+        if trainer.global_step:  # a resumed run
+            line += f" (at step {self._of(trainer)})"
+        seconds = run_folder.seconds_since_start()  # since Hydra started the run
+        if seconds is None and self._fit_start is not None:  # train(cfg) called in-process
+            seconds = self.clock() - self._fit_start
+        if seconds is not None:
+            line += f", {duration(seconds)} after the run started"
+        return line + "; nothing trained"
 
 
 # ---------------------------------------------------------------- what a run wrote
@@ -207,18 +247,23 @@ def wandb_folder(logger) -> Path | None:
     return folder if folder.is_dir() and folder.parent.name == "wandb" else None
 
 
-def outputs(trainer: L.Trainer, saving: bool = False) -> list[Path]:
+def outputs(trainer: L.Trainer, exception: BaseException | None = None) -> list[Path]:
     """The files and folders this run wrote, among those a user looks for, in that order.
 
     Args:
-        saving: a checkpoint callback is about to save (`save_on_exception`): its last.ckpt
-            counts even if it is not on disk yet.
+        exception: the run stops by this exception; a checkpoint callback that will save for it
+            (`StepCheckpoint.saves_on_exception`, run after this report) counts its last.ckpt
+            before it is on disk. Otherwise a checkpoint counts only if it is on disk.
     """
     found: list[Path] = []
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath:
             last = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-            pending = saving and cb.save_last and getattr(cb, "save_on_exception", False)
+            pending = (
+                exception is not None
+                and isinstance(cb, StepCheckpoint)
+                and cb.saves_on_exception(trainer, exception)
+            )
             if last.is_file() or pending:
                 found.append(last)
     for cb in sampling_callbacks(trainer):
@@ -242,12 +287,12 @@ def outputs(trainer: L.Trainer, saving: bool = False) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def run_folder_line(trainer: L.Trainer, saving: bool = False) -> str:
+def run_folder_line(trainer: L.Trainer, exception: BaseException | None = None) -> str:
     """`run folder: <dir> (checkpoints/last.ckpt, samples/step_0000400.png, ...)`: only what
-    exists, inside the folder relative to it."""
+    exists (or is being saved for `exception`), inside the folder relative to it."""
     root = Path(trainer.default_root_dir).resolve()
     names = []
-    for path in outputs(trainer, saving):
+    for path in outputs(trainer, exception):
         try:
             name = path.resolve().relative_to(root).as_posix()
         except ValueError:  # written outside the run folder

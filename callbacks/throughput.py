@@ -230,14 +230,18 @@ class ThroughputMonitor(L.Callback):
             self.flops_per_img = 0
             return
         if trainer.is_global_zero:
-            peak = f"{self._peak / 1e12:.0f} TFLOP/s" if self._peak else "unknown"
-            log.info(
+            # Said only where it gives an MFU (a known peak): without one (CPU, an unknown card
+            # with its own warning) the count is only perf/flops_per_img in the logger.
+            log.log(
+                logging.INFO if self._peak else logging.DEBUG,
                 "U-Net training FLOPs per image: %.4g TFLOP (3 x forward; latents %s, context %s);"
-                " peak %s",
+                " %s",
                 self.flops_per_img / 1e12,
                 shapes[0],
                 shapes[1],
-                peak,
+                f"peak {self._peak / 1e12:.0f} TFLOP/s: perf/mfu is logged"
+                if self._peak
+                else "no peak known: no perf/mfu",
             )
         self._log(trainer, {"perf/flops_per_img": float(self.flops_per_img)}, trainer.global_step)
 

@@ -145,7 +145,7 @@ def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_resumes(
         "callbacks.model_checkpoint.every_n_train_steps=100000"  # only the signals save
     ]
     proc = slurm(args, job, tmp_path)  # slurm.sh execs srun, which execs the task: its pid
-    wait_for(proc, "U-Net training FLOPs per image", 300)  # the fit has started
+    wait_for(proc, "training from step", 300)  # the fit has started
     time.sleep(4)  # some steps in
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)

@@ -116,7 +116,7 @@ def children(pid: int) -> list[int]:
     return [child for child, _, parent, _ in processes() if parent == pid]
 
 
-STARTED = "U-Net training FLOPs per image"  # rank 0's line once training has begun
+STARTED = "training from step"  # rank 0's line once training has begun
 
 
 @pytest.mark.parametrize("rank", [1, pytest.param(0, marks=pytest.mark.slow)])

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdtrain.artifacts import checkpoint
 from sdtrain.artifacts.checkpoint_io import put_back
+from sdtrain.callbacks.progress_bar import with_step_bar
 from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
 from sdtrain.callbacks.stop import GroupStop
 from sdtrain.cli.config_checks import (
@@ -41,7 +42,7 @@ from sdtrain.models import speed
 from sdtrain.models.loader import check_model_folder
 from sdtrain.models.parts import check_resolution
 from sdtrain.models.single_file import check_config_folder, is_single_file
-from sdtrain.runtime import quiet, watchdog
+from sdtrain.runtime import quiet, run_folder, watchdog
 from sdtrain.training import batching
 from sdtrain.training.validation import check_optimized_metric, in_sweep, optimized_value
 
@@ -250,6 +251,7 @@ def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
     """Build module, callbacks, loggers and trainer, fit, and return the metric."""
     model = build_model(cfg.model)
     callbacks = [*instantiate_map(cfg.get("callbacks")), GroupStop()]  # signals stop all ranks
+    callbacks = with_step_bar(callbacks, cfg.trainer.get("enable_progress_bar"))  # not "Epoch 0/-2"
     loggers = instantiate_map(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
@@ -318,9 +320,14 @@ def main() -> None:
     try:
         app()
     except SystemExit as e:
+        if e.code not in (None, 0):
+            run_folder.discard_unused()  # a config mistake leaves no empty dated run folder
         hint = did_you_mean(sys.argv[1:]) if e.code == 1 else None  # 1: Hydra's own errors
         if hint:
             print(hint, file=sys.stderr)
+        raise
+    except BaseException:  # HYDRA_FULL_ERROR=1 re-raises the error itself; Ctrl-C while loading
+        run_folder.discard_unused()
         raise
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
+from sdtrain.runtime import quiet
+
 
 def wandb_has_credentials() -> bool:
     """True when W&B could log in without asking: WANDB_API_KEY or a netrc entry for its host.
@@ -47,6 +49,12 @@ def wandb(
 
     settings = kwargs.pop("settings", None) or wb.Settings()
     settings.x_transaction_log_flush_interval = flush_interval_s
+    if offline and quiet.active():
+        # W&B prints its offline header ("W&B syncing is set to `offline`...", "Run data is saved
+        # locally in ...", "View this run in the terminal with `wandb leet`") whatever
+        # WANDB_QUIET says; a silent run drops it. The run summary names the run's folder and the
+        # `wandb sync` command; W&B's warnings (wandb.termwarn) still show.
+        settings.silent = True
     logger = WandbLogger(
         project=project, save_dir=save_dir, name=name, offline=offline, settings=settings, **kwargs
     )

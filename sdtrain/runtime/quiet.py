@@ -87,11 +87,18 @@ def apply(verbose: bool = False, resuming: bool = False) -> None:
         _warning_filters.append(warnings.filters[0])
     # W&B's run header and footer (version, "saved locally in", the history table): the run's
     # summary names the W&B run folder and the `wandb sync` command. W&B warnings still show.
+    # (An offline run's three header lines print whatever WANDB_QUIET says: `loggers.wandb`
+    # makes such a run silent while `active()`.)
     if "WANDB_QUIET" not in os.environ:
         os.environ["WANDB_QUIET"] = "true"
         _env_set.append("WANDB_QUIET")
     # Progress bars for loading and saving a few files of weights (`Loading weights`).
     _hf_progress_bars(False)
+
+
+def active() -> bool:
+    """Whether `apply` silences the noise now (not verbose)."""
+    return bool(_installed)
 
 
 def restore() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,7 +70,8 @@ def test_reads_the_host_only_on_logging_steps_and_averages_finite_losses(
         cb.on_train_batch_end(trainer, None, None, batch, step - 1)
         assert cb.reads == step // 2  # one read per logging step (2, 4, 6), none in between
     cb.on_fit_end(trainer, None)
-    lines = [r.getMessage() for r in caplog.records]
+    start, *lines = [r.getMessage() for r in caplog.records]
+    assert start == f"training from step 0 to 6 in {tmp_path.resolve()}"
     steps = [STEP_LINE.fullmatch(m) for m in lines[:3]]
     assert [int(m[1]) for m in steps] == [2, 4, 6] and all(m[2] == "6" for m in steps)
     assert [float(m[3]) for m in steps] == [2.0, 3.0, 5.0]  # the step's own loss
@@ -166,3 +168,42 @@ def test_a_signal_stop_summarises_and_names_the_checkpoint_it_saves(
     (folder,) = [m for m in lines if m.startswith("run folder:")]
     assert "checkpoints/last.ckpt" in folder and "samples" not in folder  # saved right after
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_failure_before_the_first_step_says_so(tiny_model: Path, shards: str, tmp_path: Path):
+    """An error while the trainer sets up (torch refuses lr=-1 when the optimizer is built, inside
+    the fit): the summary says no step was trained, times the run from its start, and names no
+    checkpoint. Before: `stopped (ValueError) at step 0/2: 0 steps in 7h36m` (the clock's
+    origin: time since boot) naming a `checkpoints/last.ckpt` never written."""
+    args = tiny_overrides(tiny_model, shards, 2) + ["model.optimizer.lr=-1"]  # W&B offline
+    began = time.monotonic()
+    proc = _cli(args, tmp_path, timeout=300)
+    took = time.monotonic() - began
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "ValueError: Invalid learning rate: -1" in out, out[-3000:]
+    (done,) = [line for line in out.splitlines() if "before the first step" in line]
+    said = re.search(
+        r"failed \(ValueError\) before the first step, ([\dhms.]+) after the run started; nothing trained$",
+        done,
+    )
+    assert said, done
+    assert seconds(said[1]) <= took
+    assert "steps in" not in out
+    (folder,) = [line for line in out.splitlines() if "run folder:" in line]
+    runs = tmp_path / "outputs" / "train" / "runs"
+    (run,) = [p for p in runs.iterdir() if p.name != "latest"]
+    assert folder.endswith(f"run folder: {run.resolve()} (wandb/{wandb_run(run)}/, train.log)")
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+    assert (runs / "latest").resolve() == run.resolve()  # the run wrote: its folder stays
+
+
+def seconds(text: str) -> float:
+    """The seconds `duration` wrote: 12.3s, 4m05s, 2h03m."""
+    m = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:([\d.]+)s)?", text)
+    h, mins, s = (float(g) if g else 0.0 for g in m.groups())
+    return 3600 * h + 60 * mins + s
+
+
+def wandb_run(run: Path) -> str:
+    (folder,) = (run / "wandb").glob("offline-run-*")
+    return folder.name

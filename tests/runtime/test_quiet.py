@@ -28,7 +28,13 @@ SILENCED = (
     "anonymous setting has no effect",  # W&B, for Lightning's anonymous=None
     "Tracking run with wandb version",  # W&B's header and footer
     "Run history:",
+    "W&B syncing is set to",  # W&B's three offline lines, whatever WANDB_QUIET says
+    "Run data is saved locally in",
+    "wandb leet",
     "no peak FLOP/s known for device cpu",
+    "FLOPs per image",  # sdtrain's own, said only where it gives an MFU (not on a CPU)
+    "Epoch 0",  # Lightning's bar: "Epoch 0/-2" in a run of max_steps
+    "v_num",
 )
 
 
@@ -42,13 +48,18 @@ def run_cli(args: list[str], cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def quiet_and_verbose(tiny_model: Path, shards: str, tmp_path_factory) -> tuple[str, str]:
-    """One short real run (default logger: W&B offline) quiet, and the same with verbose=true."""
+    """One short real run (default logger: W&B offline; no held-out data) quiet, with the
+    progress bar and Hydra's dated run folder under `quiet/outputs/`, and the same with
+    verbose=true."""
     tmp = tmp_path_factory.mktemp("quiet")
-    args = tiny_overrides(tiny_model, shards, 2)
-    outputs = []
-    for name, extra in (("quiet", []), ("verbose", ["verbose=true"])):
-        outputs.append(run_cli([*args, *extra, f"hydra.run.dir={tmp / name}"], tmp))
-    return outputs[0], outputs[1]
+    args = [a for a in tiny_overrides(tiny_model, shards, 2) if "enable_progress_bar" not in a]
+    (tmp / "quiet").mkdir()
+    quiet = run_cli([*args, "trainer.enable_progress_bar=true"], tmp / "quiet")
+    verbose = run_cli(
+        [*args, "trainer.enable_progress_bar=false", "verbose=true", f"hydra.run.dir={tmp / 'v'}"],
+        tmp,
+    )
+    return quiet, verbose
 
 
 def test_a_quiet_run_prints_none_of_the_silenced_messages(quiet_and_verbose):
@@ -56,6 +67,29 @@ def test_a_quiet_run_prints_none_of_the_silenced_messages(quiet_and_verbose):
     assert [s for s in SILENCED if s in out] == []
     assert "finished at step 2/2" in out  # the run still reports itself
     assert "wandb sync " in out  # and how to upload its offline W&B run
+    (bar,) = [line for line in out.splitlines() if " 2/2 " in line]
+    assert bar.startswith("step ") and "train/loss" in bar  # the bar counts optimizer steps
+
+
+def test_a_run_without_held_out_data_ends_with_one_line_about_val_loss_ema(quiet_and_verbose):
+    out, _ = quiet_and_verbose
+    about = [line for line in out.splitlines() if "val/loss_ema" in line]
+    assert len(about) == 1, about
+    assert about[0].endswith(
+        "no held-out data: val/loss_ema not logged; add data.val_shards=<shards> or "
+        "data.val_split_shards=1 to rank runs by it (returning train/loss)"
+    )
+    assert "metrics logged" not in out  # before: the run's eleven metric names
+
+
+def test_latest_finds_the_newest_run(quiet_and_verbose):
+    out, _ = quiet_and_verbose
+    (start,) = [line for line in out.splitlines() if "training from step 0 to 2 in " in line]
+    folder = Path(start.split(" in ", 1)[1])  # the run says where it is
+    runs = folder.parent
+    assert runs.name == "runs" and sorted(p.name for p in runs.iterdir()) == [folder.name, "latest"]
+    assert (runs / "latest").is_symlink() and (runs / "latest").resolve() == folder.resolve()
+    assert (runs / "latest" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_verbose_shows_them_again(quiet_and_verbose):
