@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdtrain.artifacts import checkpoint
 from sdtrain.cli.export import main as export_main
@@ -158,3 +159,78 @@ def test_a_target_on_an_old_module_path_names_the_new_one(
         "sdtrain.models.loader.load_parts"
     ), e.value
     assert no_model == []
+
+
+# ------------------------------------------------- issue 27 item 2: GPU settings, buckets, seeds
+
+
+def test_a_gpu_experiment_without_a_gpu_is_one_line_naming_the_cpu_settings(
+    tiny_model: Path, shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The README's fine-tune command on a machine without a GPU (CUDA_VISIBLE_DEVICES= hides any):
+    one line naming the fix, before W&B starts. It was Lightning's "No supported gpu backend
+    found!" inside a traceback, after the data and the model were built."""
+    args = [
+        "experiment=finetune",
+        f"model.pretrained={tiny_model}",
+        f"data.train_shards='{shards}'",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # for the command's process
+    proc = _cli(args, tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "gpu backend" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (
+        "sdtrain-train: trainer.accelerator=gpu but torch finds no GPU on this machine: to train "
+        "on the CPU add trainer.accelerator=cpu trainer.precision=32-true"
+    )
+    assert not (tmp_path / "run" / "wandb").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("choice", ["trainer=gpu", "trainer.accelerator=cuda"])
+def test_every_gpu_setting_is_refused_before_a_model_loads(
+    choice: str, tiny_model: Path, shards: str, tmp_path: Path, no_model: list
+):
+    base = [o for o in tiny_overrides(tiny_model, shards) if o != "trainer.accelerator=cpu"]
+    cfg = compose_cfg(tmp_path, [*base, choice])
+    with pytest.raises(ValueError, match=r"add trainer.accelerator=cpu trainer.precision=32-true$"):
+        train(cfg)
+    assert no_model == []
+
+
+@pytest.mark.parametrize(
+    ("size", "fix"),
+    [
+        (500, "use data.resolution=512 data.bucket_step=64 (or data.resolution=448)"),
+        (460, "use data.resolution=448 data.bucket_step=64 (or data.resolution=512)"),
+        (32, "use data.resolution=64 data.bucket_step=64"),
+    ],
+)
+def test_a_resolution_the_bucket_step_does_not_divide_names_the_nearest_pair(
+    size: int, fix: str, tiny_model: Path, shards: str, tmp_path: Path, no_model: list
+):
+    overrides = ["data=webdataset", "data.buckets=auto", f"data.resolution={size}"]
+    cfg = compose_cfg(tmp_path, tiny_overrides(tiny_model, shards) + overrides)
+    with pytest.raises(ValueError) as e:
+        train(cfg)
+    assert str(e.value) == (
+        f"data.resolution={size} is not a multiple of data.bucket_step=64 (data.buckets=auto "
+        f"makes every bucket side a multiple of it): {fix}"
+    )
+    assert no_model == []
+
+
+@pytest.mark.parametrize("seed", ["7", "null"])
+def test_data_seed_is_set_on_its_own(seed: str, tiny_model: Path, shards: str, tmp_path: Path):
+    """data.seed apart from the root seed (which model.seed follows) trains, with a logger: it
+    stopped with Lightning's "Error while merging hparams: the keys ['seed'] are present in both
+    the LightningModule's and LightningDataModule's hparams but have different values"."""
+    import yaml
+
+    overrides = ["logger=csv", "~callbacks.sample_images", f"data.seed={seed}"]
+    train(compose_cfg(tmp_path, tiny_overrides(tiny_model, shards, 1) + overrides))
+    (hparams,) = (tmp_path / "csv").glob("version_*/hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())  # the composed config, whole
+    assert logged["data"]["seed"] == yaml.safe_load(seed) and logged["model"]["seed"] == 42
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 1

@@ -1,5 +1,6 @@
 """Checks of the composed config before anything loads: keys a class does not take, `_target_`s
-that do not import (an old module path names its new one), required keys left unset, and a
+that do not import (an old module path names its new one), required keys left unset, a GPU
+asked for on a machine without one, a resolution the bucket step does not divide, and a
 suggestion for a key Hydra refuses."""
 
 from __future__ import annotations
@@ -102,6 +103,43 @@ def check_targets(cfg: DictConfig) -> None:
         for name, node in (cfg.get(group) or {}).items():
             if node:
                 unknown_arguments(node, f"{group}.{name}")
+
+
+def check_device(trainer: DictConfig) -> None:
+    """Refuse `trainer.accelerator=gpu` (or cuda, mps) on a machine without one, naming the CPU
+    settings: Lightning's own check ("No supported gpu backend found!") comes only as the Trainer
+    is built, after the data, the model and W&B have started."""
+    name = trainer.get("accelerator")
+    if not isinstance(name, str):  # null, or an Accelerator built from config
+        return
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    found = {"cuda": CUDAAccelerator.is_available, "mps": MPSAccelerator.is_available}
+    needs = {"gpu": ("cuda", "mps"), "cuda": ("cuda",), "mps": ("mps",)}.get(name.lower(), ())
+    if needs and not any(found[n]() for n in needs):
+        kind = "GPU" if name.lower() == "gpu" else name.upper()
+        raise ValueError(
+            f"trainer.accelerator={name} but torch finds no {kind} on this machine: to train on "
+            "the CPU add trainer.accelerator=cpu trainer.precision=32-true"
+        )
+
+
+def check_bucket_step(data: DictConfig) -> None:
+    """`data.buckets=auto` makes every bucket side a multiple of `data.bucket_step`, from
+    `data.resolution`: refuse a resolution the step does not divide, naming the nearest pair."""
+    size, step = data.get("resolution"), data.get("bucket_step")
+    if data.get("buckets") != "auto" or not all(isinstance(v, int) and v > 0 for v in (size, step)):
+        return  # other bucket lists, and values the datamodule refuses with their own message
+    if size % step == 0:
+        return
+    lower, upper = size // step * step, (size // step + 1) * step
+    near, other = (lower, upper) if lower and size - lower < upper - size else (upper, lower)
+    also = f" (or data.resolution={other})" if other else ""
+    raise ValueError(
+        f"data.resolution={size} is not a multiple of data.bucket_step={step} (data.buckets=auto "
+        f"makes every bucket side a multiple of it): use data.resolution={near} "
+        f"data.bucket_step={step}{also}"
+    )
 
 
 def plain_overrides(args: list[str]) -> list[Any]:

@@ -32,6 +32,8 @@ from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
 from sdtrain.callbacks.stop import GroupStop
 from sdtrain.cli.config_checks import (
     LOADER_INPUTS,
+    check_bucket_step,
+    check_device,
     check_targets,
     did_you_mean,
     missing_keys,
@@ -219,6 +221,8 @@ def prepare(cfg: DictConfig) -> Prepared | None:
             "e.g. model.pretrained=/models/sd15 \"data.train_shards='/data/{00000..00099}.tar'\" or a shard folder)"
         )
     check_targets(cfg)
+    check_device(cfg.trainer)  # one line naming the CPU settings, before anything starts
+    check_bucket_step(cfg.data)
     check_demo_data(cfg.data)  # your own shards under the demo's flips and size
     batching.apply(cfg)  # data.batch_size, accumulation and lr from the global batch
     ckpt = checkpoint_file(cfg)

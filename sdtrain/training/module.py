@@ -109,7 +109,12 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         num_train = parts.noise_scheduler.config.num_train_timesteps
         diffusion.check_options(loss, huber_c, huber_schedule, input_perturbation,
                                 timestep_sampling, logit_normal, timestep_range, num_train)  # fmt: skip
-        self.save_hyperparameters(ignore=["parts", "optimizer", "lr_scheduler", "ema"])
+        # logger=False: sdtrain-train logs the composed config whole; Lightning's own merge of
+        # the module's and the datamodule's hyperparameters refused any key both take with two
+        # values (model.seed and data.seed), so neither could be set on its own
+        self.save_hyperparameters(
+            ignore=["parts", "optimizer", "lr_scheduler", "ema"], logger=False
+        )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
