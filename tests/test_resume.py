@@ -15,7 +15,8 @@ from diffusers.optimization import get_scheduler
 from omegaconf import open_dict
 
 from sdtrain.artifacts import checkpoint
-from sdtrain.cli.train import prepare, resume_record, train
+from sdtrain.cli.resume import resume_record
+from sdtrain.cli.train import prepare, train
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
 from tests.test_train import _cli
 

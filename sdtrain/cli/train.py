@@ -13,7 +13,6 @@ Print the config:  sdtrain-train --cfg job
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from sdtrain.artifacts.checkpoint_io import put_back
 from sdtrain.callbacks.progress_bar import with_step_bar
 from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
 from sdtrain.callbacks.stop import GroupStop
+from sdtrain.cli import resume
 from sdtrain.cli.config_checks import (
     LOADER_INPUTS,
     check_bucket_step,
@@ -37,7 +37,6 @@ from sdtrain.cli.config_checks import (
     check_targets,
     did_you_mean,
     missing_keys,
-    plain_overrides,
 )
 from sdtrain.demo.resolvers import check_demo_data, register
 from sdtrain.models import speed
@@ -70,9 +69,7 @@ def checkpoint_file(cfg: DictConfig) -> Path | None:
     path = Path(path)
     put_back(path)  # a sharded save killed mid-swap left the checkpoint beside its name
     if not path.is_file() and not checkpoint.is_sharded(path):
-        raise FileNotFoundError(
-            f"ckpt_path: {path} is not a file (nor a sharded checkpoint folder)"
-        )
+        raise FileNotFoundError(resume.no_checkpoint(cfg, path))
     return path
 
 
@@ -186,7 +183,7 @@ def finished(cfg: DictConfig, ckpt: Path, saved: dict[str, Any]) -> bool:
     log.warning(
         "nothing to train: %s is at step %d and trainer.max_steps=%d, so this run is finished. "
         "To train on, resume with a larger trainer.max_steps, e.g. sdtrain-train hydra.run.dir=%s "
-        "ckpt_path=%s trainer.max_steps=%d (and the run's overrides)",
+        "ckpt_path=%s trainer.max_steps=%d",
         ckpt,
         step,
         max_steps,
@@ -273,7 +270,7 @@ def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
         if trainer.is_global_zero:
             log.warning(
                 "stopped by a signal at step %d; resume with: sdtrain-train "
-                "hydra.run.dir=%s ckpt_path=last (and the run's overrides)",
+                "hydra.run.dir=%s ckpt_path=last",
                 trainer.global_step,
                 cfg.paths.output_dir,
             )
@@ -310,6 +307,8 @@ def finish_wandb() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://sdtrain.conf", config_name="train")
 def app(cfg: DictConfig) -> float | None:
     """The Hydra app: a mistake `prepare` finds is one line on stderr and exit status 1."""
+    if resume.note:  # what a resume reused of its run's overrides, and what it changed
+        log.info(resume.note)
     try:
         prepared = prepare(cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -318,42 +317,23 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """`sdtrain-train`: the Hydra app, keeping a resumed run's first Hydra record, and with a
-    suggestion when Hydra refuses a key that is not in the config."""
-    sys.argv[1:] = resume_record(sys.argv[1:])
+    """`sdtrain-train`: the Hydra app; a resume of a run in its folder trains with the run's
+    recorded overrides (new ones on top) and keeps its first Hydra record; a suggestion when
+    Hydra refuses a key that is not in the config."""
+    sys.argv[1:] = resume.resume_args(sys.argv[1:])
     try:
         app()
     except SystemExit as e:
         if e.code not in (None, 0):
             run_folder.discard_unused()  # a config mistake leaves no empty dated run folder
         hint = did_you_mean(sys.argv[1:]) if e.code == 1 else None  # 1: Hydra's own errors
-        if hint:
-            print(hint, file=sys.stderr)
+        for line in (hint, resume.note if e.code == 1 else None):  # what Hydra was given
+            if line:
+                print(line, file=sys.stderr)
         raise
     except BaseException:  # HYDRA_FULL_ERROR=1 re-raises the error itself; Ctrl-C while loading
         run_folder.discard_unused()
         raise
-
-
-def resume_record(args: list[str]) -> list[str]:
-    """`args`, plus `hydra.output_subdir=.hydra/resume-<n>` when they resume a run in its folder.
-
-    Hydra writes the composed config and overrides to `<run>/.hydra/`; a resume with
-    `hydra.run.dir=<run> ckpt_path=...` would overwrite the first run's. Its record goes beside
-    it instead, numbered from 1. Only rank 0 of a torchrun or SLURM launch writes one (the others
-    get `hydra.output_subdir=null`, as Lightning gives the processes it starts itself).
-    """
-    values = {o.key_or_group: o.value() for o in plain_overrides(args) if not o.is_delete()}
-    run_dir, ckpt = values.get("hydra.run.dir"), values.get("ckpt_path")
-    if "hydra.output_subdir" in values or not run_dir or ckpt in (None, "null"):
-        return args
-    if {"-m", "--multirun"} & set(args) or not (Path(str(run_dir)) / ".hydra").is_dir():
-        return args
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
-        return [*args, "hydra.output_subdir=null"]
-    taken = [p.name for p in (Path(str(run_dir)) / ".hydra").glob("resume-*")]
-    n = 1 + max((int(t[7:]) for t in taken if t[7:].isdigit()), default=0)
-    return [f"hydra.output_subdir=.hydra/resume-{n}", *args]
 
 
 if __name__ == "__main__":
