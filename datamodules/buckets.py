@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -26,6 +27,9 @@ from sdtrain.datamodules.transforms import (  # noqa: F401  (bucket_crop_box: th
     MAX_IMAGE_PIXELS,
     ImageTextTransform,
     bucket_crop_box,
+    find_caption,
+    find_image,
+    image_size,
 )
 
 Bucket = tuple[int, int]  # (width, height) in pixels
@@ -117,12 +121,18 @@ class BucketTransform(ImageTextTransform):
         )
         self.buckets = list(buckets)
 
+    def precheck(self, sample: dict) -> Bucket:
+        """The bucket nearest the image's shape, read from its header (no pixels decoded);
+        SkipSample for what decoding would skip it for but a broken body."""
+        find_caption(sample)
+        return nearest_bucket(*image_size(find_image(sample), self.max_pixels), self.buckets)
+
     def place(
-        self, width: int, height: int, rng: random.Random
+        self, width: int, height: int, rng: random.Random, bucket: Bucket | None = None
     ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-        """The nearest bucket's cover-and-crop box instead of a square's."""
-        bucket = nearest_bucket(width, height, self.buckets)
-        return bucket_crop_box(width, height, bucket, self.center_crop, rng)
+        """The cover-and-crop box of `bucket`, or of the bucket nearest the image's shape."""
+        bucket = bucket or nearest_bucket(width, height, self.buckets)
+        return bucket_crop_box(width, height, tuple(bucket), self.center_crop, rng)
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
         example = super().__call__(sample, rng)
@@ -134,7 +144,7 @@ class BucketTransform(ImageTextTransform):
 
 class BucketBatcher:
     """Pipeline stage: examples -> batches of `batch_size` examples of one bucket, collated by
-    `collate`, with "original_size" and "crop_top_left" as (B, 2) long tensors.
+    `collate` (`collate_sized`: with "original_size" and "crop_top_left" as (B, 2) long tensors).
 
     One instance per pipeline, so each DataLoader worker (which gets its own copy) buffers its
     own samples; the buffers persist from one pass to the next (see the module docs). A batch's
@@ -154,7 +164,35 @@ class BucketBatcher:
             bucket.append(example)
             if len(bucket) == self.batch_size:
                 self.waiting[shape] = []
-                batch = self.collate(bucket)
-                for key in (B.ORIGINAL_SIZE, B.CROP_TOP_LEFT):
-                    batch[key] = torch.tensor([e[key] for e in bucket], dtype=torch.long)
-                yield batch
+                yield self.collate(bucket)
+
+
+def collate_sized(collate, examples: list[dict]) -> dict:
+    """`collate(examples)` with "original_size" and "crop_top_left" as (B, 2) long tensors."""
+    batch = collate(examples)
+    for key in (B.ORIGINAL_SIZE, B.CROP_TOP_LEFT):
+        batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+    return batch
+
+
+def merge_small_buckets(
+    buckets: Sequence[Bucket], sizes: Sequence[tuple[int, int]], batch_size: int
+) -> tuple[list[Bucket], dict[Bucket, int]]:
+    """The buckets to train with on images of these (width, height) `sizes`, and {dropped bucket:
+    its image count}: a bucket that fewer than `batch_size` images go to is dropped, its images
+    going to the nearest bucket left, the fewest-held first (on a tie the one farthest from
+    square), until every bucket holding images holds a batch or one bucket holds them all.
+
+    A bucket of fewer images than a batch could fill its batches only with the same images
+    again: one image of a shape in a batch of 4 came 4 times. Cropped to the neighbouring shape
+    they train beside the others instead.
+    """
+    kept, dropped = list(buckets), {}
+    while True:
+        counts = Counter(nearest_bucket(w, h, kept) for w, h in sizes)
+        small = [b for b in kept if 0 < counts[b] < batch_size]
+        if not small or sum(1 for b in kept if counts[b]) < 2:
+            return kept, dropped
+        drop = min(small, key=lambda b: (counts[b], -abs(math.log(b[0] / b[1]))))
+        kept.remove(drop)
+        dropped[drop] = counts[drop]

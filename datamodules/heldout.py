@@ -15,13 +15,31 @@ from typing import Any
 
 import webdataset as wds
 
-from sdtrain.datamodules.sources import expand_shards
-from sdtrain.datamodules.transforms import SkipSample
+from sdtrain.datamodules.captions import caption_processor
+from sdtrain.datamodules.sources import expand_shards, read_latent_cache
+from sdtrain.datamodules.transforms import ImageTextTransform, LatentTransform, SkipSample
 
 log = logging.getLogger(__name__)
 
 INDEX = "index"  # batch key: each sample's place in the held-out shards, (B,) ints
 WEIGHT = "weight"  # batch key: 1.0 for a real batch, 0.0 for a rank's padding batch
+
+
+def heldout_transform(
+    urls: list[str], h, train_cache: dict | None
+) -> ImageTextTransform | LatentTransform:
+    """Raw held-out sample -> example, under the datamodule's hyperparameters `h`: centre-cropped
+    and never flipped; the caption template applies (prompts look like it), no tag shuffle. A
+    latent cache's tensors for one (`urls` in a cache folder); `train_cache` (the training
+    shards' cache.json, or None) gives the size when `h.resolution` is null."""
+    info = read_latent_cache(urls)
+    template = caption_processor(h.caption_template, False, 0, h.tag_separator)
+    if info is not None:
+        return LatentTransform(info["files"], info["dtype"], info["latent_shape"], template)
+    resolution = h.resolution or (train_cache or {}).get("resolution")
+    return ImageTextTransform(
+        resolution, True, False, max_pixels=h.max_image_pixels, captions=template
+    )
 
 
 def split_heldout(

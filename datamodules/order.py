@@ -172,44 +172,21 @@ class SplitByWorker:
         yield from islice(src, worker, None, workers)
 
 
-class SplitSamples:
-    """Pipeline stage: keep every n-th sample of the pass's sample stream for loader slot i of n,
-    where the slots are every rank's DataLoader workers (n = ranks x workers, i = rank x workers +
-    virtual worker).
-
-    Every slot reads the same shards in the same (pass-seeded) order and keeps its own samples:
-    each sample is drawn once a pass by exactly one slot, and the slots' shares differ by at most
-    one sample, whatever the shard count (one shard and 16 slots included). Splitting whole shards
-    could not: with 3 shards on 2 ranks one rank held 2 and the other 1, and the rank with less
-    data drew its samples twice as often. The price is reading: every slot reads every shard
-    (it decodes only its own samples); large data sets use `data.resampled=true`.
-    """
-
-    def __init__(self, rank: int, world_size: int, order: DataOrder, cursor: Cursor) -> None:
-        self.rank, self.world_size, self.order, self.cursor = rank, world_size, order, cursor
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        c = self.cursor
-        slots = self.world_size * c.workers
-        # the deal turns each pass (one draw shared by every slot): shards of a multiple of
-        # `slots` samples would otherwise give each slot the same samples every pass
-        turn = self.order.rng("deal", c.passes, worker=None).randrange(slots)
-        yield from islice(src, (self.rank * c.workers + c.worker + turn) % slots, None, slots)
-
-
 class ShuffleStage:
-    """Pipeline stage: shuffle samples through a buffer, on a seed from `order`, worker and pass.
+    """Pipeline stage: shuffle samples through a buffer, on a seed from `order`, worker and pass
+    (`shared`: from `order` and pass alone, the same in every rank and worker).
 
     webdataset's shuffle() without a seed draws one from the pid and the wall clock: a new order
     every run, never reproducible. The buffer fills before it hands out the first sample
     (webdataset's default starts at 100: a run's first batches came from one or two shards).
     """
 
-    def __init__(self, bufsize: int, order: DataOrder, cursor: Cursor) -> None:
-        self.bufsize, self.order, self.cursor = bufsize, order, cursor
+    def __init__(self, bufsize: int, order: DataOrder, cursor: Cursor, shared: bool = False):
+        self.bufsize, self.order, self.cursor, self.shared = bufsize, order, cursor, shared
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        rng = self.order.rng("samples", self.cursor.passes, self.cursor.worker)
+        worker = None if self.shared else self.cursor.worker
+        rng = self.order.rng("samples", self.cursor.passes, worker)
         yield from wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
 
 
@@ -259,7 +236,7 @@ class Endless(IterableDataset):
             empty = 0 if count else empty + 1
             self.cursor.next_pass()
         raise RuntimeError(
-            f"rank {self.rank}: {self.max_empty} passes over its shards in a row gave no batch; "
-            "its shards (or this DataLoader worker's share) hold fewer usable samples than "
-            "data.batch_size: use more shards, a smaller batch, or data.resampled=true"
+            f"rank {self.rank}: {self.max_empty} passes over its shards in a row gave no batch: "
+            "they hold no usable sample (an image or latents, with a caption; the warnings above "
+            "name the skipped ones)"
         )

@@ -103,3 +103,41 @@ def read_latent_cache(urls: list[str]) -> dict | None:
             f"{CACHE_FORMAT!r} version {CACHE_FORMAT_VERSION} (cache again with sdtrain-cache-latents)"
         )
     return info | {"folder": str(path.parent)}
+
+
+def check_shard_kind(h, info: dict | None, urls: list[str], buckets: list | None) -> None:
+    """Refuse data settings `h` (the datamodule's hyperparameters) that the shards cannot honour:
+    `latent_cache` against what they are, a `resolution` other than a latent cache's (`info`,
+    its parsed cache.json; None for image shards), `buckets` or `random_flip` on a cache."""
+    if info is None:
+        if h.latent_cache:
+            raise ValueError(
+                f"data.latent_cache=true, but data.train_shards ({urls[0]}, ...) is no "
+                f"latent cache: its folder holds no {CACHE_FILE} (sdtrain-cache-latents writes "
+                "it last, so an interrupted run leaves none)"
+            )
+        if h.resolution is None:
+            raise ValueError(
+                "data.resolution=null takes the size from a latent cache, but "
+                f"data.train_shards ({urls[0]}, ...) are image shards: set a size"
+            )
+        return
+    where = f"the latent cache {info['folder']}"
+    if buckets is not None:
+        raise ValueError(
+            f"data.buckets={h.buckets!r} cannot apply to {where}: its images were cropped "
+            "square when cached. Set data.buckets=null, or train on the image shards."
+        )
+    if h.latent_cache is False:
+        raise ValueError(f"data.latent_cache=false, but data.train_shards is {where}")
+    if h.resolution is not None and h.resolution != info["resolution"]:
+        raise ValueError(
+            f"data.resolution={h.resolution}, but {where} was made at {info['resolution']} "
+            f"px ({CACHE_FILE}): set data.resolution={info['resolution']} (or null), or "
+            f"cache again with --resolution {h.resolution}"
+        )
+    if h.random_flip:
+        raise ValueError(
+            f"data.random_flip=true cannot apply to {where}: its images were cached "
+            "unflipped. Set data.random_flip=false, or train on the image shards to flip."
+        )

@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.captions import CaptionProcessor
@@ -25,6 +25,7 @@ BACKGROUND_RGB = (255, 255, 255)
 
 
 SKIP_KINDS = B.SKIP_KINDS
+BUCKET = "__bucket__"  # a raw sample's (width, height) bucket, set where its batch was formed
 MAX_IMAGE_PIXELS = 64_000_000  # default data.max_image_pixels: an 8000 x 8000 image
 
 
@@ -97,6 +98,47 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return out
 
 
+def _open_checked(data: bytes, max_pixels: int | None) -> Image.Image:
+    """The image's header (Pillow reads no pixels yet), refused above `max_pixels`."""
+    img = Image.open(io.BytesIO(data))  # reads the header only
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise SkipSample(
+            f"image is {w} x {h} = {w * h} pixels, over data.max_image_pixels={max_pixels}",
+            "too_large",
+        )
+    return img
+
+
+def _skip_unreadable(read, data: bytes, max_pixels: int | None):
+    """`read(image header)` under the decode rules: a decompression bomb or more than
+    `max_pixels` pixels is `too_large`, anything Pillow cannot read is `decode`."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow raises above 2x Image.MAX_IMAGE_PIXELS but only warns above 1x; skip both,
+            # as one ~90-megapixel image is hundreds of MB per DataLoader worker.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return read(_open_checked(data, max_pixels))
+    except SkipSample:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise SkipSample(f"decompression bomb ({type(e).__name__}: {e})", "too_large") from e
+    except Exception as e:  # PIL raises many types for broken files and unconvertible modes
+        raise SkipSample(f"image does not decode ({type(e).__name__}: {e})", "decode") from e
+
+
+def _decoded(img: Image.Image) -> Image.Image:
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)
+    return _flatten_alpha(_to_8bit(img)).convert("RGB")
+
+
+def _shown_size(img: Image.Image) -> tuple[int, int]:
+    w, h = img.size
+    # EXIF orientations 5-8 turn the image a quarter: a viewer shows it h x w
+    return (h, w) if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (w, h)
+
+
 def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode image bytes to 8-bit RGB as a viewer would show them.
 
@@ -107,27 +149,13 @@ def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Imag
         SkipSample: the bytes do not decode, or the image has more than `max_pixels` pixels
             (read from the header, before decoding) or is a decompression bomb.
     """
-    try:
-        with warnings.catch_warnings():
-            # Pillow raises above 2x Image.MAX_IMAGE_PIXELS but only warns above 1x; skip both,
-            # as one ~90-megapixel image is hundreds of MB per DataLoader worker.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise SkipSample(
-                    f"image is {w} x {h} = {w * h} pixels, over data.max_image_pixels={max_pixels}",
-                    "too_large",
-                )
-            img.load()
-        ImageOps.exif_transpose(img, in_place=True)
-        return _flatten_alpha(_to_8bit(img)).convert("RGB")
-    except SkipSample:
-        raise
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise SkipSample(f"decompression bomb ({type(e).__name__}: {e})", "too_large") from e
-    except Exception as e:  # PIL raises many types for broken files and unconvertible modes
-        raise SkipSample(f"image does not decode ({type(e).__name__}: {e})", "decode") from e
+    return _skip_unreadable(_decoded, data, max_pixels)
+
+
+def image_size(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of image bytes as `decode_image` would return them (EXIF orientation
+    applied), from the header alone; raises SkipSample as `decode_image` does for a header."""
+    return _skip_unreadable(_shown_size, data, max_pixels)
 
 
 def crop_box(
@@ -202,11 +230,21 @@ class ImageTextTransform:
         self.random_flip = random_flip
         self.with_meta = with_meta
 
+    def precheck(self, sample: dict) -> tuple[int, int] | None:
+        """Raise SkipSample now for what shows without decoding (no caption, no image, an image
+        header that does not read or is too large); the bucket the sample goes to, or None (one
+        square shape). `data.resampled=false` forms each pass's batches from this before any
+        sample is decoded (datamodules/passes.py)."""
+        find_caption(sample)
+        image_size(find_image(sample), self.max_pixels)
+        return None
+
     def place(
-        self, width: int, height: int, rng: random.Random
+        self, width: int, height: int, rng: random.Random, bucket: tuple[int, int] | None = None
     ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
         """Where a `width` x `height` image is resized and cropped (`crop_box`'s result): a
-        `resolution` square here; aspect-ratio buckets (datamodules.buckets) override it."""
+        `resolution` square here; aspect-ratio buckets (datamodules.buckets) override it, into
+        `bucket` where the batch it goes into was formed for one."""
         return crop_box(width, height, self.resolution, self.center_crop, rng)
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
@@ -217,7 +255,7 @@ class ImageTextTransform:
         caption = find_caption(sample)
         img = decode_image(find_image(sample), self.max_pixels)
         original = img.size  # (w, h) as decoded, EXIF orientation applied
-        box = self.place(*original, rng)
+        box = self.place(*original, rng, sample.get(BUCKET))
         img = resize_crop(img, self.resolution, self.center_crop, box)
         flipped = self.random_flip and rng.random() < 0.5
         if flipped:
@@ -271,6 +309,13 @@ class LatentTransform:
         self.files = files
         self.dtype = dtype
         self.latent_shape = tuple(latent_shape)
+
+    def precheck(self, sample: dict) -> None:
+        """Raise SkipSample now for a missing caption or tensor file (see ImageTextTransform)."""
+        find_caption(sample)
+        for ext in self.files.values():
+            if not sample.get(ext):
+                raise SkipSample(f"no .{ext}", "bad_latent")
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
         """`rng` draws the tag shuffle of `captions` (nothing else here is random)."""

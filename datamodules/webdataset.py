@@ -6,33 +6,46 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import replace
+from functools import partial
 
 import lightning as L
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_buckets
+from sdtrain.datamodules.buckets import (
+    BucketBatcher,
+    BucketTransform,
+    collate_sized,
+    parse_buckets,
+)
 from sdtrain.datamodules.captions import caption_processor
 from sdtrain.datamodules.decode import DecodeStage  # noqa: F401  (re-exported: sdtrain.artifacts.cache)
-from sdtrain.datamodules.heldout import HeldOut, split_heldout
+from sdtrain.datamodules.heldout import HeldOut, heldout_transform, split_heldout
 from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
     Cursor,
     DataOrder,
     Endless,
     PositionStage,
     ResampledShardList,
-    ShuffledShardList,
     ShuffleStage,
-    SplitSamples,
     worker_info,
 )
+from sdtrain.datamodules.passes import pass_stages
 from sdtrain.datamodules.sources import (  # noqa: F401  (re-exported: this module's API)
     CACHE_FILE,
     CACHE_FORMAT,
     CACHE_FORMAT_VERSION,
+    check_shard_kind,
     expand_shards,
     read_latent_cache,
+)
+from sdtrain.datamodules.survey import (
+    Survey,
+    batches_per_pass,
+    loader_workers,
+    plan_buckets,
+    survey_shards,
 )
 from sdtrain.datamodules.transforms import (
     MAX_IMAGE_PIXELS,
@@ -72,9 +85,9 @@ class WebDataModule(L.LightningDataModule):
         shuffle_buffer: samples held for shuffling (per worker).
         resampled: every rank and worker walks all the shards forever, each shard once per round
             in its own seeded order (best for large data sets and many GPUs); False reads the
-            shards in one new order every pass and deals their samples out to the ranks and
-            workers, so each sample is drawn once a pass whatever the shard count
-            (`order.SplitSamples`; every worker reads every shard).
+            shards in one new order every pass, forms the pass's batches once and deals them
+            out to the ranks and workers, so each sample is drawn once a pass whatever the
+            shard count (`datamodules.passes`; every worker reads every shard).
         seed: base seed for shard order and shuffling, which also depend on the rank, the
             DataLoader worker, the pass over the shards and the step the run starts from (see
             DataOrder): a resumed run draws new data rather than replaying its first steps.
@@ -143,11 +156,41 @@ class WebDataModule(L.LightningDataModule):
             self.urls, val_shards, val_split_shards, allow_pipe
         )
         self.latent_cache_info = read_latent_cache(self.urls)
+        self.survey = self.survey_data()
         self.tokenizer = None
         self._rank: tuple[int, int] | None = None  # (rank, world size) from set_rank
         self._start_step: int | None = None  # from set_start_step
         self._resume: dict | None = None  # a checkpoint's data position (resume_at)
         self.order: DataOrder | None = None  # the order of the last train_dataloader()
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether batches are of aspect-ratio buckets (image shards with data.buckets set)."""
+        return self.buckets is not None and self.latent_cache_info is None
+
+    def survey_data(self) -> Survey | None:
+        """A small local set's samples, read before anything starts (`datamodules.survey`):
+        shards without a usable sample are refused, buckets of fewer images than a batch
+        dropped (`buckets.merge_small_buckets`). None for a large or remote set."""
+        h = self.hparams
+        found = survey_shards(self.urls, self.bucketed, h.max_image_pixels)
+        if found is not None and self.bucketed:
+            self.buckets = plan_buckets(self.buckets, found, h.batch_size)
+        return found
+
+    def batches_per_pass(self) -> int | None:
+        """The batches a pass makes under `data.resampled=false` (None: unknown)."""
+        buckets = self.buckets if self.bucketed else None
+        return batches_per_pass(self.survey, buckets, self.hparams.batch_size)
+
+    def loader_workers(self, world_size: int, say: bool = False) -> int:
+        """data.num_workers, but under data.resampled=false no more than this rank's share of a
+        pass's batches (`survey.loader_workers`); `say` logs it when fewer."""
+        h = self.hparams
+        if h.resampled:
+            return h.num_workers
+        per_pass = self.batches_per_pass()
+        return loader_workers(h.num_workers, per_pass, world_size, self.survey, h.batch_size, say)
 
     def set_rank(self, rank: int, world_size: int) -> None:
         """Use this rank and world size instead of the trainer's (a loader built without one)."""
@@ -200,9 +243,12 @@ class WebDataModule(L.LightningDataModule):
             "resampled": h.resampled,
             "batch_size": h.batch_size,
             "shuffle_buffer": h.shuffle_buffer,
-            "workers": max(1, h.num_workers),
+            "workers": max(1, self.loader_workers(world)),
             "world_size": world,
             "buckets": None if self.buckets is None else [list(b) for b in self.buckets],
+            # what a position counts: the samples through a batch of the pass's whole batches
+            # (datamodules/passes.py); a checkpoint from before counted each worker's own draws
+            "deal": None if h.resampled else "batches",
         }
 
     def resume_at(self, position: dict) -> None:
@@ -240,45 +286,11 @@ class WebDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self.hparams.tokenizer)
 
     def check_shard_kind(self) -> None:
-        """Refuse settings the shards cannot honour (latent_cache, resolution, random_flip).
-
-        Checked at setup, not in __init__, so the config can be built (and tested) before a
-        cache exists.
-        """
-        h, info = self.hparams, self.latent_cache_info
-        if info is None:
-            if h.latent_cache:
-                raise ValueError(
-                    f"data.latent_cache=true, but data.train_shards ({self.urls[0]}, ...) is no "
-                    f"latent cache: its folder holds no {CACHE_FILE} (sdtrain-cache-latents writes "
-                    "it last, so an interrupted run leaves none)"
-                )
-            if h.resolution is None:
-                raise ValueError(
-                    "data.resolution=null takes the size from a latent cache, but "
-                    f"data.train_shards ({self.urls[0]}, ...) are image shards: set a size"
-                )
-            return
-        where = f"the latent cache {info['folder']}"
-        if self.buckets is not None:
-            raise ValueError(
-                f"data.buckets={h.buckets!r} cannot apply to {where}: its images were cropped "
-                "square when cached. Set data.buckets=null, or train on the image shards."
-            )
-        if h.latent_cache is False:
-            raise ValueError(f"data.latent_cache=false, but data.train_shards is {where}")
-        if h.resolution is not None and h.resolution != info["resolution"]:
-            raise ValueError(
-                f"data.resolution={h.resolution}, but {where} was made at {info['resolution']} "
-                f"px ({CACHE_FILE}): set data.resolution={info['resolution']} (or null), or "
-                f"cache again with --resolution {h.resolution}"
-            )
-        if h.random_flip:
-            raise ValueError(
-                f"data.random_flip=true cannot apply to {where}: its images were cached "
-                "unflipped. Set data.random_flip=false, or train on the image shards to flip."
-            )
-        self.transform()  # refuses caption options a cache of text contexts cannot honour
+        """Refuse settings the shards cannot honour (`sources.check_shard_kind`). Checked at
+        setup, not in __init__, so the config can be built (and tested) before a cache exists."""
+        check_shard_kind(self.hparams, self.latent_cache_info, self.urls, self.buckets)
+        if self.latent_cache_info is not None:
+            self.transform()  # refuses caption options a cache of text contexts cannot honour
 
     def transform(self) -> ImageTextTransform | LatentTransform:
         """Raw sample -> example for these shards: decode and crop an image, or load latents."""
@@ -308,29 +320,32 @@ class WebDataModule(L.LightningDataModule):
         order = self.data_order() if order is None else order
         cursor = Cursor(order)
         decode = DecodeStage(self.transform(), order)
-        if h.resampled:  # each slot its own endless shard order
-            read = [ResampledShardList(self.urls, order, cursor)]
-        else:  # one shard order a pass for all, each slot keeping its own samples
-            read = [ShuffledShardList(self.urls, order, cursor)]
-        read.append(wds.tarfile_to_samples(handler=decode.shard_error))
-        if not h.resampled:
-            read.append(SplitSamples(order.rank, order.world_size, order, cursor))
-        stages = [
-            *read,
-            ShuffleStage(h.shuffle_buffer, order, cursor),
-            PositionStage(cursor),
-            decode,
-            self.batcher(),
-        ]
-        return Endless(wds.DataPipeline(*stages), cursor, order.rank)
+        collate = Collate(self.tokenizer)
+        if self.bucketed:
+            collate = partial(collate_sized, collate)
+        if h.resampled:  # each slot its own endless shard order, shuffle and batches
+            stages = [
+                ResampledShardList(self.urls, order, cursor),
+                wds.tarfile_to_samples(handler=decode.shard_error),
+                ShuffleStage(h.shuffle_buffer, order, cursor),
+                PositionStage(cursor),
+                decode,
+                self.batcher(collate),
+            ]
+        else:  # one stream a pass for all slots, batches formed once and dealt whole
+            per_pass, size = self.batches_per_pass(), h.batch_size
+            stages = pass_stages(
+                self.urls, order, cursor, decode, collate, size, h.shuffle_buffer, per_pass
+            )
+        slots = order.world_size * max(1, self.loader_workers(order.world_size))
+        return Endless(wds.DataPipeline(*stages), cursor, order.rank, max(1000, 2 * slots))
 
-    def batcher(self):
+    def batcher(self, collate):
         """Examples -> batches: `batch_size` in arrival order, or with buckets the first bucket
         to hold `batch_size` (one shape per batch; partial buckets wait for the next pass)."""
-        collate, size = Collate(self.tokenizer), self.hparams.batch_size
         if self.buckets is not None:
-            return BucketBatcher(size, collate)
-        return wds.batched(size, collation_fn=collate, partial=False)
+            return BucketBatcher(self.hparams.batch_size, collate)
+        return wds.batched(self.hparams.batch_size, collation_fn=collate, partial=False)
 
     def train_dataloader(self) -> DataLoader:
         # read now: on resume the trainer has just restored its step and the data position
@@ -343,7 +358,7 @@ class WebDataModule(L.LightningDataModule):
             order.world_size,
             ", continuing where the checkpoint left off" if order.resume else "",
         )
-        workers = self.hparams.num_workers
+        workers = self.loader_workers(order.world_size, say=True)
         # a plain DataLoader, not wds.WebLoader (a pipeline around one): Lightning shuts the
         # persistent workers down when fit ends only if it can see the DataLoader; hidden in
         # WebLoader they lived on until garbage collection (5 s a worker; a sweep's trials piled up)
@@ -366,18 +381,7 @@ class WebDataModule(L.LightningDataModule):
             return None
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.hparams.tokenizer)
-        info = read_latent_cache(self.val_urls)
-        h = self.hparams  # the caption template applies (prompts look like it); no tag shuffle
-        template = caption_processor(h.caption_template, False, 0, h.tag_separator)
-        if info is not None:
-            transform = LatentTransform(
-                info["files"], info["dtype"], info["latent_shape"], template
-            )
-        else:
-            resolution = h.resolution or (self.latent_cache_info or {}).get("resolution")
-            transform = ImageTextTransform(
-                resolution, True, False, max_pixels=h.max_image_pixels, captions=template
-            )
+        transform = heldout_transform(self.val_urls, self.hparams, self.latent_cache_info)
         order = self.data_order()
         return HeldOut(
             self.val_urls,

@@ -194,11 +194,13 @@ def fit(dm: WebDataModule, steps: int, ckpt: Path | None = None) -> tuple[L.Trai
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_under_buckets_goes_on_without_repeating_the_pass(
+def test_resume_under_buckets_goes_on_with_the_batches_of_an_uninterrupted_run(
     workers: int, shaped: tuple[str, Path], tiny_model: Path, tmp_path: Path
 ):
-    """Not bit-exact (samples waiting in unfilled buckets at the checkpoint are passed over),
-    but it resumes, and nothing trained on before the checkpoint comes again in that pass."""
+    """data.resampled=false forms each pass's batches whole (datamodules/passes.py), so a resume
+    trains on exactly the batches the uninterrupted run trains on, and nothing trained on before
+    the checkpoint comes again in that pass. (Each worker's buckets used to fill across passes:
+    samples waiting in them at the checkpoint were passed over, and the batches differed.)"""
 
     def dm() -> WebDataModule:
         return WebDataModule(
@@ -206,12 +208,14 @@ def test_resume_under_buckets_goes_on_without_repeating_the_pass(
             shuffle_buffer=8, resampled=False, seed=5, buckets="auto", bucket_step=16,
         )  # fmt: skip
 
+    _, whole = fit(dm(), steps=5)
     trainer, first = fit(dm(), steps=3)
     trainer.save_checkpoint(tmp_path / "step3.ckpt")
     trainer, rest = fit(dm(), steps=5, ckpt=tmp_path / "step3.ckpt")
     assert trainer.global_step == 5 and len(rest.keys) == 8
     assert trainer.datamodule.order.resume  # continued from the saved position, not anew
     assert not set(rest.keys) & set(first.keys)
+    assert first.keys == whole.keys[:12] and rest.keys == whole.keys[12:]
 
 
 @pytest.mark.slow  # a real latent cache / 2 processes: ~20 s on 2 cores

@@ -317,5 +317,5 @@ def test_endless_goes_past_empty_passes_and_names_a_rank_that_never_fills_a_batc
     cursor = order.Cursor(DataOrder())
     assert list(islice(iter(Endless(Passes(), cursor, rank=0, max_empty=5)), 3)) == [1, 2, 3]
     assert cursor.passes == 3  # moved on once per pass, empty ones included
-    with pytest.raises(RuntimeError, match=r"rank 1: 3 passes .* data.batch_size"):
+    with pytest.raises(RuntimeError, match=r"rank 1: 3 passes .* no usable sample"):
         list(Endless([], order.Cursor(DataOrder()), rank=1, max_empty=3))
