@@ -46,6 +46,11 @@ def test_a_resume_trains_with_the_runs_recorded_overrides(first_run, tiny_model:
     assert cfg.model.pretrained == str(tiny_model) and cfg.data.train_shards == shards
     assert cfg.trainer.max_steps == 2 and "sample_images" not in cfg.callbacks
 
+    # a resume stopped by a config mistake leaves no record: the next one would inherit the mistake
+    bad = _cli([*resume, "data.batch_size=0"], root, timeout=120)
+    assert bad.returncode == 1 and "data.batch_size" in bad.stderr, bad.stderr[-4000:]
+    assert not (run / ".hydra" / "resume-1").exists()
+
     proc = _cli(resume, root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert step_of(run) == 2

@@ -14,6 +14,7 @@ default config (the demo's data and settings), saying only an INFO line.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,19 @@ def resume_record(args: list[str]) -> list[str]:
     taken = [p.name for p in (run / ".hydra").glob("resume-*")]
     n = 1 + max((int(t[7:]) for t in taken if t[7:].isdigit()), default=0)
     return [f"hydra.output_subdir=.hydra/resume-{n}", *args]
+
+
+def forget_record() -> None:
+    """Remove this start's own record when it resumed a run and stopped on a config mistake
+    before training: the next resume then reads the record of a start that ran, not one that
+    failed (whose bad value it would inherit)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if str(hc.output_subdir or "").startswith(".hydra/resume-"):
+        shutil.rmtree(Path(hc.runtime.output_dir) / hc.output_subdir, ignore_errors=True)
 
 
 def rank() -> str:

@@ -312,6 +312,7 @@ def app(cfg: DictConfig) -> float | None:
     try:
         prepared = prepare(cfg)
     except (ValueError, FileNotFoundError) as e:
+        resume.forget_record()  # a resume that never ran leaves no record for the next to read
         sys.exit(f"sdtrain-train: {e}")
     return None if prepared is None else fit(cfg, prepared)
 
