@@ -59,6 +59,7 @@ def load(folder: Path) -> dict:
     return torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow  # ~48 s with its 2-rank fixture run; CI runs it
 def test_fsdp_trains_saves_whole_weights_resumes_exactly_and_exports(
     straight: Path, tiny_model: Path, shards: str, tmp_path: Path
 ):
@@ -86,6 +87,7 @@ def test_fsdp_trains_saves_whole_weights_resumes_exactly_and_exports(
     assert torch.equal(unet.state_dict()["conv_in.weight"], shadow["conv_in.weight"])
 
 
+@pytest.mark.slow  # ~16 s more (a DDP run); CI runs it
 def test_fsdp_trains_like_ddp(straight: Path, tiny_model: Path, shards: str, tmp_path: Path):
     """The same 2 ranks, seed and data under DDP: the same weights and EMA after 4 steps (fp32;
     only the order of the gradient sums differs). Catches a shard-local gradient clip, a

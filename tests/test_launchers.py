@@ -133,6 +133,7 @@ def test_slurm_job_resumes_in_its_own_folder(
     assert not (tmp_path / "scontrol.log").exists()  # no signal, no requeue
 
 
+@pytest.mark.slow  # ~26 s; CI runs it
 def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_resumes(
     tiny_model: Path, shards: str, tmp_path: Path, env: dict[str, str]
 ):

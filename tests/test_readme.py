@@ -305,6 +305,17 @@ SLOW_BLOCKS = {
     "fine-tune-on-your-own-images",
     # ~25 s: the same exports in make-images, test_export and test_single_file
     "export",
+    # ~38 s: sdtrain-sample in test_sample, the export in test_export
+    "make-images",
+    # ~54 s: resumes in test_resume, test_resume_overrides and test_preemption
+    "resume",
+    "resume-2",
+    # ~38 s: Hydra grids in test_sweeps and test_sweep_table
+    "sweep-hyperparameters-2",
+    "sweep-hyperparameters-3",
+    # ~32 s: sdtrain-cache-latents in tests/datamodules/test_latent_cache.py
+    "cache-latents",
+    "cache-latents-2",
 }
 
 

@@ -42,6 +42,7 @@ def hydra_record(folder: Path) -> list[str]:
     return yaml.safe_load((folder / "overrides.yaml").read_text())
 
 
+@pytest.mark.slow  # ~22 s; CI runs it
 def test_a_resume_keeps_the_first_runs_hydra_record(tiny_model: Path, shards: str, tmp_path):
     run = tmp_path / "run"
     first = tiny_overrides(tiny_model, shards, 1) + ["logger=none", "~callbacks.sample_images"]

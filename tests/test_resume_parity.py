@@ -178,6 +178,7 @@ def test_ddp_killed_and_resumed_ends_like_an_uninterrupted_run(
     assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == SAMPLES
 
 
+@pytest.mark.slow  # ~21 s; CI runs it
 def test_wandb_history_survives_a_sigkill_and_the_resume_logs_on_into_the_same_run(
     tiny_model: Path, shards: str, tmp_path: Path
 ):
