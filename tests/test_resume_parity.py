@@ -187,15 +187,17 @@ def test_wandb_history_survives_a_sigkill_and_the_resume_logs_on_into_the_same_r
     from tests.wandb_files import history, run_id
 
     run, log = tmp_path / "run", tmp_path / "run.log"
-    every = "callbacks.model_checkpoint.every_n_train_steps=10"
+    every = "callbacks.model_checkpoint.every_n_train_steps=15"
     cmd = command(run, tiny_model, shards, "logger=wandb", "trainer.log_every_n_steps=1", every)
     cmd = [*cmd, "trainer.max_steps=30"]
     proc = launch(cmd, log)
-    # 3 steps and 1 s after checkpoint 10: the rows before it had time to reach the disk even on
-    # a loaded machine (a kill within flush_interval_s of a row may lose that row: README)
-    kill_at_step(proc, run / "ledger" / "rank0.tsv", 13, log, delay=1.0)
+    # 0.5 s after step 16 began: the rows before checkpoint 15 had more than flush_interval_s
+    # (0.2 s) to reach the disk, and the run is far from checkpoint 30 (a kill within
+    # flush_interval_s of a row may lose that row: README; killed just after a checkpoint, a lost
+    # row before it would never be logged again, which this test does not measure)
+    kill_at_step(proc, run / "ledger" / "rank0.tsv", 16, log, delay=0.5)
     saved = load(run)["global_step"]
-    assert 10 <= saved < 30
+    assert saved == 15
     runs = (run / "wandb").glob("offline-run-*")
     killed = {r["trainer/global_step"] for d in runs for r in history(d) if "train/loss" in r}
     assert set(range(saved)) <= killed  # what was logged up to the checkpoint is on disk
