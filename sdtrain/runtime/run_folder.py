@@ -36,6 +36,7 @@ class _Started:
     folder: Path
     existed: bool
     record: str | None  # Hydra's record folder inside it (`hydra.output_subdir`)
+    made: Path | None = None  # the highest folder this run made (the run folder or a parent)
     latest: Path | None = None  # the link made for this run
     previous: str | None = None  # where `latest` pointed before (None: it did not exist)
     at: float = field(default_factory=time.monotonic)  # when Hydra started the run
@@ -72,6 +73,7 @@ class RunFolder(Callback):
         folder = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
         record = OmegaConf.select(config, "hydra.output_subdir")
         _started = _Started(folder, folder.exists(), None if record is None else str(record))
+        _started.made = first_missing(folder)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if _started is None or self.latest is None or not first_rank():
@@ -82,6 +84,16 @@ class RunFolder(Callback):
         previous = os.readlink(latest) if latest.is_symlink() else None
         if link(latest, _started.folder.name):
             _started.latest, _started.previous = latest, previous
+
+
+def first_missing(folder: Path) -> Path | None:
+    """The highest of `folder` and its parents that does not exist yet (None: it exists)."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
 
 
 def link(path: Path, target: str) -> bool:
@@ -117,6 +129,7 @@ def discard_unused() -> bool:
             logging.getLogger().removeHandler(handler)
             handler.close()
         shutil.rmtree(started.folder)
+        remove_empty_parents(started)
         if started.latest is not None:
             if started.previous is None:
                 started.latest.unlink(missing_ok=True)
@@ -126,6 +139,23 @@ def discard_unused() -> bool:
         log.debug("could not remove the unused run folder %s: %s", started.folder, e)
         return False
     return True
+
+
+def remove_empty_parents(started: _Started) -> None:
+    """Remove the parents of the run folder that this run made (`outputs/train/runs/` of a
+    first run), as long as they are empty; `latest` points back first, so an earlier run's
+    link keeps its folder."""
+    if started.made is None or started.made == started.folder:
+        return
+    if started.latest is not None and started.previous is None:
+        started.latest.unlink(missing_ok=True)
+    for parent in started.folder.parents:
+        try:
+            parent.rmdir()  # only an empty folder
+        except OSError:
+            return
+        if parent == started.made:
+            return
 
 
 def _top(record: str | None) -> str | None:

@@ -51,3 +51,14 @@ def test_a_folder_that_existed_is_kept(tiny_model: Path, shards: str, tmp_path: 
     assert proc.returncode != 0 and "data.batch_size=0" in proc.stderr
     assert mine.is_dir() and (mine / ".hydra").is_dir()
     assert not (tmp_path / "outputs").exists()  # no `latest` for a folder of the user's
+
+
+def test_a_first_run_mistake_leaves_no_outputs_folder(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
+    """No earlier run: the folders Hydra made for this one (`outputs/train/runs/`) go too (before:
+    an empty `outputs/train/runs/` stayed)."""
+    args = [*tiny_overrides(tiny_model, shards, 2), "data.batch_size=0"]
+    proc = _cli(args, tmp_path, timeout=300)
+    assert proc.returncode != 0 and "data.batch_size=0" in proc.stderr
+    assert not (tmp_path / "outputs").exists(), sorted(map(str, tmp_path.rglob("*")))
