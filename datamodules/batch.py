@@ -9,14 +9,15 @@ embeddings are a data concern, not a model change.
 | `pixels` | (B, 3, H, W) float in [-1, 1] | images, encoded by the frozen VAE in the step |
 | `latent_dist` | (B, 2C, H/f, W/f) float | the VAE posterior's mean and log-variance, concatenated on channels (diffusers' `latent_dist.parameters`, unscaled): the step samples it, as it does for pixels |
 | `latents` | (B, C, H/f, W/f) float | VAE latents already sampled and multiplied by the VAE's scaling_factor |
-| `input_ids` | (B, L) long | caption token ids (L = 77 for CLIP), encoded by the frozen text encoder |
-| `context` | (B, L, D) float | text-encoder last hidden states for the captions |
+| `input_ids` | (B, L) long; (B, 2, L) for SDXL | caption token ids (L = 77 for CLIP), encoded by the frozen text encoder; SDXL's hold both tokenizers' |
+| `context` | (B, L, D) float | the family's context for the captions: the text encoder's last hidden states (SDXL: both encoders' penultimate ones, concatenated) |
+| `pooled` | (B, P) float | SDXL: the second text encoder's pooled projection, cached with `context` |
 | `captions` | list of B str | the caption text (for logs; optional) |
 | `keys` | list of B str | the samples' WebDataset keys (optional) |
 | `skipped` | int | unusable samples the loader dropped while making this batch (optional) |
 | `skipped_kinds`, `skipped_shards` | {str: int} | the same by kind (`SKIP_KINDS`) and by shard url (optional) |
 | `position` | [worker, workers, pass, drawn] ints | where the data stands after this batch: the DataLoader worker that made it (its virtual id), how many there are, its pass over the shards and the samples it has drawn in that pass (optional; `sdtrain.datamodules.position`) |
-| `original_size`, `crop_top_left` | (B, 2) long | with aspect-ratio buckets: each image's (height, width) as decoded, and the (top, left) of its crop in resized pixels: SDXL's size conditioning, unused by SD-1 (optional; `sdtrain.datamodules.buckets`) |
+| `original_size`, `crop_top_left` | (B, 2) long | each image's (height, width) as decoded, and the (top, left) of its crop in resized pixels: SDXL's size conditioning (`sdtrain.models.sdxl.time_ids`), unused by SD-1.x/2.x |
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ LATENTS = "latents"
 LATENT_DIST = "latent_dist"
 INPUT_IDS = "input_ids"
 CONTEXT = "context"
+POOLED = "pooled"  # SDXL's pooled text embedding, cached beside `context`
 CAPTIONS = "captions"
 KEYS = "keys"
 SKIPPED = "skipped"

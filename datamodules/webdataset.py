@@ -53,7 +53,7 @@ from sdtrain.datamodules.transforms import (
     ImageTextTransform,
     LatentTransform,
 )
-from sdtrain.models.parts import load_tokenizer
+from sdtrain.models.parts import load_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class WebDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.check_shard_kind()
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            self.tokenizer = load_tokenizers(self.hparams.tokenizer)
 
     def check_shard_kind(self) -> None:
         """Refuse settings the shards cannot honour (`sources.check_shard_kind`). Checked at
@@ -380,7 +380,7 @@ class WebDataModule(L.LightningDataModule):
         if not self.val_urls:
             return None
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            self.tokenizer = load_tokenizers(self.hparams.tokenizer)
         transform = heldout_transform(self.val_urls, self.hparams, self.latent_cache_info)
         order = self.data_order()
         return HeldOut(

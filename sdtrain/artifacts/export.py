@@ -95,10 +95,9 @@ def export_single_file(
 
     An existing `out` is replaced only with `overwrite`.
     """
-    from sdtrain.models.single_file import save_single_file
-
     out = check_file(out, overwrite, ".safetensors")
     parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config)
+    save_single_file = parts.family.single_file_module().save_single_file  # the family's layout
     with new_file(out) as tmp:
         save_single_file(tmp, parts.unet, parts.vae, parts.text_encoder, dtype)
     return out

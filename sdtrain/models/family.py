@@ -15,8 +15,8 @@ ask which family it is. A family says:
 - the single-file key layout (`single_file`: the module that maps the original checkpoint names).
 
 SD-1.x and SD-2.x (one CLIP text encoder, its last hidden state as the context) are the first
-family, `SD`. Another (SDXL) is a subclass overriding what differs, one more entry in `FAMILIES`
-and a case in `detect`.
+family, `SD`. SDXL (`sdtrain.models.sdxl`) is a subclass overriding what differs, one more entry
+in `families()`, found by `detect`.
 """
 
 from __future__ import annotations
@@ -42,19 +42,57 @@ class Family:
         """The subfolders a diffusers folder of this family holds."""
         return ("unet", "vae", *self.text_encoders, *self.tokenizers, "scheduler")
 
-    def condition(self, text_encoder: Any, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids -> the context the U-Net cross-attends to: CLIP's last hidden state."""
-        return text_encoder(input_ids)[0]
+    def load_text(self, path: str | Path):
+        """(text encoder, tokenizer) from a diffusers folder of this family."""
+        from transformers import CLIPTextModel
 
-    def unet_inputs(self, context: torch.Tensor) -> dict[str, Any]:
+        from sdtrain.models.parts import load_tokenizer
+
+        path = Path(path).expanduser()
+        return CLIPTextModel.from_pretrained(path, subfolder="text_encoder"), load_tokenizer(path)
+
+    def condition(self, text_encoder: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, L) token ids -> {"context": (B, L, D)}, what the U-Net cross-attends to: CLIP's
+        last hidden state. Families with more text conditioning add keys (SDXL: "pooled")."""
+        return {"context": text_encoder(input_ids)[0]}
+
+    def unconditional(self, text_encoder: Any, tokenizer: Any, device) -> dict[str, torch.Tensor]:
+        """The conditioning of a dropped caption, batch 1, float32: the empty caption's (SD)."""
+        from sdtrain.models.parts import tokenize
+
+        ids = tokenize(tokenizer, "").to(device)
+        return {k: v.float() for k, v in self.condition(text_encoder, ids).items()}
+
+    def cached(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The text conditioning a batch of cached contexts holds (`sdtrain.datamodules.batch`)."""
+        return {"context": batch["context"].float()}
+
+    def batch_conditioning(self, batch: dict[str, Any], size: tuple[int, int]) -> dict:
+        """Conditioning taken from the data rather than the caption (SDXL: size and crop), for
+        a batch training at `size` (h, w) pixels; SD has none."""
+        return {}
+
+    def unet_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The U-Net's keyword arguments besides the noisy latents and the timesteps."""
-        return {"encoder_hidden_states": context}
+        return {"encoder_hidden_states": cond["context"]}
+
+    def vae_overflows_in_fp16(self, vae: Any) -> bool:
+        """Whether the VAE must encode in float32 rather than float16 (SD's is safe in it)."""
+        return False
 
     def scale_latents(self, vae_config: Any, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the U-Net's latent space: minus the shift factor (if the VAE config has
         one), times the scaling factor (0.18215 for SD's VAE)."""
         shift = getattr(vae_config, "shift_factor", None) or 0.0
         return (latents - shift) * vae_config.scaling_factor
+
+    def single_file_module(self):
+        """The module that reads and writes this family's original single-file layout: its
+        `load_single_file(path, config, unet=None) -> Parts` and
+        `save_single_file(path, unet, vae, text_encoder, dtype) -> Path`."""
+        import importlib
+
+        return importlib.import_module(self.single_file)
 
     def pipeline(self, vae, text_encoder, tokenizer, unet, scheduler):
         """The diffusers pipeline over these modules (shared, not copied), no safety checker."""
@@ -76,28 +114,47 @@ class Family:
 
 
 SD = Family()
-FAMILIES = {SD.pipeline_class: SD}
 # Pipelines of families sdtrain cannot train yet: named, so the error says what the model is.
 KNOWN = {
-    "StableDiffusionXLPipeline": "SDXL",
     "StableDiffusion3Pipeline": "SD3",
     "FluxPipeline": "Flux",
 }
 
 
+def families() -> dict[str, Family]:
+    """Every family sdtrain trains, by its diffusers pipeline class."""
+    from sdtrain.models.sdxl import SDXL
+
+    return {f.pipeline_class: f for f in (SD, SDXL)}
+
+
 def detect(pretrained: str | Path) -> Family:
     """The family of a diffusers folder (its model_index.json's `_class_name`) or of an
-    original-layout single file (SD-1.x / SD-2.x: `sdtrain.models.single_file` reads both)."""
+    original-layout single file (SDXL's holds `conditioner.embedders.`; SD-1.x / SD-2.x's
+    `cond_stage_model.`)."""
     path = Path(pretrained).expanduser()
     index = path / "model_index.json"
-    if path.is_file() or not index.is_file():  # a single file, or a folder without the index
+    trained = families()
+    if path.is_file():
+        return trained["StableDiffusionXLPipeline"] if is_sdxl_file(path) else SD
+    if not index.is_file():  # a folder without the index: the folder check names what lacks
         return SD
     name = json.loads(index.read_text()).get("_class_name", SD.pipeline_class)
-    if name in FAMILIES:
-        return FAMILIES[name]
+    if name in trained:
+        return trained[name]
     what = f"an {KNOWN[name]} model" if name in KNOWN else "a model"
-    families = ", ".join(f"{f.description} ({p})" for p, f in FAMILIES.items())
+    names = ", ".join(f"{f.description} ({p})" for p, f in trained.items())
     raise ValueError(
         f"model.pretrained: {index} names {name}: {what} of a family sdtrain does not train; "
-        f"it trains {families}"
+        f"it trains {names}"
     )
+
+
+def is_sdxl_file(path: Path) -> bool:
+    """Whether a single file holds SDXL's conditioner (read from the header, no tensors)."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())

@@ -11,7 +11,7 @@ from typing import Any
 
 from sdtrain.models.family import detect
 from sdtrain.models.parts import Parts, check_folder, load_frozen, load_unet
-from sdtrain.models.single_file import check_single_file, is_single_file, load_single_file
+from sdtrain.models.single_file import check_single_file, is_single_file
 
 
 def check_model_folder(path: str | Path, need_unet: bool = True) -> Path:
@@ -71,7 +71,7 @@ def load_parts(
         )
     family = detect(pretrained)  # first: a model of another family is named, not half-loaded
     unet, vae, text_encoder, tokenizer, scheduler = load_models(
-        pretrained, unet_config, single_file_config
+        pretrained, unet_config, single_file_config, family
     )
     if prediction_type is not None:
         scheduler.register_to_config(prediction_type=prediction_type)
@@ -90,11 +90,16 @@ def load_parts(
     )
 
 
-def load_models(pretrained: str | Path, unet_config, single_file_config: str | Path | None):
-    """(unet, vae, text_encoder, tokenizer, noise scheduler) from a folder or a single file."""
+def load_models(
+    pretrained: str | Path, unet_config, single_file_config: str | Path | None, family=None
+):
+    """(unet, vae, text_encoder, tokenizer, noise scheduler) from a folder or a single file (of
+    `family`, its layout; None: found from the model)."""
+    family = family or detect(pretrained)
     if is_single_file(pretrained):
         fresh = None if unet_config is None else load_unet(pretrained, unet_config)
-        p = load_single_file(pretrained, single_file_config, unet=fresh)
+        reader = family.single_file_module().load_single_file
+        p = reader(check_single_file(pretrained), single_file_config, unet=fresh)
         return p.unet, p.vae, p.text_encoder, p.tokenizer, p.noise_scheduler
     vae, text_encoder, tokenizer, scheduler = load_frozen(pretrained)
     return load_unet(pretrained, unet_config), vae, text_encoder, tokenizer, scheduler

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sdtrain.models.family import SD, Family
 
 REQUIRED = SD.folders()  # what an SD-1.x/2.x diffusers folder holds
@@ -48,7 +50,10 @@ def load_tokenizer(path: str | Path):
 
 
 def tokenize(tokenizer, texts: str | list[str]):
-    """Captions -> (B, L) token ids, padded and truncated to the tokenizer's length (77 for CLIP)."""
+    """Captions -> (B, L) token ids, padded and truncated to the tokenizer's length (77 for CLIP);
+    (B, 2, L) for a pair of tokenizers (SDXL's, `sdtrain.models.sdxl.TokenizerPair`)."""
+    if hasattr(tokenizer, "two"):  # SDXL: both tokenizers' ids, each padded its own way
+        return torch.stack([tokenize(t, texts) for t in tokenizer], dim=1)
     return tokenizer(
         [texts] if isinstance(texts, str) else list(texts),
         padding="max_length",
@@ -58,16 +63,31 @@ def tokenize(tokenizer, texts: str | list[str]):
     ).input_ids
 
 
-def load_frozen(path: str | Path):
-    """VAE, text encoder, tokenizer and training noise scheduler from a diffusers folder."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel
+def load_tokenizers(path: str | Path):
+    """The tokenizer of a diffusers folder, or the pair of an SDXL folder (its family's)."""
+    from sdtrain.models.family import detect
 
-    path = check_folder(path, need_unet=False)
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "tokenizer_2").is_dir() and detect(path).name == "sdxl":
+        from sdtrain.models.sdxl import TokenizerPair
+
+        return TokenizerPair(load_tokenizer(path), load_tokenizer(path / "tokenizer_2"))
+    return load_tokenizer(path)
+
+
+def load_frozen(path: str | Path):
+    """VAE, text encoder, tokenizer and training noise scheduler from a diffusers folder (the text
+    encoder and tokenizer of its family: a pair of each for SDXL)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from sdtrain.models.family import detect
+
+    family = detect(path)
+    path = check_folder(path, need_unet=False, family=family)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", low_cpu_mem_usage=False)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    text_encoder, tokenizer = family.load_text(path)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    return vae, text_encoder, load_tokenizer(path), scheduler
+    return vae, text_encoder, tokenizer, scheduler
 
 
 def load_scheduler(path: str | Path):
@@ -131,7 +151,9 @@ def load_unet(path: str | Path, config: str | dict[str, Any] | None = None):
     from diffusers import UNet2DConditionModel
 
     if config is None:
-        path = check_folder(path)
+        from sdtrain.models.family import detect
+
+        path = check_folder(path, family=detect(path))
         return UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
     if isinstance(config, str | Path):
         cfg_file = Path(config).expanduser()

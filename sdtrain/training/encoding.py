@@ -7,9 +7,12 @@ it reads the module's `family`, `text_encoder`, `tokenizer`, `vae`, `device` and
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
-from sdtrain.models.parts import tokenize
+from sdtrain.datamodules import batch as B
 
 
 def posterior_from_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,34 +24,57 @@ def posterior_from_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class Encoders:
     """Text and image encoding for the module (see the module docstring for the attributes)."""
 
-    _empty_context: torch.Tensor | None = None
+    _empty_context: dict[str, torch.Tensor] | None = None
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, 77) token ids -> the family's context, (B, 77, D) CLIP last hidden states for SD
-        (with grad if the text encoder trains)."""
+    def encode_text(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token ids -> the family's text conditioning in float32: {"context": (B, 77, D)}, CLIP's
+        last hidden states for SD, plus "pooled" for SDXL (with grad if the text encoder trains)."""
         with torch.set_grad_enabled(self.text_encoder_trains and torch.is_grad_enabled()):
-            return self.family.condition(self.text_encoder, input_ids)
+            cond = self.family.condition(self.text_encoder, input_ids)
+        return {k: v.float() for k, v in cond.items()}
 
-    def empty_context(self, batch_size: int) -> torch.Tensor:
-        """CLIP embedding of the empty caption, (B, 77, D): the unconditional input for CFG.
+    def text_condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's text conditioning: its cached contexts, or its token ids encoded."""
+        if B.text_key(batch) == B.CONTEXT:
+            if self.text_encoder_trains:  # cached contexts come from the text encoder as it was
+                raise ValueError("the text encoder trains: use a latent cache made without --text")
+            return self.family.cached(batch)
+        return self.encode_text(batch[B.INPUT_IDS])
+
+    def empty_context(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The conditioning of a dropped caption, batch `batch_size`: the unconditional input for
+        CFG (SD: the empty caption's CLIP embedding; SDXL: zeros).
 
         Computed once per device while the text encoder is frozen; every step while it trains.
         """
-        if self.text_encoder_trains:
-            ids = tokenize(self.tokenizer, "").to(self.device)
-            return self.encode_text(ids).float().expand(batch_size, -1, -1)
-        if self._empty_context is None or self._empty_context.device != self.device:
-            ids = tokenize(self.tokenizer, "").to(self.device)
-            self._empty_context = self.encode_text(ids).float()  # (1, 77, D)
-        return self._empty_context.expand(batch_size, -1, -1)
+        if (
+            self.text_encoder_trains
+            or self._empty_context is None
+            or any(v.device != self.device for v in self._empty_context.values())
+        ):
+            with torch.set_grad_enabled(self.text_encoder_trains and torch.is_grad_enabled()):
+                empty = self.family.unconditional(self.text_encoder, self.tokenizer, self.device)
+            if self.text_encoder_trains:
+                return {k: v.expand(batch_size, *v.shape[1:]) for k, v in empty.items()}
+            self._empty_context = empty  # each (1, ...)
+        return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._empty_context.items()}
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] -> the VAE posterior's fp32 mean and std, (B, 4, H/f, W/f).
 
-        The VAE may run in bf16; the posterior is sampled later, in fp32 (`sample_latents`).
+        The VAE runs in its dtype, never in float16 where the family says it overflows there
+        (SDXL's: float32 then, bfloat16 as it is); the posterior is sampled later, in fp32 (`sample_latents`).
         """
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        scope = contextlib.nullcontext()
+        if self.family.vae_overflows_in_fp16(self.vae):  # SDXL's: never float16
+            if self.vae.dtype == torch.float16:
+                self.vae.float()  # once, in place
+            kind = pixels.device.type
+            if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+                scope = torch.autocast(kind, enabled=False)
+        with scope:
+            dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, g: torch.Generator):

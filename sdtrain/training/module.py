@@ -155,6 +155,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
             self.noise_scheduler,
             self.pretrained,
             self.single_file_config,
+            self.family,
         )
 
     def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -173,7 +174,8 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
     # ------------------------------------------------------------------ encoding
 
     def latents_and_context(self, batch: dict[str, Any], g: torch.Generator):
-        """fp32 latents, context and the step's draws, encoding only what the batch lacks.
+        """fp32 latents, the conditioning ({"context", ...}: the family's) and the step's draws,
+        encoding only what the batch lacks.
 
         The draws (timesteps, noise, caption dropout) come first and the VAE posterior sample
         last, so a batch of cached latents gets the same draws as the batch of pixels it came from.
@@ -185,16 +187,20 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
             posterior = posterior_from_moments(batch[B.LATENT_DIST])
         else:
             posterior = self.encode_images(batch[B.PIXELS])
-        if B.text_key(batch) == B.CONTEXT:
-            if self.text_encoder_trains:  # cached contexts come from the text encoder as it was
-                raise ValueError("the text encoder trains: use a latent cache made without --text")
-            context = batch[B.CONTEXT].float()
-        else:
-            context = self.encode_text(batch[B.INPUT_IDS]).float()
-        draws = self.draw(latents if posterior is None else posterior[0], g)
+        like = latents if posterior is None else posterior[0]  # (B, C, h, w)
+        cond = self.text_condition(batch)
+        size = (like.shape[-2] * self.vae_factor, like.shape[-1] * self.vae_factor)  # in pixels
+        extra = self.family.batch_conditioning(batch, size)  # SDXL: size and crop
+        cond.update({k: v.to(like.device) for k, v in extra.items()})
+        draws = self.draw(like, g)
         if posterior is not None:
             latents = self.sample_latents(*posterior, g)
-        return latents, context, draws
+        return latents, cond, draws
+
+    @property
+    def vae_factor(self) -> int:
+        """The VAE's downsampling: 8 for SD and SDXL."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ the step
 
@@ -213,18 +219,21 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
             sharding.shard_unet(self.unet, mesh, h.fsdp_reduce_dtype, h.fsdp_param_dtype)
         speed.apply(self.unet, h, fsdp)
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
-        """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given text `context`."""
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond):
+        """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given the conditioning
+        `cond` (the family's dict, `latents_and_context`; a tensor is SD's text context)."""
         if self.hparams.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        return self.unet(noisy, timesteps, **self.family.unet_inputs(context)).sample
+        if isinstance(cond, torch.Tensor):
+            cond = {"context": cond}
+        return self.unet(noisy, timesteps, **self.family.unet_inputs(cond)).sample
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         g = self.step_generator()
-        latents, context, draws = self.latents_and_context(batch, g)  # (B, 4, h, w), (B, 77, D)
+        latents, cond, draws = self.latents_and_context(batch, g)  # (B, 4, h, w), {"context"...}
         b, t, noise = latents.shape[0], draws["t"], draws["noise"]
         if self.hparams.caption_dropout > 0:
-            context = torch.where(draws["drop"][:, None, None], self.empty_context(b), context)
+            cond = drop_captions(cond, draws["drop"], self.empty_context(b))
         h, alphas = self.hparams, self.schedule(latents.device)
         model_noise = diffusion.perturbed_noise(noise, draws.get("perturb"), h.input_perturbation)
         noisy = diffusion.add_noise(alphas, latents, model_noise, t)  # the target keeps `noise`
@@ -239,7 +248,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         if h.loss != "mse":
             num_train = self.noise_scheduler.config.num_train_timesteps
             c = diffusion.huber_c_at(h.huber_c, h.huber_schedule, t, alphas, num_train)
-        loss = diffusion.diffusion_loss(self(noisy, t, context), target, weights, h.loss, c)
+        loss = diffusion.diffusion_loss(self(noisy, t, cond), target, weights, h.loss, c)
 
         self.count_skipped(batch)
         # a progress-bar metric is read back (.item(), a host sync) on every step: only with a bar
@@ -420,3 +429,15 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         self.nonfinite.total = int(entry.get("skipped_nonfinite", 0))
         by_kind = entry.get("skipped_by_kind") or {}
         self.skips.load(checkpoint.skipped_total(ckpt), by_kind, int(entry.get("drawn_total", 0)))
+
+
+def drop_captions(
+    cond: dict[str, torch.Tensor], drop: torch.Tensor, empty: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The conditioning with each sample where `drop` (B,) is true replaced by the family's
+    unconditional one (`empty`, the same keys: the text's; size and crop stay as they were)."""
+    out = dict(cond)
+    for k, e in empty.items():
+        mask = drop.view(-1, *([1] * (cond[k].dim() - 1)))
+        out[k] = torch.where(mask, e, cond[k])
+    return out

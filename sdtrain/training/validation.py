@@ -164,10 +164,10 @@ def losses_at(
     """(B,) fp32 losses of the module's current weights: the MSE on the prediction target,
     averaged over the K `timesteps` with the K `noises`. The caption is encoded here, under the
     weights scored (a trained text encoder has EMA weights too)."""
-    if B.text_key(batch) == B.CONTEXT:
-        context = batch[B.CONTEXT].float()
-    else:
-        context = module.encode_text(batch[B.INPUT_IDS]).float()  # (B, 77, D)
+    cond = module.text_condition(batch)  # {"context": (B, 77, D), ...}
+    size = (latents.shape[-2] * module.vae_factor, latents.shape[-1] * module.vae_factor)
+    extra = module.family.batch_conditioning(batch, size)  # SDXL: size and crop
+    cond.update({k: v.to(latents.device) for k, v in extra.items()})
     sched, dev = module.noise_scheduler, latents.device
     total = torch.zeros(latents.shape[0], device=dev, dtype=torch.float32)
     alphas = module.schedule(dev)
@@ -175,7 +175,7 @@ def losses_at(
         t = torch.full((latents.shape[0],), t_j, device=dev, dtype=torch.long)
         noisy = diffusion.add_noise(alphas, latents, noises[:, j], t)
         target = diffusion.target_for(sched, latents, noises[:, j], t, alphas)
-        pred = module(noisy, t, context)
+        pred = module(noisy, t, cond)
         total += F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return total / len(timesteps)
 

@@ -47,12 +47,12 @@ class Recording(Family):
 
     def condition(self, text_encoder, input_ids):
         self.calls.append("condition")
-        context = super().condition(text_encoder, input_ids)
-        return context * 0 if self.mute else context
+        cond = super().condition(text_encoder, input_ids)
+        return {k: v * 0 for k, v in cond.items()} if self.mute else cond
 
-    def unet_inputs(self, context):
+    def unet_inputs(self, cond):
         self.calls.append("unet_inputs")
-        return super().unet_inputs(context)
+        return super().unet_inputs(cond)
 
     def scale_latents(self, vae_config, latents):
         self.calls.append("scale_latents")
@@ -70,13 +70,13 @@ def test_a_diffusers_sd_folder_is_the_sd_family(tiny_model: Path):
 
 
 def test_a_model_of_another_family_is_named_before_it_loads(tiny_model: Path, tmp_path: Path):
-    folder = tmp_path / "xl"
+    folder = tmp_path / "sd3"
     shutil.copytree(tiny_model, folder)
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(
-        json.dumps(index | {"_class_name": "StableDiffusionXLPipeline"})
+        json.dumps(index | {"_class_name": "StableDiffusion3Pipeline"})
     )
-    want = rf"{folder / 'model_index.json'} names StableDiffusionXLPipeline: an SDXL model"
+    want = rf"{folder / 'model_index.json'} names StableDiffusion3Pipeline: an SD3 model"
     with pytest.raises(ValueError, match=want):
         load_parts(folder)
     with pytest.raises(ValueError, match=want):
