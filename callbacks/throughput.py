@@ -100,7 +100,8 @@ def unet_input_shapes(batch: dict[str, Any], unet, vae, text_encoder):
     if B.text_key(batch) == B.CONTEXT:
         length, dim = batch[B.CONTEXT].shape[1:]
     else:
-        length, dim = batch[B.INPUT_IDS].shape[1], text_encoder.config.hidden_size
+        dim = getattr(text_encoder, "context_dim", None)  # SDXL's pair: both encoders' widths
+        length, dim = batch[B.INPUT_IDS].shape[-1], dim or text_encoder.config.hidden_size
     return (1, unet.config.in_channels, int(h), int(w)), (1, int(length), int(dim))
 
 
@@ -127,7 +128,7 @@ def unet_train_flops(
     try:
         counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
         with stance("force_eager") if stance else nullcontext(), torch.no_grad(), counter:
-            unet(x, t, **family.unet_inputs(context))
+            unet(x, t, **family.unet_inputs(family.example_condition(unet, context)))
     finally:
         unet.train(was_training)
     return 3 * counter.get_total_flops() / latent_shape[0]

@@ -33,46 +33,15 @@ import time
 from pathlib import Path
 
 import torch
+from shaped_models import build_shaped  # scripts/ is on the path: this file runs as a script
 
 VARIANTS = ("raw_eager_onthefly", "raw_fast_cached", "pipeline")
+CUDA = torch.cuda.is_available()
 
 
 def build_sd15_shaped(out: Path) -> Path:
     """A random model with SD-1.5's U-Net, VAE and CLIP ViT-L/14 text encoder shapes."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sdtrain.demo.tiny import build_tokenizer
-    from sdtrain.models.parts import assemble_pipeline
-
-    tok = build_tokenizer()
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # defaults = SD-1.5 blocks
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    assemble_pipeline(vae, text, tok, unet, sched).save_pretrained(out)
-    return out
+    return build_shaped("sd", out)
 
 
 def build_latent_cache(folder: Path, work: Path, px: int, count: int) -> Path:
@@ -80,7 +49,7 @@ def build_latent_cache(folder: Path, work: Path, px: int, count: int) -> Path:
     from sdtrain.cli.shards import main as shards_main
     from sdtrain.demo import shapes as demo
 
-    out = work / f"latents-{px}"
+    out = work / f"latents-{folder.name}-{px}"
     if (out / "cache.json").is_file():
         return out
     demo.write_folder(work / f"images-{px}", count, px)
@@ -111,7 +80,7 @@ def pipeline(a: argparse.Namespace) -> dict:
             f"data.train_shards={a.cache}",
             f"data.batch_size={a.batch}",
             f"data.num_workers={a.workers}",
-            "trainer=gpu" if a.gpus == 1 else f"trainer={a.strategy}",
+            ("trainer=gpu" if CUDA else "trainer=cpu") if a.gpus == 1 else f"trainer={a.strategy}",
             "trainer.precision=bf16-mixed",  # explicit: every variant in bf16 autocast
             f"trainer.devices={a.gpus}",
             f"trainer.max_steps={a.warmup + a.steps}",
@@ -125,8 +94,8 @@ def pipeline(a: argparse.Namespace) -> dict:
             f"model.fsdp_reduce_dtype={a.reduce_dtype}",
             f"model.fsdp_param_dtype={a.param_dtype or 'null'}",
             f"model.channels_last={str(a.channels_last).lower()}",
-            "+model.optimizer.fused=true",
-            "trainer.benchmark=true",
+            f"+model.optimizer.fused={str(CUDA).lower()}",
+            f"trainer.benchmark={str(CUDA).lower()}",
             "callbacks.throughput.window=5",
             f"hydra.run.dir={run}",
             *a.extra,
@@ -158,10 +127,11 @@ def child(a: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     r = pipeline(a) if a.child == "pipeline" else raw_loop(a, fast=a.child == "raw_fast_cached")
-    gpu = torch.cuda.get_device_name()
-    peak = peak_flops_for(gpu)
+    gpu = torch.cuda.get_device_name() if CUDA else "cpu"
+    peak = peak_flops_for(gpu) if CUDA else None
     row = {
         "gpu": gpu,
+        "family": a.family,
         "gpus": a.gpus,
         "px": a.px,
         "batch": a.batch,
@@ -212,7 +182,7 @@ def run_variant(
     cmd += ["--cache", str(cache), "--compile", comp, "--steps", str(a.steps)]
     cmd += ["--warmup", str(a.warmup), "--workers", str(a.workers)]
     cmd += ["--gpus", gpus, "--strategy", strategy, "--reduce-dtype", a.reduce_dtype]
-    cmd += ["--param-dtype", str(a.param_dtype)]
+    cmd += ["--param-dtype", str(a.param_dtype), "--family", a.family]
     cmd += ["--channels-last" if a.channels_last else "--no-channels-last"]
     cmd += [f"--extra={x}" for x in [*a.extra, *extra]]
     name = f"{v}-{comp}-{gpus}x{strategy}-{case}" + (f"-{label}" if label else "")
@@ -267,6 +237,8 @@ def main() -> None:
         "--extra", action="append", default=[], help="an sdtrain-train override (pipeline)"
     )
     p.add_argument("--logs", help="folder for each variant's log (default: --work)")
+    p.add_argument("--family", default="sd", choices=["sd", "sdxl"], help="the model's shapes")
+    p.add_argument("--tiny", action="store_true", help="toy widths: a CPU dry run of the script")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--px", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -280,9 +252,11 @@ def main() -> None:
     if a.child:
         return child(a)
     work = Path(a.work or tempfile.mkdtemp(prefix="sdtrain-bench-"))
-    folder = work / "sd15-shaped"
+    folder = work / (f"{a.family}-shaped" + ("-tiny" if a.tiny else ""))
     if not (folder / "model_index.json").is_file():
-        build_sd15_shaped(folder)
+        t0 = time.perf_counter()
+        build_shaped(a.family, folder, a.tiny)
+        print(f"built {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for case in a.cases:
         px = int(case.split("x")[0])

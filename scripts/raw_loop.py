@@ -14,12 +14,15 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     """The plain training loop; `fast`: cached inputs and the fast settings."""
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     from sdtrain.callbacks.throughput import unet_train_flops
-    from sdtrain.models.parts import load_tokenizer, tokenize
+    from sdtrain.models.family import detect
+    from sdtrain.models.parts import tokenize
 
-    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    family = detect(a.folder)
+    cuda = torch.cuda.is_available()
+    dev, bf16 = torch.device("cuda" if cuda else "cpu"), torch.bfloat16
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     from sdtrain.models.speed import set_attention
 
     drop_copies, fuse = True, False  # model.drop_layout_copies, model.fuse_projections
@@ -32,17 +35,22 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
             fuse = x.split("=", 1)[1].lower() == "true"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = fast
+    checkpointing = "model.gradient_checkpointing=true" in a.extra
     unet = UNet2DConditionModel.from_pretrained(a.folder, subfolder="unet").to(dev)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     ac = DDPMScheduler.from_pretrained(a.folder, subfolder="scheduler").alphas_cumprod.to(dev)
-    h = a.px // 8
-    flops = unet_train_flops(unet, (1, 4, h, h), (1, 77, 768))
+    scale = AutoencoderKL.load_config(a.folder, subfolder="vae")["scaling_factor"]
+    h, dim = a.px // 8, unet.config.cross_attention_dim
+    flops = unet_train_flops(unet, (1, 4, h, h), (1, 77, dim), family)
+
+    def cond_set() -> dict:  # a cached conditioning: random, of the family's shapes
+        c = family.example_condition(unet, torch.randn(a.batch, 77, dim, device=dev, dtype=bf16))
+        return {k: torch.randn_like(v) if k != "time_ids" else v + 1024 for k, v in c.items()}
+
     if fast:  # cached: posterior moments and contexts, several sets so no cache effects
         sets = [
-            (
-                torch.randn(a.batch, 8, h, h, device=dev, dtype=bf16),
-                torch.randn(a.batch, 77, 768, device=dev, dtype=bf16),
-            )
-            for _ in range(4)
+            (torch.randn(a.batch, 8, h, h, device=dev, dtype=bf16), cond_set()) for _ in range(4)
         ]
         unet.to(memory_format=torch.channels_last)
         from sdtrain.models.speed import compile_unet
@@ -55,50 +63,57 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
         compile_unet(unet, a.compile, drop_layout_copies=drop_copies)
     else:
         vae = AutoencoderKL.from_pretrained(a.folder, subfolder="vae").to(dev, bf16)
-        text = CLIPTextModel.from_pretrained(a.folder, subfolder="text_encoder").to(dev, bf16)
-        ids = tokenize(
-            load_tokenizer(a.folder), ["a photograph of an astronaut riding a horse"] * a.batch
-        )
+        text, tokenizer = family.load_text(a.folder)
+        text = text.to(dev, bf16)
+        ids = tokenize(tokenizer, ["a photograph of an astronaut riding a horse"] * a.batch)
         sets = [
             (torch.rand(a.batch, 3, a.px, a.px, device=dev) * 2 - 1, ids.to(dev)) for _ in range(2)
         ]
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=fast)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=fast and cuda)
+
+    px2 = (a.px, a.px)
+    size = torch.tensor([px2] * a.batch)
 
     def step(i: int) -> None:
         x, c = sets[i % len(sets)]
         with torch.no_grad():
             if fast:
                 mean, logvar = x.float().chunk(2, dim=1)
-                lat = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * 0.18215
-                ctx = c
+                lat = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * scale
+                cond = c
             else:
-                lat = vae.encode(x.to(bf16)).latent_dist.sample().float() * 0.18215
-                ctx = text(c)[0]
+                lat = vae.encode(x.to(bf16)).latent_dist.sample().float() * scale
+                cond = family.condition(text, c)
+                sizes = {"original_size": size, "crop_top_left": size * 0}  # (B, 2) each
+                cond.update(
+                    {k: v.to(dev) for k, v in family.batch_conditioning(sizes, px2).items()}
+                )
         noise = torch.randn_like(lat)
         t = torch.randint(0, 1000, (a.batch,), device=dev)
         s = ac[t].view(-1, 1, 1, 1)
         noisy = s.sqrt() * lat + (1 - s).sqrt() * noise
         if fast:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=bf16):
-            pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+        with torch.autocast(dev.type, dtype=bf16):
+            pred = unet(noisy, t, **family.unet_inputs(cond)).sample
         F.mse_loss(pred.float(), noise).backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for i in range(a.warmup):
         step(i)
-        torch.cuda.synchronize()
+        sync()
         print(f"warm-up step {i}: {time.perf_counter() - t0:.1f} s", flush=True)
     warm_s = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(a.steps):
         step(i)
-    torch.cuda.synchronize()
+    sync()
     secs = time.perf_counter() - t0
     img_s = a.steps * a.batch / secs
     return {
@@ -106,5 +121,5 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
         "flops_per_img": flops,
         "warmup_s": warm_s,
         "data_wait_frac": 0.0,
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
     }

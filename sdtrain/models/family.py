@@ -72,6 +72,10 @@ class Family:
         a batch training at `size` (h, w) pixels; SD has none."""
         return {}
 
+    def example_condition(self, unet: Any, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A conditioning of the right shapes around `context` (B, L, D), for counting FLOPs."""
+        return {"context": context}
+
     def unet_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The U-Net's keyword arguments besides the noisy latents and the timesteps."""
         return {"encoder_hidden_states": cond["context"]}

@@ -21,6 +21,7 @@ module, EMA, LoRA and checkpoints treat "the text encoder" as they do for SD.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,12 @@ class SDXLFamily(Family):
         """{"time_ids": (B, 6)}: each sample's (original h, w, crop top, left) from the data and
         the target size `size` (h, w) in pixels, the size it trains at (its bucket's)."""
         return {"time_ids": time_ids(batch, size)}
+
+    def example_condition(self, unet: Any, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, cfg = context.shape[0], unet.config
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        zeros = partial(torch.zeros, device=context.device, dtype=context.dtype)
+        return {"context": context, "pooled": zeros(b, pooled), "time_ids": zeros(b, 6)}
 
     def unet_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         extra = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
