@@ -19,12 +19,13 @@ from sdtrain.demo import tiny
 TIME_EMBED = 8  # addition_time_embed_dim: each of the 6 size/crop ids gets 8 sinusoid features
 
 
-def build_text_encoders(tokenizer, hidden: int = 32):
-    """(CLIPTextModel, CLIPTextModelWithProjection): SDXL's pair at toy width, three layers each
-    (the context is the penultimate layer's)."""
+def build_text_encoders(tokenizer, hidden: int = 32, hidden_2: int = 48):
+    """(CLIPTextModel, CLIPTextModelWithProjection): SDXL's pair at toy widths, three layers each
+    (the context is the penultimate layer's). The second is the wider, as in SDXL (768 and 1280):
+    diffusers' single-file loader tells the two encoders' weights apart by their width."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    def config(act: str) -> CLIPTextConfig:
+    def config(act: str, hidden: int) -> CLIPTextConfig:
         return CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=hidden,
@@ -39,7 +40,8 @@ def build_text_encoders(tokenizer, hidden: int = 32):
             pad_token_id=tokenizer.pad_token_id,
         )
 
-    return CLIPTextModel(config("quick_gelu")), CLIPTextModelWithProjection(config("gelu"))
+    te2 = CLIPTextModelWithProjection(config("gelu", hidden_2))
+    return CLIPTextModel(config("quick_gelu", hidden)), te2
 
 
 def build_unet(latent_size: int, context_dim: int, pooled_dim: int):

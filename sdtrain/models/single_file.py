@@ -11,6 +11,7 @@ local diffusers-format folder for the configs and the tokenizer (`model.single_f
 nothing is fetched. Writing inverts the same mappings (diffusers' `single_file_utils`), as tables of
 prefix renames plus the two reshapes the layouts differ by: the VAE mid-block attention (1x1 convs
 there, linear layers here) and the OpenCLIP attention (one fused q/k/v projection there).
+SDXL's layout (`sdtrain.models.single_file_sdxl`) is written and read with the same tables.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ UNET_TOP = (
     ("conv_in.", "input_blocks.0.0."),
     ("conv_norm_out.", "out.0."),
     ("conv_out.", "out.2."),
+    # SDXL: the pooled text + size/crop embedding (`addition_embed_type: text_time`)
+    ("add_embedding.linear_1.", "label_emb.0.0."),
+    ("add_embedding.linear_2.", "label_emb.0.2."),
 )
 VAE_TOP = (
     ("encoder.conv_norm_out.", "encoder.norm_out."),
@@ -166,13 +170,15 @@ def _text_key(key: str) -> str:
     return key.removeprefix("text_model.")
 
 
-def clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """SD-1.x: the OpenAI CLIP keys stay transformers' own, under `cond_stage_model.transformer.`."""
-    return {f"{CLIP_PREFIX}text_model.{_text_key(k)}": v for k, v in state.items()}
+def clip_to_original(state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, Any]:
+    """OpenAI CLIP: the keys stay transformers' own, under `prefix` (SD-1.x's
+    `cond_stage_model.transformer.`; SDXL's first encoder is `conditioner.embedders.0.transformer.`)."""
+    return {f"{prefix}text_model.{_text_key(k)}": v for k, v in state.items()}
 
 
-def openclip_to_original(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """SD-2.x: transformers CLIP keys -> OpenCLIP's (`cond_stage_model.model.*`), q/k/v fused."""
+def openclip_names(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """transformers CLIP keys -> OpenCLIP's (no prefix), q/k/v fused into one in_proj; the
+    projection of a CLIPTextModelWithProjection (SDXL's second encoder) as `text_projection`."""
     state = {_text_key(k): v for k, v in state.items() if not k.endswith("position_ids")}
     out: dict[str, Any] = {}
     layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
@@ -183,6 +189,22 @@ def openclip_to_original(state: dict[str, torch.Tensor]) -> dict[str, Any]:
             out[f"{sd}attn.in_proj_{kind}"] = torch.cat(qkv)
         for key in [k for k in state if k.startswith(hf)]:
             out[sd + _rename(key[len(hf) :], OPENCLIP_LAYER)] = state.pop(key)
+    for hf, sd in OPENCLIP_TOP.items():
+        out[sd] = state.pop(hf)
+    projection = state.pop("text_projection.weight", None)  # transformers' Linear: (proj, width)
+    if projection is not None:  # OpenCLIP applies x @ P: P is (width, proj), the transpose
+        out["text_projection"] = projection.T
+    if state:
+        raise KeyError(
+            f"text encoder weights {sorted(state)[:3]} have no place in OpenCLIP's layout"
+        )
+    return out
+
+
+def openclip_to_original(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """SD-2.x: transformers CLIP keys -> OpenCLIP's (`cond_stage_model.model.*`), q/k/v fused."""
+    out = openclip_names(state)
+    layers = sorted({int(k.split(".")[2]) for k in out if k.startswith("transformer.resblocks.")})
     # SD-2 checkpoints hold one resblock more than SD conditions on (it reads the penultimate
     # layer's output; diffusers' text encoder stops there, 23 of OpenCLIP's 24): write it as the
     # established converters do, a copy of the last one, which no conditioning reads. Loaders that
@@ -190,12 +212,6 @@ def openclip_to_original(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     last, extra = f"transformer.resblocks.{layers[-1]}.", f"transformer.resblocks.{layers[-1] + 1}."
     for key in [k for k in out if k.startswith(last)]:
         out[extra + key[len(last) :]] = out[key].clone()
-    for hf, sd in OPENCLIP_TOP.items():
-        out[sd] = state.pop(hf)
-    if state:
-        raise KeyError(
-            f"text encoder weights {sorted(state)[:3]} have no place in OpenCLIP's layout"
-        )
     # SD conditions on the token states, never on the pooled projection: an identity keeps the key
     # OpenCLIP loaders expect, and diffusers reads the q/k/v split width from its shape.
     width = out["ln_final.weight"].shape[0]
@@ -230,6 +246,13 @@ def save_single_file(
     path: str | Path, unet, vae, text_encoder, dtype: str = "fp16", layout: str | None = None
 ) -> Path:
     """Write the models as one original-layout `.safetensors` at `path` (fp16 halves the size)."""
+    return write_single_file(path, to_original(unet, vae, text_encoder, layout), dtype)
+
+
+def write_single_file(
+    path: str | Path, original: dict[str, torch.Tensor], dtype: str = "fp16"
+) -> Path:
+    """Write weights under their original names as one `.safetensors` of `dtype` at `path`."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -237,8 +260,7 @@ def save_single_file(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: a single-file checkpoint is written as .safetensors")
-    state = to_original(unet, vae, text_encoder, layout)
-    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in original.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "pt"})
     return path
@@ -268,17 +290,25 @@ def check_single_file(path: str | Path) -> Path:
     return path
 
 
-def check_config_folder(config: str | Path | None, path: str | Path) -> Path:
-    """The diffusers-format folder whose configs and tokenizer a single file loads with."""
+def check_config_folder(config: str | Path | None, path: str | Path, family=None) -> Path:
+    """The diffusers-format folder whose configs and tokenizer a single file loads with: what
+    `family` (None: the file's, `sdtrain.models.family.detect`) needs, SDXL's second text
+    encoder and tokenizer included."""
+    from sdtrain.models.family import detect
+
+    family = family or detect(path)
+    models = ("unet", "vae", *family.text_encoders)
     if config is None:
+        folders = " ".join(f"{m}/" for m in models)
+        tokenizers = " ".join(f"{t}/" for t in family.tokenizers)
         raise ValueError(
             f"model.single_file_config is not set: {path} is a single file, which holds weights "
             "only; point model.single_file_config at a diffusers-format folder of the same model "
-            "type (model_index.json, unet/ vae/ text_encoder/ configs, tokenizer/, scheduler/)"
+            f"type (model_index.json, {folders} configs, {tokenizers}, scheduler/)"
         )
     config = Path(config).expanduser()
-    need = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"]
-    need += ["tokenizer", "scheduler/scheduler_config.json"]
+    need = ["model_index.json", *(f"{m}/config.json" for m in models), *family.tokenizers]
+    need += ["scheduler/scheduler_config.json"]
     missing = [n for n in need if not (config / n).exists()]
     if missing:
         raise FileNotFoundError(
@@ -299,32 +329,44 @@ def load_single_file(path: str | Path, config: str | Path | None, unet=None):
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+    from sdtrain.models.family import SD
     from sdtrain.models.parts import Parts
 
-    path, config = check_single_file(path), check_config_folder(config, path)
-    extra = {} if unet is None else {"unet": unet}
+    path, config = check_single_file(path), check_config_folder(config, path, SD)
+    pipe = read_pipeline(
+        StableDiffusionPipeline,
+        path,
+        config,
+        ("unet", "vae", "text_encoder"),
+        unet,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    scheduler = DDPMScheduler.from_pretrained(config, subfolder="scheduler")
+    return Parts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, str(path))
+
+
+def read_pipeline(pipeline_class, path: Path, config: Path, models, unet=None, **kwargs):
+    """`pipeline_class.from_single_file(path)` with `config`'s configs (nothing fetched), and
+    every one of `models` read whole from the file (float32); a weight the file lacks raises
+    KeyError naming the file. `unet`: one to use instead of the file's."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+    extra = {} if unet is None else {"unet": unet}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(config),
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **extra,
+        pipe = pipeline_class.from_single_file(
+            str(path), config=str(config), local_files_only=True, **kwargs, **extra
         )
     except (NotImplementedError, SingleFileComponentError) as e:  # a weight left on "meta"
         raise KeyError(
             f"{path}: lacks weights that the configs in {config} need (an incomplete file, or "
             f"another model type than those configs): {str(e).strip().splitlines()[0]}"
         ) from e
-    for name in ("unet", "vae", "text_encoder"):
+    for name in models:
         model = getattr(pipe, name)
         empty = [n for n, p in model.named_parameters() if p.is_meta]  # weights the file lacked
         if empty:
             raise KeyError(f"{path}: no weights for {name}.{empty[0]} (and {len(empty) - 1} more)")
         model.float()
-    scheduler = DDPMScheduler.from_pretrained(config, subfolder="scheduler")
-    return Parts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, str(path))
+    return pipe
