@@ -3,13 +3,16 @@
 `load_parts` wraps `sdtrain.models.loader.load_parts` (the `model.parts` loader): with `model.lora` set it
 freezes the U-Net's base weights and adds peft LoRA adapters to its attention projections (and to
 the text encoder's with `model.lora.text_encoder=true`), the way diffusers' own
-train_text_to_image_lora.py does (`unet.add_adapter(LoraConfig(...))`). The module then trains
-whatever requires grad; the helpers below say what that is, name it for checkpoints and the EMA,
-and split it into optimizer groups (the text encoder's own LR).
+train_text_to_image_lora.py does (`unet.add_adapter(LoraConfig(...))`). SDXL's text encoder is a
+pair (`sdtrain.models.sdxl.TextEncoderPair`): each of its encoders gets adapters of its own, both
+with `true` or the one named with `te1` / `te2` (`model.train_text_encoder` picks the same way).
+The module then trains whatever requires grad; the helpers below say what that is, name it for
+checkpoints and the EMA, and split it into optimizer groups (the text encoder's own LR).
 
 Names: U-Net parameters keep their bare names (`conv_in.weight`, or with LoRA
-`...attn1.to_q.lora_A.default.weight`), text-encoder parameters are `text_encoder.`-prefixed, so
-the EMA shadow of a U-Net-only run is keyed as it always was.
+`...attn1.to_q.lora_A.default.weight`), text-encoder parameters are `text_encoder.`-prefixed
+(SDXL's `text_encoder.te1.…` / `text_encoder.te2.…`), so the EMA shadow of a U-Net-only run is
+keyed as it always was.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def add_lora(
     alpha: float | None = None,
     dropout: float = 0.0,
     target_modules: Iterable[str] = UNET_TARGETS,
-    text_encoder: bool = False,
+    text_encoder: bool | str = False,
     text_encoder_target_modules: Iterable[str] = TEXT_TARGETS,
 ) -> Parts:
     """Freeze the U-Net (and text encoder) base weights and add trainable LoRA adapters, in place.
@@ -69,7 +72,8 @@ def add_lora(
         alpha: the update is scaled by alpha / rank; None: alpha = rank (scale 1).
         dropout: dropout on the adapters' input while training.
         target_modules: U-Net module names (suffixes) that get adapters.
-        text_encoder: add adapters to the text encoder too.
+        text_encoder: add adapters to the text encoder too (`true`: to both of SDXL's; `te1` /
+            `te2`: to that one of SDXL's only; see `picked`).
         text_encoder_target_modules: text-encoder module names that get adapters.
     """
     if int(rank) < 1:
@@ -79,11 +83,43 @@ def add_lora(
     alpha = float(rank if alpha is None else alpha)
     parts.unet.requires_grad_(False)
     _adapt(parts.unet, rank, alpha, dropout, target_modules, "model.lora.target_modules")
-    if text_encoder:
+    chosen = picked(parts.text_encoder, text_encoder, "model.lora.text_encoder")
+    if chosen:
         parts.text_encoder.requires_grad_(False)
-        where = "model.lora.text_encoder_target_modules"
-        _adapt(parts.text_encoder, rank, alpha, dropout, text_encoder_target_modules, where)
+    where = "model.lora.text_encoder_target_modules"
+    for name in chosen:
+        model = encoders(parts.text_encoder)[name]
+        _adapt(model, rank, alpha, dropout, text_encoder_target_modules, where)
     return parts
+
+
+def encoders(model) -> dict[str, torch.nn.Module]:
+    """The models inside `model` that take adapters of their own, by their parameters' prefix:
+    SDXL's pair of text encoders `{"te1": …, "te2": …}`; any other model `{"": model}`."""
+    from sdtrain.models.sdxl import TextEncoderPair
+
+    if isinstance(model, TextEncoderPair):
+        return {"te1": model.te1, "te2": model.te2}
+    return {"": model}
+
+
+def picked(text_encoder, value: Any, key: str) -> list[str]:
+    """The names (`encoders`) of the text encoders `value` picks: all for true, none for false,
+    SDXL's `te1` or `te2` alone; a ValueError naming `key` for anything else."""
+    names = list(encoders(text_encoder))
+    if value is True or value is False or value is None:
+        return names if value else []
+    if value in ("te1", "te2") and value in names:
+        return [value]
+    if value in ("te1", "te2"):
+        raise ValueError(
+            f"{key}={value}: te1 and te2 name one of SDXL's two text encoders; this model has "
+            "one text encoder: set true or false"
+        )
+    raise ValueError(
+        f"{key}={value!r}: takes true, false, te1 or te2 (te1 / te2: one of SDXL's two text "
+        "encoders alone)"
+    )
 
 
 def _adapt(model, rank: int, alpha: float, dropout: float, targets: Iterable[str], where: str):
@@ -112,8 +148,9 @@ def _adapt(model, rank: int, alpha: float, dropout: float, targets: Iterable[str
 
 
 def has_adapter(model) -> bool:
-    """Whether peft adapters were added to this diffusers or transformers model."""
-    return bool(getattr(model, "peft_config", None))
+    """Whether peft adapters were added to this diffusers or transformers model (to either
+    encoder of SDXL's pair)."""
+    return any(getattr(m, "peft_config", None) for m in encoders(model).values())
 
 
 def describe(unet, text_encoder) -> dict[str, Any] | None:
@@ -122,34 +159,42 @@ def describe(unet, text_encoder) -> dict[str, Any] | None:
     if not has_adapter(unet):
         return None
     cfg = unet.peft_config["default"]
-    text = text_encoder.peft_config["default"] if has_adapter(text_encoder) else None
+    models = encoders(text_encoder)
+    adapted = [name for name, model in models.items() if has_adapter(model)]
+    text = models[adapted[0]].peft_config["default"] if adapted else None
     return {
         "rank": int(cfg.r),
         "alpha": float(cfg.lora_alpha),
         "dropout": float(cfg.lora_dropout),
         "target_modules": sorted(cfg.target_modules),
-        "text_encoder": text is not None,
+        # true (all of them), false, or SDXL's te1 / te2 alone
+        "text_encoder": adapted[0] if 0 < len(adapted) < len(models) else bool(adapted),
         "text_encoder_target_modules": sorted(text.target_modules) if text else list(TEXT_TARGETS),
     }
 
 
-def set_text_encoder_training(text_encoder, full: bool) -> bool:
-    """Freeze the text encoder unless it trains; return whether it trains.
+def set_text_encoder_training(text_encoder, full: bool | str) -> bool:
+    """Freeze the text encoder unless it trains; return whether (any of) it trains.
 
-    It trains fully with `full` (model.train_text_encoder), or its LoRA adapters train when the
-    loader added them; otherwise every weight is frozen, as before.
+    It trains fully with `full` (model.train_text_encoder: true, or SDXL's te1 / te2 alone), or
+    its LoRA adapters train when the loader added them; otherwise every weight is frozen, as
+    before. One of SDXL's encoders may train fully and the other through adapters.
     """
-    if full and has_adapter(text_encoder):
+    models = encoders(text_encoder)
+    chosen = picked(text_encoder, full, "model.train_text_encoder")
+    adapted = [name for name, model in models.items() if has_adapter(model)]
+    if set(chosen) & set(adapted):
+        full_is, lora_is = (("true" if len(n) == len(models) else n[0]) for n in (chosen, adapted))
         raise ValueError(
-            "model.train_text_encoder=true and model.lora.text_encoder=true: pick one "
-            "(full fine-tuning of the text encoder, or LoRA adapters on it)"
+            f"model.train_text_encoder={full_is} and model.lora.text_encoder={lora_is}: pick one "
+            "(full fine-tuning of a text encoder, or LoRA adapters on it)"
         )
-    if full:
-        text_encoder.requires_grad_(True)
-        return True
-    if not has_adapter(text_encoder):
-        text_encoder.requires_grad_(False)
-    return has_adapter(text_encoder)
+    for name, model in models.items():
+        if name in chosen:
+            model.requires_grad_(True)
+        elif not has_adapter(model):
+            model.requires_grad_(False)
+    return bool(chosen) or has_adapter(text_encoder)
 
 
 def trainable(unet, text_encoder) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -206,7 +251,8 @@ def load_text_encoder(text_encoder, weights: dict[str, torch.Tensor], where: str
 
 
 def fuse(model) -> None:
-    """Merge LoRA adapters into the base weights and drop them: a plain model to save_pretrained."""
+    """Merge LoRA adapters into the base weights and drop them: a plain model to save_pretrained
+    (each of SDXL's text encoders that has them)."""
     if not has_adapter(model):
         return
     if hasattr(model, "fuse_lora"):  # diffusers' U-Net
@@ -216,8 +262,11 @@ def fuse(model) -> None:
     from diffusers.utils import recurse_remove_peft_layers  # what unload_lora calls
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in model.modules():  # the text encoder: peft's own merge, then its base layers
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-    recurse_remove_peft_layers(model)
-    del model.peft_config
+    for encoder in encoders(model).values():
+        if not has_adapter(encoder):
+            continue
+        for module in encoder.modules():  # a text encoder: peft's own merge, then its base layers
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        recurse_remove_peft_layers(encoder)
+        del encoder.peft_config
