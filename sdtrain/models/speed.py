@@ -1,7 +1,9 @@
 """Fast settings for the U-Net step, each a switch in `model.speed` (measured in docs/benchmarks.md).
 
-- `compile`: None (eager), "unet" (the whole U-Net's forward) or "blocks" (each down/mid/up block
-  on its own: regional compile, shorter warm-up, the same kernels where the time goes). Compiled in
+- `compile`: None (eager), "unet" (the whole U-Net's forward), "blocks" (each down/mid/up block
+  on its own: regional compile, shorter warm-up, the same kernels where the time goes) or
+  "repeated" (each transformer and ResNet layer, compiled once per shape and shared by all its
+  copies: SDXL's whole-U-Net compile ran past 4 minutes on an H100 before its first step). Compiled in
   place with `nn.Module.compile`, so parameter names, checkpoints and the EMA are unchanged.
 - `channels_last`: NHWC memory format for the U-Net's convolutions (cuDNN's fast layout on GPUs).
 - `drop_layout_copies`: with `compile` and `channels_last`, compile through `sdtrain.models.layout.backend`,
@@ -25,7 +27,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = (None, "unet", "blocks")
+COMPILE_MODES = (None, "unet", "blocks", "repeated")
+# "repeated": the layers a U-Net repeats, each compiled once per shape and reused by every copy
+# (diffusers' `compile_repeated_blocks` names the transformer block; the ResNet block repeats too)
+REPEATED = ("BasicTransformerBlock", "ResnetBlock2D")
 ATTENTION = (None, "flash", "efficient", "cudnn")
 
 
@@ -62,6 +67,17 @@ def compile_unet(
         options.setdefault("backend", layout.backend(options.pop("inner_backend", "inductor")))
     if mode == "unet":
         unet.compile(**options)
+        return
+    if mode == "repeated":
+        layers = [m for m in unet.modules() if type(m).__name__ in REPEATED]
+        # one compiled graph per distinct (layer kind, shape): SDXL has ~20, past dynamo's
+        # default of 8 recompiles per code object, beyond which the rest would run eagerly
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else None
+        limit = limit or "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+        for m in layers:
+            m.compile(**options)
+        log.info("compiled %d repeated U-Net layers (regional compile)", len(layers))
         return
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     for block in blocks:

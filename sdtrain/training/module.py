@@ -52,7 +52,8 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
             "uniform" or "logit_normal" with [mean, std], within [low, high) or all of [0, T)
             (`diffusion.sample_timesteps`).
         gradient_checkpointing: trade compute for memory in the U-Net.
-        compile: torch.compile the U-Net: None (eager), "unet" (whole) or "blocks" (regional).
+        compile: torch.compile the U-Net: None (eager), "unet" (whole), "blocks" or "repeated"
+            (regional: `sdtrain.models.speed.compile_unet`).
         channels_last: NHWC memory format for the U-Net (faster convolutions on GPUs).
         drop_layout_copies: with `compile` and `channels_last`, remove diffusers' `.contiguous()`
             copies in front of convolutions from the compiled graph (`sdtrain.models.layout`).
