@@ -17,7 +17,7 @@ embeddings are a data concern, not a model change.
 | `skipped` | int | unusable samples the loader dropped while making this batch (optional) |
 | `skipped_kinds`, `skipped_shards` | {str: int} | the same by kind (`SKIP_KINDS`) and by shard url (optional) |
 | `position` | [worker, workers, pass, drawn] ints | where the data stands after this batch: the DataLoader worker that made it (its virtual id), how many there are, its pass over the shards and the samples it has drawn in that pass (optional; `sdtrain.datamodules.position`) |
-| `original_size`, `crop_top_left` | (B, 2) long | each image's (height, width) as decoded, and the (top, left) of its crop in resized pixels: SDXL's size conditioning (`sdtrain.models.sdxl.time_ids`), unused by SD-1.x/2.x |
+| `original_size`, `crop_top_left` | (B, 2) long | each image's (height, width) as decoded (EXIF orientation applied), and the (top, left) of its crop in resized pixels, the left measured in the flipped image when it was flipped: SDXL's size conditioning (`sdtrain.models.sdxl.time_ids`), in every image batch and read back from a latent cache's KEY.json (`sdtrain.datamodules.transforms.size_conditioning`); unused by SD-1.x/2.x |
 """
 
 from __future__ import annotations

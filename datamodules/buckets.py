@@ -7,9 +7,9 @@ buffer per bucket inside each DataLoader worker and emits a batch as soon as one
 `batch_size` samples, so every batch has one shape. Buffers outlive a pass over the shards: a
 partial bucket at the end of a pass fills up in the next one, nothing is dropped.
 
-Each example records SDXL's size conditioning (`original_size` as (height, width) and
-`crop_top_left` as (top, left) in resized pixels); SD-1 ignores them, they are kept so a model
-that uses them needs no new data pipeline.
+Each example records SDXL's size conditioning as every image example does (`original_size` as
+(height, width) and `crop_top_left` as (top, left) in resized pixels:
+`transforms.size_conditioning`); SD-1 ignores them.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
-
-import torch
 
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.captions import CaptionProcessor
@@ -116,9 +114,7 @@ class BucketTransform(ImageTextTransform):
         captions: CaptionProcessor | None = None,
     ) -> None:
         side = max(map(max, buckets))
-        super().__init__(
-            side, center_crop, random_flip, with_meta=True, max_pixels=max_pixels, captions=captions
-        )
+        super().__init__(side, center_crop, random_flip, max_pixels=max_pixels, captions=captions)
         self.buckets = list(buckets)
 
     def precheck(self, sample: dict) -> Bucket:
@@ -134,17 +130,10 @@ class BucketTransform(ImageTextTransform):
         bucket = bucket or nearest_bucket(width, height, self.buckets)
         return bucket_crop_box(width, height, tuple(bucket), self.center_crop, rng)
 
-    def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
-        example = super().__call__(sample, rng)
-        meta = example.pop("meta")  # with_meta=True: the sizes and crop it took
-        (width, height), (left, top) = meta["original_size"], meta["crop_box"][:2]
-        example[B.ORIGINAL_SIZE], example[B.CROP_TOP_LEFT] = (height, width), (top, left)
-        return example
-
 
 class BucketBatcher:
     """Pipeline stage: examples -> batches of `batch_size` examples of one bucket, collated by
-    `collate` (`collate_sized`: with "original_size" and "crop_top_left" as (B, 2) long tensors).
+    `collate` (`transforms.Collate`).
 
     One instance per pipeline, so each DataLoader worker (which gets its own copy) buffers its
     own samples; the buffers persist from one pass to the next (see the module docs). A batch's
@@ -165,14 +154,6 @@ class BucketBatcher:
             if len(bucket) == self.batch_size:
                 self.waiting[shape] = []
                 yield self.collate(bucket)
-
-
-def collate_sized(collate, examples: list[dict]) -> dict:
-    """`collate(examples)` with "original_size" and "crop_top_left" as (B, 2) long tensors."""
-    batch = collate(examples)
-    for key in (B.ORIGINAL_SIZE, B.CROP_TOP_LEFT):
-        batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
-    return batch
 
 
 def merge_small_buckets(

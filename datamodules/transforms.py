@@ -188,6 +188,25 @@ def bucket_crop_box(
     return (nw, nh), (left, top, left + bw, top + bh)
 
 
+def size_conditioning(
+    original: tuple[int, int],
+    resized: tuple[int, int],
+    box: tuple[int, int, int, int],
+    flipped: bool,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """SDXL's size and crop conditioning of one image: ((height, width) as decoded, (top, left)
+    of its crop in resized pixels), from its decoded (w, h) `original` size, its `resized` (w, h)
+    and the (left, top, right, bottom) crop `box` (`bucket_crop_box`).
+
+    A flipped image's crop left is the one in the flipped image, resized width - right edge: the
+    flip mirrors the crop window too. Diffusers' SDXL scripts get the same by flipping before
+    they crop (huggingface/diffusers#6547; before it they subtracted the left from the cropped
+    width). The training image is the same either way: crop then flip, or flip then crop there.
+    """
+    (width, height), (resized_width, _), (left, top, right, _) = original, resized, box
+    return (height, width), (top, resized_width - right if flipped else left)
+
+
 def resize_crop(
     img: Image.Image, size: int, center_crop: bool, box: tuple | None = None
 ) -> Image.Image:
@@ -206,12 +225,15 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class ImageTextTransform:
-    """Raw sample -> {"pixels", "caption"}; raises SkipSample when unusable.
+    """Raw sample -> {"pixels", "caption", "original_size", "crop_top_left"}; raises SkipSample
+    when unusable.
 
     Captions are tokenized per batch (`Collate`), not here: one tokenizer call for the batch is
     ~15x cheaper than one per sample, which had made tokenizing the data loader's bottleneck.
-    With `with_meta` the example also holds "meta": the decoded size, the resized size, the crop
-    box and whether it was flipped (what a latent cache records per sample).
+    "original_size" and "crop_top_left" are SDXL's size conditioning as this sample was decoded,
+    cropped and flipped (`size_conditioning`); SD-1.x/2.x ignore them. With `with_meta` the
+    example also holds "meta": the decoded size, the resized size, the crop box and whether it
+    was flipped (what a latent cache records per sample).
     """
 
     def __init__(
@@ -263,6 +285,8 @@ class ImageTextTransform:
         if self.captions is not None:  # drawn after the crop and flip: those stay as without it
             caption = self.captions(caption, rng)
         example = {B.PIXELS: to_tensor(img), "caption": caption}
+        sizes = size_conditioning(original, *box, flipped)
+        example[B.ORIGINAL_SIZE], example[B.CROP_TOP_LEFT] = sizes
         if self.with_meta:
             example["meta"] = {
                 "original_size": list(original),
@@ -283,13 +307,35 @@ def load_npy(data: bytes, bf16_bits: bool = False) -> torch.Tensor:
     return (t.view(torch.bfloat16) if bf16_bits else t).float()
 
 
+CROP_RECORD = ("original_size", "resized_size", "crop_box")  # a latent cache's KEY.json
+
+
+def cached_sizes(sample: dict) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """`size_conditioning` from a latent-cache sample's KEY.json (`ImageTextTransform`'s "meta"),
+    or None when it has no such record (a cache made elsewhere)."""
+    if not sample.get("json"):
+        return None
+    try:
+        meta = json.loads(sample["json"])
+        if not all(k in meta for k in CROP_RECORD):
+            return None
+        return size_conditioning(
+            *(tuple(map(int, meta[k])) for k in CROP_RECORD), bool(meta.get("flipped"))
+        )
+    except (ValueError, TypeError) as e:  # not JSON, or sizes that are no numbers
+        raise SkipSample(f"unreadable .json crop record ({e})", "bad_latent") from e
+
+
 class LatentTransform:
-    """Raw latent-cache sample -> {"latent_dist", "caption"} (and "context" if cached).
+    """Raw latent-cache sample -> {"latent_dist", "caption"}, "context" and "pooled" if cached,
+    and the "original_size" and "crop_top_left" of the image it was encoded from (read from
+    KEY.json; left out for a sample without that record).
 
     Args:
-        files: the cache's extension per tensor (cache.json "files": latent_dist, context).
-        dtype: how latent_dist is stored ("fp16" or "bf16", cache.json "dtype"); a context is
-            always fp16.
+        files: the cache's extension per tensor (cache.json "files": latent_dist, context,
+            pooled).
+        dtype: how latent_dist is stored ("fp16" or "bf16", cache.json "dtype"); a context and
+            a pooled embedding are always fp16.
         latent_shape: (2C, h, w) every sample must have, so batches stack.
     """
 
@@ -337,15 +383,20 @@ class LatentTransform:
                 f".{self.files[B.LATENT_DIST]} has shape {shape}, not {self.latent_shape}",
                 "bad_latent",
             )
+        sizes = cached_sizes(sample)
+        if sizes is not None:  # the same time_ids as the pixel batch it came from (SDXL)
+            example[B.ORIGINAL_SIZE], example[B.CROP_TOP_LEFT] = sizes
         return example
 
 
 class Collate:
     """Examples -> one batch (the contract in sdtrain.datamodules.batch): the examples' tensors stacked
-    (pixels or latent_dist, and context if they hold one), captions tokenized in one call unless
-    a context stands in for them."""
+    (pixels or latent_dist, and context and pooled if they hold them), captions tokenized in one
+    call unless a context stands in for them, and each image's original size and crop as (B, 2)
+    long tensors when every example has them."""
 
-    STACKED = (B.PIXELS, B.LATENT_DIST, B.CONTEXT)
+    STACKED = (B.PIXELS, B.LATENT_DIST, B.CONTEXT, B.POOLED)
+    SIZES = (B.ORIGINAL_SIZE, B.CROP_TOP_LEFT)  # (height, width), (top, left) per example
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -355,7 +406,10 @@ class Collate:
         # (B, 3, H, W) pixels or (B, 2C, h, w) latent_dist; (B, 77, D) context
         batch = {k: torch.stack([e[k] for e in examples]) for k in self.STACKED if k in examples[0]}
         if B.CONTEXT not in batch:
-            batch[B.INPUT_IDS] = tokenize(self.tokenizer, captions)  # (B, 77)
+            batch[B.INPUT_IDS] = tokenize(self.tokenizer, captions)  # (B, 77); SDXL (B, 2, 77)
+        for key in self.SIZES:
+            if all(key in e for e in examples):
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)  # (B, 2)
         batch[B.CAPTIONS] = captions
         batch[B.KEYS] = [e["key"] for e in examples]  # the samples' __key__, set by DecodeStage
         if "position" in examples[-1]:  # the place after the batch's last sample

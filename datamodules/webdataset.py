@@ -6,19 +6,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import replace
-from functools import partial
 
 import lightning as L
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from sdtrain.datamodules.buckets import (
-    BucketBatcher,
-    BucketTransform,
-    collate_sized,
-    parse_buckets,
-)
+from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_buckets
 from sdtrain.datamodules.captions import caption_processor
 from sdtrain.datamodules.decode import DecodeStage  # noqa: F401  (re-exported: sdtrain.artifacts.cache)
 from sdtrain.datamodules.heldout import HeldOut, heldout_transform, split_heldout
@@ -321,8 +315,6 @@ class WebDataModule(L.LightningDataModule):
         cursor = Cursor(order)
         decode = DecodeStage(self.transform(), order)
         collate = Collate(self.tokenizer)
-        if self.bucketed:
-            collate = partial(collate_sized, collate)
         if h.resampled:  # each slot its own endless shard order, shuffle and batches
             stages = [
                 ResampledShardList(self.urls, order, cursor),

@@ -14,15 +14,22 @@ its own shards, `OUT/{rank:02d}-{n:05d}.tar`, holding per sample:
                             diffusers' `latent_dist.parameters` (unscaled, unclamped)
   KEY.latent_dist.bf16.npy  the same with --dtype bf16: bfloat16 bit patterns in a uint16 array
                             (numpy has no bfloat16); `torch.from_numpy(a).view(torch.bfloat16)`
-  KEY.context.npy           (77, D) float16: the text encoder's last hidden states (--text only)
+  KEY.context.npy           (77, D) float16: the family's context, the text encoder's last
+                            hidden states (SDXL: both encoders' penultimate ones, D = 2048)
+                            (--text only)
+  KEY.pooled.npy            (P,) float16: SDXL's pooled text embedding (--text on SDXL only)
   KEY.txt                   the caption
   KEY.json                  original_size [w, h] as decoded, resized_size, crop_box [left, top,
-                            right, bottom] in resized pixels, flipped (always false)
+                            right, bottom] in resized pixels, flipped (always false): what SDXL's
+                            size conditioning (time_ids) is made of when it trains on the cache
 
 Arrays are plain `.npy`, read with `np.load(allow_pickle=False)`: a shard holds data, never code.
 After every rank has finished, rank 0 writes `OUT/cache.json` (what made the cache and what it
 holds). It comes last, so a folder with a cache.json is a complete cache. Training checks the
 cache's VAE fingerprint against its own model (`check_latent_cache`).
+
+SDXL folders cache as SD ones do (the family is read from model_index.json): its two text
+encoders are one module (`sdtrain.models.sdxl.TextEncoderPair`), fingerprinted together.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import hashlib
 import io
 import json
 import logging
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +51,21 @@ from torch.utils.data import DataLoader
 import sdtrain
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.order import SplitByRank, SplitByWorker
-from sdtrain.datamodules.transforms import Collate, ImageTextTransform
+from sdtrain.datamodules.transforms import CROP_RECORD, Collate, ImageTextTransform
 from sdtrain.datamodules.webdataset import (
     CACHE_FILE,
     CACHE_FORMAT,
     CACHE_FORMAT_VERSION,
     DecodeStage,
 )
-from sdtrain.models.family import SD, Family
+from sdtrain.models.family import SD, Family, detect
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LATENT_FILES = {"fp16": "latent_dist.npy", "bf16": "latent_dist.bf16.npy"}  # by --dtype
-CONTEXT_FILE = "context.npy"  # always fp16
+# the text conditioning by batch key, always fp16: the context, and SDXL's pooled embedding
+TEXT_FILES = {B.CONTEXT: "context.npy", B.POOLED: "pooled.npy"}
 # The text encoder's config keys that change its output; the rest (transformers_version, dtype,
 # return_dict, ...) differ between library versions for the same model.
 TEXT_CONFIG_KEYS = (
@@ -95,10 +104,60 @@ def vae_fingerprint(vae) -> str:
     return _fingerprint({"class": type(vae).__name__, **config}, vae)
 
 
+def _text_config(model) -> dict[str, Any]:
+    """A CLIP text model's class and the config keys that shape its output."""
+    return {"class": type(model).__name__} | {
+        k: getattr(model.config, k, None) for k in TEXT_CONFIG_KEYS
+    }
+
+
 def text_encoder_fingerprint(text_encoder) -> str:
-    """sha256 of the text encoder's class, the config keys that shape its output, and weights."""
-    config = {k: getattr(text_encoder.config, k, None) for k in TEXT_CONFIG_KEYS}
-    return _fingerprint({"class": type(text_encoder).__name__, **config}, text_encoder)
+    """sha256 of the text encoder's class, the config keys that shape its output, and weights;
+    for SDXL's `TextEncoderPair`, of both encoders' (the weights named te1.…, te2.…)."""
+    if hasattr(text_encoder, "config"):  # one CLIP text model: the hash SD caches record
+        return _fingerprint(_text_config(text_encoder), text_encoder)
+    parts = {name: _text_config(m) for name, m in text_encoder.named_children()}
+    return _fingerprint({"class": type(text_encoder).__name__, **parts}, text_encoder)
+
+
+def text_shapes(text_encoder, tokenizer) -> dict[str, list[int]]:
+    """The cached text tensors' shapes per sample: {"context": [L, D]} and, for a text encoder
+    with a pooled output (SDXL's `TextEncoderPair`, its `pooled_dim`), {"pooled": [P]}."""
+    length = tokenizer.model_max_length  # 77 for CLIP: the ids are padded to it
+    if hasattr(text_encoder, "pooled_dim"):
+        return {B.CONTEXT: [length, text_encoder.context_dim], B.POOLED: [text_encoder.pooled_dim]}
+    return {B.CONTEXT: [length, text_encoder.config.hidden_size]}
+
+
+def first_crop_record(info: dict[str, Any]) -> dict[str, Any] | None:
+    """The first readable KEY.json of a latent cache, its shards read in cache.json's order
+    (None if no shard holds one): the cache's samples all come with the same record."""
+    for shard in info.get("shards") or []:
+        try:
+            with tarfile.open(Path(info["folder"]) / shard) as tar:
+                for member in tar:
+                    if member.name.endswith(".json"):
+                        record = json.loads(tar.extractfile(member).read())
+                        return record if isinstance(record, dict) else {}
+        except (OSError, tarfile.TarError, ValueError):  # a broken shard: training skips it too
+            continue
+    return None
+
+
+def check_size_record(info: dict[str, Any], model: str, model_folder: str | None) -> None:
+    """Refuse a latent cache whose samples do not record the original size and crop that SDXL's
+    size conditioning (time_ids) is made of: training would stop at its first step. `model`
+    names the model for the message."""
+    record = first_crop_record(info)
+    if record is None or not all(k in record for k in CROP_RECORD):
+        found = "no KEY.json" if record is None else f"a KEY.json of {sorted(record)}"
+        raise ValueError(
+            f"latent cache {info.get('folder')} does not record each image's original size and "
+            f"crop ({', '.join(CROP_RECORD)} in KEY.json; its first sample has {found}), which "
+            f"the {model} conditions on (time_ids). Cache again with "
+            f"`sdtrain-cache-latents SRC OUT --pretrained {model_folder}`, or train on the "
+            "image shards."
+        )
 
 
 def check_latent_cache(
@@ -106,20 +165,23 @@ def check_latent_cache(
     vae,
     text_encoder=None,
     model_folder: str | None = None,
+    family: Family | None = None,
 ) -> None:
     """Refuse a latent cache that this model's VAE (and text encoder, if it holds contexts) did
     not make: another VAE's latents are another latent space, and training on them would run
-    without error and learn the wrong thing.
+    without error and learn the wrong thing. For a family with size conditioning (SDXL), refuse
+    a cache whose samples lack the original size and crop it needs (`check_size_record`).
 
     Args:
         info: the cache's parsed cache.json (`WebDataModule.latent_cache_info`).
         vae: the model's VAE.
         text_encoder: the model's text encoder (checked when the cache holds contexts).
         model_folder: where the model came from, for the message.
+        family: the model's family; None reads it from `model_folder` (SD if there is none).
 
     Raises:
         ValueError: naming the cache folder and the fingerprint it records, and the model folder
-            and the fingerprint of its part.
+            and the fingerprint of its part; or naming what an SDXL cache lacks.
     """
     checks = [("VAE", "vae_fingerprint", vae, vae_fingerprint)]
     if info.get("text"):
@@ -137,6 +199,9 @@ def check_latent_cache(
                 "the image shards."
             )
         log.info("latent cache %s: %s fingerprint %s matches", info.get("folder"), what, ours)
+    family = family or (detect(model_folder) if model_folder else SD)
+    if getattr(family, "SIZE_KEYS", ()):  # SDXL: time_ids from each sample's size and crop
+        check_size_record(info, f"{family.description} model {model_folder}", model_folder)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -221,8 +286,9 @@ class LatentEncoder(L.LightningModule):
         self.samples_per_shard = samples_per_shard
         self.files = {B.LATENT_DIST: LATENT_FILES[recipe["dtype"]]}  # batch key -> extension
         self.storage = {B.LATENT_DIST: recipe["dtype"]}  # batch key -> dtype
-        if recipe["text"]:
-            self.files[B.CONTEXT], self.storage[B.CONTEXT] = CONTEXT_FILE, "fp16"
+        self.text_shapes = text_shapes(text_encoder, tokenizer) if recipe["text"] else {}
+        for key in self.text_shapes:  # context, and SDXL's pooled embedding
+            self.files[key], self.storage[key] = TEXT_FILES[key], "fp16"
         self.sink: ShardSink | None = None
 
     def predict_dataloader(self) -> DataLoader:
@@ -254,8 +320,9 @@ class LatentEncoder(L.LightningModule):
         keys = batch[B.KEYS]
         pixels = batch[B.PIXELS].to(self.vae.dtype)  # (B, 3, H, W) in [-1, 1]
         tensors = {B.LATENT_DIST: self.vae.encode(pixels).latent_dist.parameters}  # (B, 2C, h, w)
-        if self.text_encoder is not None:
-            tensors[B.CONTEXT] = self.family.condition(self.text_encoder, batch[B.INPUT_IDS])
+        if self.text_encoder is not None:  # (B, 77, D) context; SDXL's (B, P) pooled too
+            cond = self.family.condition(self.text_encoder, batch[B.INPUT_IDS])
+            tensors.update({key: cond[key] for key in self.text_shapes})
         arrays = {
             self.files[k]: to_storage(t, self.storage[k], k, keys) for k, t in tensors.items()
         }
@@ -289,15 +356,14 @@ class LatentEncoder(L.LightningModule):
             "vae_scaling_factor": cfg.scaling_factor,
             "latent_shape": [2 * cfg.latent_channels, side, side],
             "text_encoder_fingerprint": None,
-            "context_shape": None,
+            "context_shape": self.text_shapes.get(B.CONTEXT),
+            "pooled_shape": self.text_shapes.get(B.POOLED),
             "files": self.files,
             "samples": samples,
             "shards": sorted(p.name for p in self.out.glob("*.tar")),
         }
         if self.text_encoder is not None:
             info["text_encoder_fingerprint"] = text_encoder_fingerprint(self.text_encoder)
-            te = self.text_encoder.config
-            info["context_shape"] = [te.max_position_embeddings, te.hidden_size]
         return info
 
 

@@ -32,7 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=512, help="square size in pixels")
     p.add_argument("--batch-size", type=int, default=32, help="per device")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="latent_dist storage")
-    p.add_argument("--text", action="store_true", help="also cache text contexts (fp16)")
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="also cache the text conditioning (fp16): contexts, and SDXL's pooled embeddings",
+    )
     p.add_argument("--devices", default="1", help="devices per node: a number or 'auto'")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto")
