@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import signal
@@ -57,7 +58,8 @@ def build_latent_cache(folder: Path, work: Path, px: int, count: int) -> Path:
         [str(work / f"images-{px}"), str(work / f"shards-{px}"), "--samples-per-shard", "256"]
     )
     cmd = [sys.executable, "-m", "sdtrain.cli.cache_latents", str(work / f"shards-{px}"), str(out)]
-    cmd += ["--pretrained", str(folder), "--resolution", str(px), "--text", "--batch-size", "32"]
+    batch = str(max(1, 32 * 512**2 // px**2))  # the VAE encodes 1024 px in fp32 for SDXL
+    cmd += ["--pretrained", str(folder), "--resolution", str(px), "--text", "--batch-size", batch]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     print(f"latent cache {px} px: {count} images in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -113,7 +115,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "img_per_s": statistics.median(col("perf/img_per_s", warm)),
         "flops_per_img": col("perf/flops_per_img", -1)[0],
         "data_wait_frac": statistics.median(col("perf/data_wait_frac", warm)),
-        "peak_mem_gb": max(col("perf/peak_mem_gb", -1)),
+        "peak_mem_gb": max(col("perf/peak_mem_gb", -1), default=0.0),
         "state_mem_gb": max(col("perf/state_mem_gb", -1)),
         "warmup_s": None,
         "run_wall_s": wall,
@@ -256,6 +258,8 @@ def main() -> None:
     if not (folder / "model_index.json").is_file():
         t0 = time.perf_counter()
         build_shaped(a.family, folder, a.tiny)
+        gc.collect()
+        torch.cuda.empty_cache()  # built on the GPU: give its memory back to the variants
         print(f"built {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for case in a.cases:
