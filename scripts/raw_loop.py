@@ -16,7 +16,7 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     from sdtrain.callbacks.throughput import unet_train_flops
-    from sdtrain.models.family import detect
+    from sdtrain.models.families import detect
     from sdtrain.models.parts import tokenize
 
     family = detect(a.folder)

@@ -58,7 +58,8 @@ from sdtrain.datamodules.webdataset import (
     CACHE_FORMAT_VERSION,
     DecodeStage,
 )
-from sdtrain.models.family import SD, Family, detect
+from sdtrain.models.families import detect
+from sdtrain.models.family import SD, Family
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from sdtrain.datamodules.webdataset import (
     CACHE_FILE,
     expand_shards,
 )
-from sdtrain.models.family import detect
+from sdtrain.models.families import detect
 from sdtrain.models.parts import load_frozen
 
 

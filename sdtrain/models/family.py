@@ -16,12 +16,11 @@ ask which family it is. A family says:
 
 SD-1.x and SD-2.x (one CLIP text encoder, its last hidden state as the context) are the first
 family, `SD`. SDXL (`sdtrain.models.sdxl`) is a subclass overriding what differs, one more entry
-in `families()`, found by `detect`.
+in `sdtrain.models.families`, whose `detect` finds the family of a model.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ class Family:
         """(text encoder, tokenizer) from a diffusers folder of this family."""
         from transformers import CLIPTextModel
 
-        from sdtrain.models.parts import load_tokenizer
+        from sdtrain.models.tokens import load_tokenizer
 
         path = Path(path).expanduser()
         return CLIPTextModel.from_pretrained(path, subfolder="text_encoder"), load_tokenizer(path)
@@ -58,7 +57,7 @@ class Family:
 
     def unconditional(self, text_encoder: Any, tokenizer: Any, device) -> dict[str, torch.Tensor]:
         """The conditioning of a dropped caption, batch 1, float32: the empty caption's (SD)."""
-        from sdtrain.models.parts import tokenize
+        from sdtrain.models.tokens import tokenize
 
         ids = tokenize(tokenizer, "").to(device)
         return {k: v.float() for k, v in self.condition(text_encoder, ids).items()}
@@ -118,47 +117,3 @@ class Family:
 
 
 SD = Family()
-# Pipelines of families sdtrain cannot train yet: named, so the error says what the model is.
-KNOWN = {
-    "StableDiffusion3Pipeline": "SD3",
-    "FluxPipeline": "Flux",
-}
-
-
-def families() -> dict[str, Family]:
-    """Every family sdtrain trains, by its diffusers pipeline class."""
-    from sdtrain.models.sdxl import SDXL
-
-    return {f.pipeline_class: f for f in (SD, SDXL)}
-
-
-def detect(pretrained: str | Path) -> Family:
-    """The family of a diffusers folder (its model_index.json's `_class_name`) or of an
-    original-layout single file (SDXL's holds `conditioner.embedders.`; SD-1.x / SD-2.x's
-    `cond_stage_model.`)."""
-    path = Path(pretrained).expanduser()
-    index = path / "model_index.json"
-    trained = families()
-    if path.is_file():
-        return trained["StableDiffusionXLPipeline"] if is_sdxl_file(path) else SD
-    if not index.is_file():  # a folder without the index: the folder check names what lacks
-        return SD
-    name = json.loads(index.read_text()).get("_class_name", SD.pipeline_class)
-    if name in trained:
-        return trained[name]
-    what = f"an {KNOWN[name]} model" if name in KNOWN else "a model"
-    names = ", ".join(f"{f.description} ({p})" for p, f in trained.items())
-    raise ValueError(
-        f"model.pretrained: {index} names {name}: {what} of a family sdtrain does not train; "
-        f"it trains {names}"
-    )
-
-
-def is_sdxl_file(path: Path) -> bool:
-    """Whether a single file holds SDXL's conditioner (read from the header, no tensors)."""
-    if path.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())

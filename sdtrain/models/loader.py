@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdtrain.models.family import detect
+from sdtrain.models.families import detect
 from sdtrain.models.parts import Parts, check_folder, load_frozen, load_unet
 from sdtrain.models.single_file import check_single_file, is_single_file
 

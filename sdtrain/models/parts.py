@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sdtrain.models.family import SD, Family
+from sdtrain.models.tokens import load_tokenizer, tokenize  # noqa: F401 (their home before)
 
 REQUIRED = SD.folders()  # what an SD-1.x/2.x diffusers folder holds
 
@@ -41,31 +40,9 @@ def check_folder(path: str | Path, need_unet: bool = True, family: Family = SD) 
     return path
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import CLIPTokenizer
-
-    path = Path(path).expanduser()
-    sub = path / "tokenizer"
-    return CLIPTokenizer.from_pretrained(sub if sub.is_dir() else path)
-
-
-def tokenize(tokenizer, texts: str | list[str]):
-    """Captions -> (B, L) token ids, padded and truncated to the tokenizer's length (77 for CLIP);
-    (B, 2, L) for a pair of tokenizers (SDXL's, `sdtrain.models.sdxl.TokenizerPair`)."""
-    if hasattr(tokenizer, "two"):  # SDXL: both tokenizers' ids, each padded its own way
-        return torch.stack([tokenize(t, texts) for t in tokenizer], dim=1)
-    return tokenizer(
-        [texts] if isinstance(texts, str) else list(texts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def load_tokenizers(path: str | Path):
     """The tokenizer of a diffusers folder, or the pair of an SDXL folder (its family's)."""
-    from sdtrain.models.family import detect
+    from sdtrain.models.families import detect
 
     path = Path(path).expanduser()
     if path.is_dir() and (path / "tokenizer_2").is_dir() and detect(path).name == "sdxl":
@@ -80,7 +57,7 @@ def load_frozen(path: str | Path):
     encoder and tokenizer of its family: a pair of each for SDXL)."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from sdtrain.models.family import detect
+    from sdtrain.models.families import detect
 
     family = detect(path)
     path = check_folder(path, need_unet=False, family=family)
@@ -151,7 +128,7 @@ def load_unet(path: str | Path, config: str | dict[str, Any] | None = None):
     from diffusers import UNet2DConditionModel
 
     if config is None:
-        from sdtrain.models.family import detect
+        from sdtrain.models.families import detect
 
         path = check_folder(path, family=detect(path))
         return UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from sdtrain.datamodules import batch as B
 from sdtrain.models.family import Family
 
 
@@ -87,7 +86,9 @@ class SDXLFamily(Family):
     single_file = (
         "sdtrain.models.single_file_sdxl"  # conditioner.embedders.0/1, model.diffusion_model
     )
-    SIZE_KEYS = (B.ORIGINAL_SIZE, B.CROP_TOP_LEFT)
+    # the batch keys it reads (`sdtrain.datamodules.batch`, a layer above: named, not imported)
+    SIZE_KEYS = (ORIGINAL_SIZE, CROP_TOP_LEFT) = ("original_size", "crop_top_left")
+    POOLED, CONTEXT = "pooled", "context"
 
     def load_text(self, path: str | Path):
         """The pair of text encoders and the pair of tokenizers from a diffusers SDXL folder."""
@@ -117,12 +118,12 @@ class SDXLFamily(Family):
         return {k: torch.zeros_like(v, dtype=torch.float32) for k, v in cond.items()}
 
     def cached(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if batch.get(B.POOLED) is None:
+        if batch.get(self.POOLED) is None:
             raise KeyError(
                 "an SDXL batch with cached contexts needs the pooled embeddings too ('pooled'): "
                 "the latent cache was made without them; cache again with --text from this model"
             )
-        return {"context": batch[B.CONTEXT].float(), "pooled": batch[B.POOLED].float()}
+        return {"context": batch[self.CONTEXT].float(), "pooled": batch[self.POOLED].float()}
 
     def batch_conditioning(self, batch: dict[str, Any], size: tuple[int, int]):
         """{"time_ids": (B, 6)}: each sample's (original h, w, crop top, left) from the data and
@@ -170,9 +171,10 @@ def time_ids(batch: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
             "conditioning): the webdataset datamodule gives them for images, and a latent cache "
             f"made by this sdtrain keeps them; this batch has {sorted(batch)}"
         )
-    original = torch.as_tensor(batch[B.ORIGINAL_SIZE])
-    crop = torch.as_tensor(batch[B.CROP_TOP_LEFT])
-    target = torch.tensor(size, dtype=original.dtype).expand(original.shape[0], 2)
+    original = torch.as_tensor(batch[SDXLFamily.ORIGINAL_SIZE])
+    crop = torch.as_tensor(batch[SDXLFamily.CROP_TOP_LEFT])
+    target = torch.tensor(size, dtype=original.dtype, device=original.device)
+    target = target.expand(original.shape[0], 2)
     return torch.cat([original, crop, target], dim=1).float()
 
 

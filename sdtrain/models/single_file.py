@@ -294,7 +294,7 @@ def check_config_folder(config: str | Path | None, path: str | Path, family=None
     """The diffusers-format folder whose configs and tokenizer a single file loads with: what
     `family` (None: the file's, `sdtrain.models.family.detect`) needs, SDXL's second text
     encoder and tokenizer included."""
-    from sdtrain.models.family import detect
+    from sdtrain.models.families import detect
 
     family = family or detect(path)
     models = ("unet", "vae", *family.text_encoders)

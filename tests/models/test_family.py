@@ -13,7 +13,8 @@ import torch
 
 from sdtrain.datamodules.webdataset import WebDataModule
 from sdtrain.demo.tiny import build_parts
-from sdtrain.models.family import SD, Family, detect
+from sdtrain.models.families import detect
+from sdtrain.models.family import SD, Family
 from sdtrain.models.loader import check_model_folder, load_parts
 from sdtrain.training import diffusion
 from sdtrain.training.module import StableDiffusionModule
