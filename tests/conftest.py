@@ -138,3 +138,11 @@ def demo_run(tmp_path_factory) -> Path:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL folder (`sdtrain-tiny-model --family sdxl`); a short VAE fit, as `tiny_model`."""
+    from sdtrain.demo.tiny_sdxl import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl", vae_steps=20)

@@ -59,24 +59,26 @@ class Settings:
 def load_pipeline(
     model: str | Path, sampler: str = "ddim", ema: bool = True, pretrained: str | None = None
 ):
-    """A pipeline over a checkpoint's U-Net or an exported folder, with the given sampler."""
+    """A pipeline over a checkpoint's U-Net or an exported folder, with the given sampler: the
+    model family's (`StableDiffusionXLPipeline` for SDXL, `StableDiffusionPipeline` for SD)."""
     path = Path(model).expanduser()
     if path.is_file() or is_sharded(path):  # a checkpoint: one file, or trainer=fsdp's folder
         from sdtrain.artifacts.export import checkpoint_parts
 
         p = checkpoint_parts(path, ema, pretrained)
-        return build_pipeline(
-            p.vae, p.text_encoder, p.tokenizer, p.unet, p.noise_scheduler, sampler
-        )
+        modules = (p.vae, p.text_encoder, p.tokenizer, p.unet, p.noise_scheduler)
+        return build_pipeline(*modules, sampler, family=p.family)
     if path.is_dir() and (path / "model_index.json").is_file():
-        from diffusers import StableDiffusionPipeline
+        from sdtrain.models.loader import load_parts
+        from sdtrain.models.parts import load_scheduler
 
         if not ema or pretrained:
             raise ValueError(
                 f"{path} is an exported folder: --no-ema and --pretrained need a .ckpt"
             )
-        p = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
-        return build_pipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, p.scheduler, sampler)
+        p = load_parts(path)  # the family's parts (SDXL: both text encoders and tokenizers)
+        modules = (p.vae, p.text_encoder, p.tokenizer, p.unet, load_scheduler(path))
+        return build_pipeline(*modules, sampler, family=p.family)  # the folder's own schedule
     if path.is_dir():
         raise FileNotFoundError(f"{path} is a folder without model_index.json (not an export)")
     raise FileNotFoundError(f"{path} does not exist (expected a .ckpt or an exported folder)")

@@ -1,25 +1,29 @@
-"""`sdtrain-tiny-model`: the command line of `sdtrain.demo.tiny` (its docstring is the --help)."""
+"""`sdtrain-tiny-model`: the command line of `sdtrain.demo.tiny` and `sdtrain.demo.tiny_sdxl`
+(their docstrings are the --help)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from sdtrain.demo import tiny
-from sdtrain.demo.tiny import make_tiny_model
+from sdtrain.demo import FAMILIES, make_tiny, tiny, tiny_sdxl
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        description=tiny.__doc__, formatter_class=argparse.RawTextHelpFormatter
+        description=f"{tiny.__doc__}\n{tiny_sdxl.__doc__}",
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     p.add_argument("out", help="folder to write (created)")
+    p.add_argument(
+        "--family", default="sd", choices=FAMILIES, help="sd (SD-1.x layout, the default) or sdxl"
+    )
     p.add_argument("--resolution", type=int, default=32, help="image size in pixels")
     p.add_argument("--vae-steps", type=int, default=300, help="autoencoder fit steps")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = make_tiny_model(a.out, a.resolution, a.vae_steps, a.seed)
+    out = make_tiny(a.out, a.family, a.resolution, a.vae_steps, a.seed)
     print(f"wrote {out}")
 
 

@@ -1,6 +1,7 @@
 """OmegaConf resolvers that make the built-in demo's model and data on first use (then reuse them).
 
     model.pretrained: ${sdtrain.demo_model:${paths.cache_dir}/tiny-sd-v2-32,32}
+    model.pretrained: ${sdtrain.demo_model:${paths.cache_dir}/tiny-sdxl-v1-32,32,sdxl}  (SDXL)
     data.train_shards: ${sdtrain.demo_shards:${paths.cache_dir}/demo-shards-v1-32,32,960}
 
 Both build in a temporary folder under a file lock and rename it into place, so concurrent ranks
@@ -41,14 +42,17 @@ def _build_once(path: str | Path, build: Callable[[Path], None], what: str) -> P
     return path
 
 
-def demo_model(path: str, resolution: int = 32) -> str:
-    """Path of the tiny demo model, made there first if missing."""
-    from sdtrain.demo.tiny import make_tiny_model
+def demo_model(path: str, resolution: int = 32, family: str = "sd") -> str:
+    """Path of the tiny demo model of `family` ("sd" or "sdxl"), made there first if missing."""
+    from sdtrain.demo import make_tiny
 
-    what = "the tiny demo model (a random U-Net and text encoder; its VAE gets an autoencoder fit)"
-    return str(
-        _build_once(path, lambda tmp: make_tiny_model(tmp, resolution=int(resolution)), what)
-    )
+    kind = {"sd": "Stable Diffusion", "sdxl": "SDXL"}.get(str(family), str(family))
+    what = f"the tiny demo model (a random {kind}; its VAE gets an autoencoder fit)"
+
+    def build(tmp: Path) -> None:
+        make_tiny(tmp, str(family), resolution=int(resolution))
+
+    return str(_build_once(path, build, what))
 
 
 def demo_shards(path: str, resolution: int = 32, count: int = 960, seed: int = 0) -> str:

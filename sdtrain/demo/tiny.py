@@ -1,6 +1,6 @@
 """Make a tiny random Stable Diffusion in the diffusers folder layout, with nothing downloaded.
 
-    sdtrain-tiny-model OUT [--resolution 32] [--vae-steps 300]
+    sdtrain-tiny-model OUT [--family sd] [--resolution 32] [--vae-steps 300]
 
 The folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json) loads with
 `StableDiffusionPipeline.from_pretrained(OUT)` and through sdtrain's own loader, the same path a

@@ -162,3 +162,37 @@ def test_sample_prints_only_what_it_wrote(checkpoint: Path, tmp_path: Path):
         out = f"{model.stem}-images"
         args = [str(model), "--out", out, "--prompt", "a red circle", *FAST]
         assert tool("sdtrain.cli.sample", args, tmp_path) == [f"wrote 1 images and {out}/grid.png"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoint(tiny_sdxl: Path, shards: str, tmp_path_factory) -> Path:
+    """Two steps of a tiny SDXL run (its sampling callback draws once, at the end)."""
+    out = tmp_path_factory.mktemp("sample-sdxl-run")
+    overrides = tiny_overrides(tiny_sdxl, shards, 2) + ["logger=none", "model.optimizer.lr=1e-3"]
+    train(compose_cfg(out, overrides))
+    assert (out / "samples" / "step_0000002.png").is_file()  # the callback's SDXL pipeline drew
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_sdxl_checkpoint_and_export_sample_with_the_sdxl_pipeline(
+    sdxl_checkpoint: Path, tmp_path: Path
+):
+    """An SDXL run samples through StableDiffusionXLPipeline (both text encoders, pooled embedding
+    and size ids), from its checkpoint and from its export alike."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtrain.artifacts.sample import load_pipeline
+
+    export_main([str(sdxl_checkpoint), str(tmp_path / "export")])
+    for model in (sdxl_checkpoint, tmp_path / "export"):
+        pipe = load_pipeline(model)
+        assert isinstance(pipe, StableDiffusionXLPipeline), type(pipe)
+        assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
+    args = ["--prompt", "a red circle", "--prompt", "a blue square", "--seed", "0", "--seed", "1"]
+    from_ckpt = run(sdxl_checkpoint, tmp_path / "ckpt", *args)
+    from_export = run(tmp_path / "export", tmp_path / "exp", *args)
+    assert list(from_ckpt) == list(from_export) and len(from_ckpt) == 4
+    assert all(a.shape == (32, 32, 3) for a in from_ckpt.values())  # the model's own size
+    assert all(np.abs(from_ckpt[k] - from_export[k]).max() <= 1 for k in from_ckpt)  # same weights
+    assert not np.array_equal(*list(from_ckpt.values())[:2])  # another seed, another image
+    assert (tmp_path / "ckpt" / "grid.png").is_file()
