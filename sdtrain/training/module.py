@@ -39,7 +39,8 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         optimizer: partial optimizer, finished with the trainable parameters.
         lr_scheduler: partial LR scheduler, finished with the optimizer; stepped every step.
         ema: an EMA of the trainable weights, updated once per optimizer step; None for none.
-        train_text_encoder: fine-tune the whole text encoder too (its own optimizer group).
+        train_text_encoder: fine-tune the whole text encoder too (its own optimizer group); for
+            SDXL true trains both, "te1" or "te2" one (`sdtrain.models.lora`).
         text_encoder_lr: the text encoder's learning rate (full or LoRA); None: the optimizer's.
         caption_dropout: probability of training on the empty caption (for classifier-free
             guidance at sampling time).
@@ -79,7 +80,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         ema: EMA | None = None,
-        train_text_encoder: bool = False,
+        train_text_encoder: bool | str = False,
         text_encoder_lr: float | None = None,
         caption_dropout: float = 0.1,
         min_snr_gamma: float | None = None,
@@ -330,7 +331,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         dm = self._trainer.datamodule if self._trainer is not None else None
         info = getattr(dm, "latent_cache_info", None)
         if info is not None:  # a latent cache must come from this model's VAE (and text encoder)
-            check_latent_cache(info, self.vae, self.text_encoder, self.pretrained)
+            check_latent_cache(info, self.vae, self.text_encoder, self.pretrained, self.family)
         if self.ema is not None:
             self.ema.attach(self.trainable_parameters())
 
