@@ -243,3 +243,15 @@ def elementwise_loss(
     if kind == "smooth_l1":
         return 2.0 * root
     raise ValueError(f"model.loss={kind!r}; use one of {', '.join(LOSSES)}")
+
+
+def drop_captions(
+    cond: dict[str, torch.Tensor], drop: torch.Tensor, empty: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The conditioning with each sample where `drop` (B,) is true replaced by the family's
+    unconditional one (`empty`, the same keys: the text's; size and crop stay as they were)."""
+    out = dict(cond)
+    for k, e in empty.items():
+        mask = drop.view(-1, *([1] * (cond[k].dim() - 1)))
+        out[k] = torch.where(mask, e, cond[k])
+    return out

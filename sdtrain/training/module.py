@@ -10,7 +10,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
 from sdtrain.artifacts import checkpoint
@@ -21,6 +20,7 @@ from sdtrain.models import lora, speed
 from sdtrain.models.parts import Parts
 from sdtrain.runtime import devices
 from sdtrain.training import diffusion, sharding
+from sdtrain.training.checkpoint_hooks import CheckpointHooks
 from sdtrain.training.draws import Draws
 from sdtrain.training.ema import EMA
 from sdtrain.training.encoding import Encoders, posterior_from_moments
@@ -31,7 +31,7 @@ from sdtrain.training.skips import SkipTally
 log = logging.getLogger(__name__)
 
 
-class StableDiffusionModule(Encoders, Draws, L.LightningModule):
+class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule):
     """Trains a U-Net to denoise VAE latents conditioned on CLIP text embeddings.
 
     Args:
@@ -235,7 +235,7 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
         latents, cond, draws = self.latents_and_context(batch, g)  # (B, 4, h, w), {"context"...}
         b, t, noise = latents.shape[0], draws["t"], draws["noise"]
         if self.hparams.caption_dropout > 0:
-            cond = drop_captions(cond, draws["drop"], self.empty_context(b))
+            cond = diffusion.drop_captions(cond, draws["drop"], self.empty_context(b))
         h, alphas = self.hparams, self.schedule(latents.device)
         model_noise = diffusion.perturbed_noise(noise, draws.get("perturb"), h.input_perturbation)
         noisy = diffusion.add_noise(alphas, latents, model_noise, t)  # the target keeps `noise`
@@ -390,56 +390,3 @@ class StableDiffusionModule(Encoders, Draws, L.LightningModule):
 
         parts = (self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler)
         return build_pipeline(*parts, sampler, family=self.family)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def on_save_checkpoint(self, ckpt: dict[str, Any]) -> None:
-        """Keep the trainable weights only; add the schema's entry (sdtrain.artifacts.checkpoint)."""
-        self.nonfinite.settle(self.global_step, stop=False)  # its count, read from the device
-        keep = lora.checkpoint_keys(self.unet, self.text_encoder)
-        checkpoint.trainable_only(ckpt["state_dict"], keep)
-        wandb_ids = [lg.version for lg in self.loggers if isinstance(lg, WandbLogger)]
-        cfg = self.noise_scheduler.config
-        run = {
-            "pretrained": self.pretrained,
-            "single_file_config": self.single_file_config,  # a single file's configs folder
-            "unet_config": checkpoint.plain(dict(self.unet.config)),
-            "prediction_type": self.noise_scheduler.config.prediction_type,
-            "wandb_run_id": wandb_ids[0] if wandb_ids else None,  # a resume logs on into it
-            "lora": lora.describe(self.unet, self.text_encoder),  # export rebuilds the adapters
-            "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),  # export keeps it
-        }
-        gather = not sharding.saves_sharded(self._trainer and self._trainer.strategy)  # or shards
-        writes = self._trainer is None or self._trainer.is_global_zero  # a whole file: rank 0's
-        ema = self.ema.state_dict(gather, writes) if self.ema is not None else None
-        skips = self.skips.state()
-        ckpt[checkpoint.ROOT] = checkpoint.build(
-            run, ema, skips["total"], self.nonfinite.total, skips["by_kind"], skips["drawn"]
-        )
-
-    def on_load_checkpoint(self, ckpt: dict[str, Any]) -> None:
-        checkpoint.upgrade(ckpt)
-        sd = ckpt.get("state_dict")  # absent under FSDP: the strategy loaded the weights itself
-        keys = lora.checkpoint_keys(self.unet, self.text_encoder)  # what this run trains
-        missing = sorted(k for k in keys if sd is not None and k not in sd)
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trained weights, e.g. {missing[0]}")
-        ema_state = checkpoint.ema_state(ckpt)
-        if self.ema is not None and ema_state is not None:
-            self.ema.load_state_dict(ema_state)
-        entry = ckpt[checkpoint.ROOT]
-        self.nonfinite.total = int(entry.get("skipped_nonfinite", 0))
-        by_kind = entry.get("skipped_by_kind") or {}
-        self.skips.load(checkpoint.skipped_total(ckpt), by_kind, int(entry.get("drawn_total", 0)))
-
-
-def drop_captions(
-    cond: dict[str, torch.Tensor], drop: torch.Tensor, empty: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The conditioning with each sample where `drop` (B,) is true replaced by the family's
-    unconditional one (`empty`, the same keys: the text's; size and crop stay as they were)."""
-    out = dict(cond)
-    for k, e in empty.items():
-        mask = drop.view(-1, *([1] * (cond[k].dim() - 1)))
-        out[k] = torch.where(mask, e, cond[k])
-    return out
