@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sdtrain.demo import FAMILIES, make_tiny, tiny, tiny_sdxl
+from sdtrain.demo import tiny, tiny_sdxl
+from sdtrain.demo.make import FAMILIES, make_tiny
 
 
 def main(argv: list[str] | None = None) -> None:

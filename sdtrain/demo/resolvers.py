@@ -44,7 +44,7 @@ def _build_once(path: str | Path, build: Callable[[Path], None], what: str) -> P
 
 def demo_model(path: str, resolution: int = 32, family: str = "sd") -> str:
     """Path of the tiny demo model of `family` ("sd" or "sdxl"), made there first if missing."""
-    from sdtrain.demo import make_tiny
+    from sdtrain.demo.make import make_tiny
 
     kind = {"sd": "Stable Diffusion", "sdxl": "SDXL"}.get(str(family), str(family))
     what = f"the tiny demo model (a random {kind}; its VAE gets an autoencoder fit)"
