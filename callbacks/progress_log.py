@@ -98,6 +98,10 @@ class ProgressLog(L.Callback):
         step = trainer.global_step  # optimizer steps; unchanged while gradients accumulate
         if step == self._last_step:
             return
+        if self._last_step == self._start_step:  # the run's first step: its warm-up included
+            compiled = getattr(getattr(pl_module, "hparams", None), "compile", None)
+            why = f" (compile warm-up, model.compile={compiled})" if compiled else ""
+            log.info("first step done in %s%s", duration(self.clock() - self._start), why)
         self._last_step = step
         loss = trainer.callback_metrics.get(self.loss_key)
         if loss is not None:

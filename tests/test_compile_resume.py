@@ -1,6 +1,7 @@
 """A compiled U-Net (`model.compile=unet`, real Inductor) compiles once per process, and a resumed
 run compiles it once and never recompiles it: sampling and validation run it eagerly, so their
-other batch shapes and eval mode do not add graphs (docs/benchmarks.md, issue 7's target)."""
+other batch shapes and eval mode do not add graphs (docs/benchmarks.md, issue 7's target). The
+resumed run starts warm: it reads the first run's kernels from `paths.compile_cache` (issue 29)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,16 @@ def _run(tmp: Path, model: Path, shards: str, steps: int, *extra: str) -> str:
         "callbacks.val_loss.every_n_steps=3",
         "callbacks.model_checkpoint.every_n_train_steps=3",
         f"hydra.run.dir={tmp / 'run'}",
+        f"paths.compile_cache={tmp / 'compile'}",  # the runs share it: the second starts warm
         *extra,
     ]
     env = {
-        **os.environ,
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+        },
         "TORCH_LOGS": "recompiles,guards",  # a GUARDS block for each compiled frame
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor"),
     }
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -51,10 +56,24 @@ def test_a_resumed_compiled_run_compiles_once_and_never_recompiles(
     first = _run(tmp_path, tiny_model, shards, 3)
     assert first.count("[__guards] GUARDS:") == 1 and "Recompiling" not in first
     assert "finished at step 3/3" in first
-    assert any((tmp_path / "inductor").iterdir())  # Inductor's kernels, kept for the next run
+    assert any((tmp_path / "compile" / "inductor").iterdir())  # kept for the next run
     resumed = _run(tmp_path, tiny_model, shards, 6, "ckpt_path=last")
+    # a warm start: the resumed run reads the first run's kernels back from paths.compile_cache
+    cold, warm = (first_step_seconds(out) for out in (first, resumed))
+    assert warm < cold / 2, (cold, warm)
     assert "finished at step 6/6" in resumed and "validation at step 6" in resumed
     samples = tmp_path / "run" / "samples"
     assert (samples / "step_0000003.png").is_file() and (samples / "step_0000006.png").is_file()
     assert resumed.count("[__guards] GUARDS:") == 1, "the resumed run compiled more than once"
     assert "Recompiling" not in resumed
+
+
+def first_step_seconds(output: str) -> float:
+    """The progress line's `first step done in 1m52s (compile warm-up, ...)`, in seconds."""
+    line = next(x for x in output.splitlines() if "first step done in" in x)
+    assert "compile warm-up, model.compile=unet" in line, line
+    took = line.split("first step done in ")[1].split()[0]
+    if took.endswith("s") and "m" not in took:
+        return float(took[:-1])
+    minutes, seconds = took.rstrip("s").split("m")
+    return 60 * int(minutes) + int(seconds)

@@ -250,6 +250,7 @@ def prepare(cfg: DictConfig) -> Prepared | None:
 
 def fit(cfg: DictConfig, prepared: Prepared) -> float | None:
     """Build module, callbacks, loggers and trainer, fit, and return the metric."""
+    speed.use_compile_cache(OmegaConf.select(cfg, "paths.compile_cache"), cfg.model.get("compile"))
     model = build_model(cfg.model)
     callbacks = [*instantiate_map(cfg.get("callbacks")), GroupStop()]  # signals stop all ranks
     callbacks = with_step_bar(callbacks, cfg.trainer.get("enable_progress_bar"))  # not "Epoch 0/-2"
