@@ -82,6 +82,7 @@ class ProgressLog(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = self._window_start = self.clock()
+        self._started = time.monotonic()
         self._start_step = self._last_step = trainer.global_step
         self._images = self._window_images = 0
         if trainer.is_global_zero:
@@ -101,7 +102,8 @@ class ProgressLog(L.Callback):
         if self._last_step == self._start_step:  # the run's first step: its warm-up included
             compiled = getattr(getattr(pl_module, "hparams", None), "compile", None)
             why = f" (compile warm-up, model.compile={compiled})" if compiled else ""
-            log.info("first step done in %s%s", duration(self.clock() - self._start), why)
+            took = time.monotonic() - self._started  # not self.clock(): the windows' own reads
+            log.info("first step done in %s%s", duration(took), why)
         self._last_step = step
         loss = trainer.callback_metrics.get(self.loss_key)
         if loss is not None:

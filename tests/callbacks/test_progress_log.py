@@ -70,8 +70,9 @@ def test_reads_the_host_only_on_logging_steps_and_averages_finite_losses(
         cb.on_train_batch_end(trainer, None, None, batch, step - 1)
         assert cb.reads == step // 2  # one read per logging step (2, 4, 6), none in between
     cb.on_fit_end(trainer, None)
-    start, *lines = [r.getMessage() for r in caplog.records]
+    start, first, *lines = [r.getMessage() for r in caplog.records]
     assert start == f"training from step 0 to 6 in {tmp_path.resolve()}"
+    assert re.fullmatch(r"first step done in [0-9.]+s", first)  # no compile: no warm-up note
     steps = [STEP_LINE.fullmatch(m) for m in lines[:3]]
     assert [int(m[1]) for m in steps] == [2, 4, 6] and all(m[2] == "6" for m in steps)
     assert [float(m[3]) for m in steps] == [2.0, 3.0, 5.0]  # the step's own loss
