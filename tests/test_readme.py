@@ -11,6 +11,7 @@ has no stand-in here fails its test: a new documented command cannot go untested
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -224,6 +225,10 @@ def check_output(kind: str, args: list[str], cwd: Path, before: dict[Path, int])
             check_optuna(runs)
         if args[:2] == ["wandb", "agent"]:
             check_wandb_trial(runs)
+    elif kind == "export" and "--embedding" in args:  # one file a token, and their list
+        out = cwd / positional[1]
+        index = json.loads((out / "embeddings.json").read_text())
+        assert index and all((out / entry["file"]).is_file() for entry in index.values())
     elif kind == "export" and "--lora" in args:
         out = cwd / positional[1]
         assert (out / "pytorch_lora_weights.safetensors").is_file()
@@ -316,6 +321,9 @@ SLOW_BLOCKS = {
     # ~32 s: sdtrain-cache-latents in tests/datamodules/test_latent_cache.py
     "cache-latents",
     "cache-latents-2",
+    # ~49 s: textual inversion's training through the config, data path and --embedding export
+    # in tests/models/test_textual_inversion.py
+    "textual-inversion",
 }
 
 

@@ -4,11 +4,11 @@ A checkpoint is Lightning's dictionary plus one entry of ours, `checkpoint["sdtr
 
 | key | what |
 | --- | --- |
-| `state_dict` (Lightning) | the trainable weights only: the U-Net's (`unet.`-prefixed; with LoRA only its adapters), the text encoder's when it trains (`text_encoder.`); frozen parts are left out and reload from `run.pretrained` |
+| `state_dict` (Lightning) | the trainable weights only: the U-Net's (`unet.`-prefixed; with LoRA only its adapters; none when it is frozen), the text encoder's when it trains (`text_encoder.`; textual inversion: the new tokens' rows alone); frozen parts are left out and reload from `run.pretrained` |
 | `optimizer_states`, `lr_schedulers`, `loops`, `global_step`, `epoch`, `callbacks` (Lightning) | the training position; `callbacks` holds the sampling callback's bookkeeping and `DataPosition`: the data position per rank and worker (`sdtrain.datamodules.position`) |
 | `lr_schedulers[0]["num_training_steps"]` | the LR schedule's horizon (`model.lr_scheduler.num_training_steps` as the scheduler was built): a resume keeps it (`lr_horizon`); absent before it, or when the scheduler has none |
 | `sdtrain.version` | `VERSION`, the schema of this layout |
-| `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None), `lora` (`model.lora`'s settings, None without LoRA; absent before it), `single_file_config` (the configs folder of a single-file `pretrained`; None for a folder; absent before it), `zero_terminal_snr` (whether the noise schedule was rescaled to zero terminal SNR; export and sampling rebuild it; absent before it) |
+| `sdtrain.run` | `pretrained` (the model folder), `unet_config` (the U-Net's diffusers config), `prediction_type`, `wandb_run_id` (or None), `lora` (`model.lora`'s settings, None without LoRA; absent before it), `single_file_config` (the configs folder of a single-file `pretrained`; None for a folder; absent before it), `zero_terminal_snr` (whether the noise schedule was rescaled to zero terminal SNR; export and sampling rebuild it; absent before it), `textual_inversion` (`model.textual_inversion`'s settings: export adds the tokens again to load their rows into; None without; absent before it) |
 | `sdtrain.training.ema` | `EMA.state_dict()`: fp32 `shadow` by parameter name, `num_updates`, `last_step`, `decay`; None without EMA |
 | `sdtrain.skipped_total` | unusable data samples skipped so far, summed over ranks |
 | `sdtrain.skipped_by_kind` | the same by kind (`sdtrain.datamodules.batch.SKIP_KINDS`), non-zero kinds only (absent: none) |
@@ -45,6 +45,7 @@ RUN_KEYS = (
     "lora",
     "single_file_config",
     "zero_terminal_snr",
+    "textual_inversion",
 )
 TEXT_PREFIX = "text_encoder."  # a trained text encoder's weights, in state_dict and EMA shadow
 

@@ -3,6 +3,7 @@
     sdtrain-export CKPT OUT [--no-ema] [--pretrained FOLDER] [--overwrite]
     sdtrain-export CKPT [OUT] --single-file FILE.safetensors [--dtype fp16|fp32]
     sdtrain-export CKPT OUT --lora [--no-ema]
+    sdtrain-export CKPT OUT --embedding [--no-ema]
 
 OUT loads with diffusers alone: StableDiffusionPipeline.from_pretrained(OUT). The U-Net gets the
 EMA weights by default (--no-ema for the raw ones); VAE, text encoder, tokenizer and scheduler come
@@ -12,6 +13,10 @@ diffusers' from_single_file). A run that trained from a single file reloads it w
 configs and tokenizer it recorded (model.single_file_config; --single-file-config if it moved).
 A LoRA run (model.lora) exports with its adapters merged in; --lora writes the adapters alone
 (`sdtrain.artifacts.export_lora`: diffusers' and kohya's LoRA files).
+A textual-inversion run (model.textual_inversion) exports a folder whose tokenizer holds the new
+tokens and whose text encoder their rows (a single file keeps the original vocabulary: its
+tokens travel as embedding files); --embedding writes one embedding file per token
+(`sdtrain.artifacts.export_embedding`: AUTOMATIC1111, ComfyUI, diffusers' load_textual_inversion).
 Nothing is overwritten unless --overwrite: OUT must be new or empty (--overwrite replaces a folder
 holding an earlier export whole; a folder of other files is refused even then), FILE new; each is
 written beside its target and renamed into place when complete (`sdtrain.artifacts.outputs`).
@@ -24,14 +29,15 @@ from pathlib import Path
 from sdtrain.artifacts import checkpoint
 from sdtrain.artifacts.folder import save_folder
 from sdtrain.artifacts.outputs import check_file, check_folder, new_file, new_folder
-from sdtrain.models import lora
+from sdtrain.models import lora, textual_inversion
 from sdtrain.models.parts import Parts
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
 KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' scripts give it
-# What a folder holding an earlier export has (a diffusers folder or --lora's files): --overwrite
-# replaces such a folder, and no other.
-EXPORTED = ("model_index.json", DIFFUSERS_NAME, KOHYA_NAME)
+EMBEDDINGS_INDEX = "embeddings.json"  # --embedding's list of tokens and their files
+# What a folder holding an earlier export has (a diffusers folder, --lora's or --embedding's
+# files): --overwrite replaces such a folder, and no other.
+EXPORTED = ("model_index.json", DIFFUSERS_NAME, KOHYA_NAME, EMBEDDINGS_INDEX)
 EXPORT = "an export"
 
 
@@ -52,6 +58,7 @@ def export(
 
     out = check_folder(out, overwrite, EXPORTED, EXPORT)
     parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config)
+    textual_inversion.merge(parts.text_encoder)  # new tokens: their rows in a larger vocabulary
     configs = parts.single_file_config if is_single_file(parts.pretrained) else parts.pretrained
     scheduler = sampler_for(load_scheduler(configs), parts.noise_scheduler)
     modules = (parts.vae, parts.text_encoder, parts.tokenizer, parts.unet, scheduler)
@@ -97,6 +104,9 @@ def export_single_file(
     """
     out = check_file(out, overwrite, ".safetensors")
     parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config)
+    if textual_inversion.embeddings(parts.text_encoder):  # the original layout's vocabulary
+        print("the single file keeps the original vocabulary: its new tokens are --embedding's")
+        textual_inversion.drop(parts.text_encoder)
     save_single_file = parts.family.single_file_module().save_single_file  # the family's layout
     with new_file(out) as tmp:
         save_single_file(tmp, parts.unet, parts.vae, parts.text_encoder, dtype)
@@ -114,7 +124,8 @@ def checkpoint_parts(
     noise scheduler (with the run's prediction type) of the model folder (or single file) it
     records; a single file's configs and tokenizer come from `single_file_config`. A LoRA run's
     adapters are merged into the base weights (`fuse`), or left as adapters (`sdtrain.artifacts.export_lora`);
-    a trained text encoder gets its weights."""
+    a trained text encoder gets its weights, a textual-inversion run's tokens their rows (kept
+    apart: `sdtrain.models.textual_inversion.merge` or `drop` them to save the text encoder)."""
     from sdtrain.models.loader import load_parts
     from sdtrain.models.single_file import is_single_file
 
@@ -131,7 +142,9 @@ def checkpoint_parts(
             "tokenizer it trained with"
         )
     # a U-Net of the run's shape, the noise schedule it trained for
-    unet_config = None if run.get("lora") else run["unet_config"]  # LoRA: on the folder's U-Net
+    tokens = run.get("textual_inversion")  # absent: older checkpoints
+    frozen = tokens is not None and not tokens.get("train_unet")  # the folder's U-Net as it was
+    unet_config = None if run.get("lora") or frozen else run["unet_config"]  # LoRA: the folder's
     parts = load_parts(
         folder,
         unet_config,
@@ -140,6 +153,7 @@ def checkpoint_parts(
         single_file_config=single_file_config,
     )
     lora.add_recorded(parts, run.get("lora"))  # a LoRA run: adapters to load its weights into
+    textual_inversion.add_recorded(parts, tokens)  # new tokens: rows to load the trained ones into
     unet = parts.unet
     weights = checkpoint.unet_weights(ckpt, ema, str(ckpt_path))
     missing, unexpected = unet.load_state_dict(weights, strict=False)

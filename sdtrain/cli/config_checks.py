@@ -40,6 +40,7 @@ LOADER_INPUTS = (
     "prediction_type",
     "zero_terminal_snr",
     "lora",
+    "textual_inversion",
     *batching.MODEL_KEYS,
 )
 

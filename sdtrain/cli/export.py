@@ -23,6 +23,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="--single-file's")
     p.add_argument("--single-file-config", help="configs folder of a run that trained from a file")
     p.add_argument("--lora", action="store_true", help="a LoRA run: OUT gets its LoRA files only")
+    p.add_argument(
+        "--embedding",
+        action="store_true",
+        help="a textual-inversion run: OUT gets one embedding .safetensors per token only",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUT/FILE")
     p.add_argument("--verbose", action="store_true", help="show other libraries' loading bars")
     return p
@@ -33,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.out is None and a.single_file is None:
         p.error("give OUT (a diffusers folder), --single-file FILE.safetensors, or both")
+    if a.lora and a.embedding:
+        p.error("--lora and --embedding each fill OUT: export them to two folders")
+    if a.embedding and a.out is None:
+        p.error("--embedding writes its files into OUT: give OUT")
     quiet.apply(verbose=a.verbose)  # no loading bars, no torchvision notice
     try:
         run(a)
@@ -63,6 +72,11 @@ def run(a: argparse.Namespace) -> None:
         from sdtrain.artifacts.export_lora import export_lora
 
         print("wrote", *export_lora(a.ckpt, a.out, *args))
+        return
+    if a.embedding:
+        from sdtrain.artifacts.export_embedding import export_embedding
+
+        print("wrote", *export_embedding(a.ckpt, a.out, *args))
         return
     print(f"wrote {export(a.ckpt, a.out, *args)}")
 

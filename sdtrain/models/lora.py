@@ -6,8 +6,10 @@ the text encoder's with `model.lora.text_encoder=true`), the way diffusers' own
 train_text_to_image_lora.py does (`unet.add_adapter(LoraConfig(...))`). SDXL's text encoder is a
 pair (`sdtrain.models.sdxl.TextEncoderPair`): each of its encoders gets adapters of its own, both
 with `true` or the one named with `te1` / `te2` (`model.train_text_encoder` picks the same way).
-The module then trains whatever requires grad; the helpers below say what that is, name it for
-checkpoints and the EMA, and split it into optimizer groups (the text encoder's own LR).
+With `model.textual_inversion` set it adds new tokens whose embedding rows alone train
+(`sdtrain.models.textual_inversion`). The module then trains whatever requires grad; the helpers
+below say what that is, name it for checkpoints and the EMA, and split it into optimizer groups
+(the text encoder's own LR).
 
 Names: U-Net parameters keep their bare names (`conv_in.weight`, or with LoRA
 `...attn1.to_q.lora_A.default.weight`), text-encoder parameters are `text_encoder.`-prefixed
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sdtrain.models import textual_inversion as ti
 from sdtrain.models.parts import Parts
 
 TEXT_PREFIX = "text_encoder."  # text-encoder names in trainable_parameters, the EMA and checkpoints
@@ -33,11 +36,18 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention pr
 KEYS = ("rank", "alpha", "dropout", "target_modules", "text_encoder", "text_encoder_target_modules")
 
 
-def load_parts(lora: dict[str, Any] | None = None, **loader_args: Any) -> Parts:
-    """`sdtrain.models.loader.load_parts(**loader_args)`, with LoRA adapters added when `lora` is set.
+def load_parts(
+    lora: dict[str, Any] | None = None,
+    textual_inversion: dict[str, Any] | None = None,
+    **loader_args: Any,
+) -> Parts:
+    """`sdtrain.models.loader.load_parts(**loader_args)`, with LoRA adapters added when `lora` is
+    set and new tokens when `textual_inversion` is.
 
     Args:
         lora: `model.lora` (keys `KEYS`, see `add_lora`); None trains the whole U-Net as before.
+        textual_inversion: `model.textual_inversion` (`sdtrain.models.textual_inversion.KEYS`):
+            new tokens whose embeddings alone train (the U-Net too with its `train_unet`).
         loader_args: the arguments of `sdtrain.models.loader.load_parts`.
     """
     from sdtrain.models.loader import load_parts as load
@@ -53,6 +63,13 @@ def load_parts(lora: dict[str, Any] | None = None, **loader_args: Any) -> Parts:
         if unknown:
             raise ValueError(f"model.lora.{unknown[0]}: no such key; model.lora takes {KEYS}")
         add_lora(parts, **lora)
+    if textual_inversion:
+        if lora and lora.get("text_encoder"):
+            raise ValueError(
+                f"model.lora.text_encoder={lora['text_encoder']} and model.textual_inversion: pick "
+                "one (adapters on the text encoder change what the new tokens' embeddings mean)"
+            )
+        ti.add_textual_inversion(parts, **ti.check(textual_inversion))
     return parts
 
 
@@ -177,11 +194,18 @@ def set_text_encoder_training(text_encoder, full: bool | str) -> bool:
     """Freeze the text encoder unless it trains; return whether (any of) it trains.
 
     It trains fully with `full` (model.train_text_encoder: true, or SDXL's te1 / te2 alone), or
-    its LoRA adapters train when the loader added them; otherwise every weight is frozen, as
-    before. One of SDXL's encoders may train fully and the other through adapters.
+    its LoRA adapters train when the loader added them, or the embedding rows of new tokens
+    (`sdtrain.models.textual_inversion`); otherwise every weight is frozen, as before. One of
+    SDXL's encoders may train fully and the other through adapters.
     """
     models = encoders(text_encoder)
     chosen = picked(text_encoder, full, "model.train_text_encoder")
+    added = ti.embeddings(text_encoder)
+    if chosen and added:
+        raise ValueError(
+            f"model.train_text_encoder={full} and model.textual_inversion: pick one (a text "
+            "encoder that trains whole changes what the new tokens' embeddings mean)"
+        )
     adapted = [name for name, model in models.items() if has_adapter(model)]
     if set(chosen) & set(adapted):
         full_is, lora_is = (("true" if len(n) == len(models) else n[0]) for n in (chosen, adapted))
@@ -194,7 +218,9 @@ def set_text_encoder_training(text_encoder, full: bool | str) -> bool:
             model.requires_grad_(True)
         elif not has_adapter(model):
             model.requires_grad_(False)
-    return bool(chosen) or has_adapter(text_encoder)
+    for table in added.values():
+        table.added.requires_grad_(True)
+    return bool(chosen) or has_adapter(text_encoder) or bool(added)
 
 
 def trainable(unet, text_encoder) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -209,7 +235,8 @@ def param_groups(
     named: Iterable[tuple[str, torch.nn.Parameter]], text_encoder_lr: float | None
 ) -> list[Any]:
     """The optimizer's params: a plain list when only the U-Net trains (as before), else a U-Net
-    group and a text-encoder group with `text_encoder_lr` (None: the optimizer's lr)."""
+    group (none when it is frozen: textual inversion) and a text-encoder group with
+    `text_encoder_lr` (None: the optimizer's lr)."""
     unet, text = [], []
     for name, p in named:
         (text if name.startswith(TEXT_PREFIX) else unet).append(p)
@@ -218,15 +245,16 @@ def param_groups(
     group: dict[str, Any] = {"params": text, "name": "text_encoder"}
     if text_encoder_lr is not None:
         group["lr"] = float(text_encoder_lr)
-    return [{"params": unet, "name": "unet"}, group]
+    return [{"params": unet, "name": "unet"}, group] if unet else [group]
 
 
 def checkpoint_keys(unet, text_encoder) -> set[str]:
     """The state_dict keys a checkpoint keeps: every `unet.` weight of a fully trained U-Net, only
-    the adapters of a LoRA one (the base reloads from the model folder), and the text encoder's
-    weights that train."""
-    if has_adapter(unet):
-        keys = {f"{UNET_PREFIX}{n}" for n, p in unet.named_parameters() if p.requires_grad}
+    the adapters of a LoRA one (the base reloads from the model folder), none of a frozen one
+    (textual inversion), and the text encoder's weights that train."""
+    trains = {f"{UNET_PREFIX}{n}" for n, p in unet.named_parameters() if p.requires_grad}
+    if has_adapter(unet) or not trains:
+        keys = trains
     else:
         keys = {f"{UNET_PREFIX}{k}" for k in unet.state_dict()}
     text = text_encoder.named_parameters()
@@ -239,12 +267,14 @@ def add_recorded(parts: Parts, recorded: dict[str, Any] | None) -> Parts:
 
 
 def load_text_encoder(text_encoder, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Load a trained text encoder's weights (full, or its adapters; names without the prefix)."""
-    if not weights and not has_adapter(text_encoder):
+    """Load a trained text encoder's weights (full, its adapters, or new tokens' rows; names
+    without the prefix)."""
+    partly = has_adapter(text_encoder) or bool(ti.embeddings(text_encoder))  # the rest: as loaded
+    if not weights and not partly:
         return  # it was frozen
     missing, unexpected = text_encoder.load_state_dict(weights, strict=False)
     trained = {n for n, p in text_encoder.named_parameters() if p.requires_grad}
-    lacking = sorted(trained & set(missing)) if has_adapter(text_encoder) else []
+    lacking = sorted(trained & set(missing)) if partly else []
     if unexpected or lacking:
         bad = (unexpected or lacking)[0]
         raise KeyError(f"{where}: text-encoder weights do not fit the model ({bad})")

@@ -10,7 +10,7 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger
 
 from sdtrain.artifacts import checkpoint
-from sdtrain.models import lora
+from sdtrain.models import lora, textual_inversion
 from sdtrain.training import sharding
 
 
@@ -32,6 +32,7 @@ class CheckpointHooks:
             "wandb_run_id": wandb_ids[0] if wandb_ids else None,  # a resume logs on into it
             "lora": lora.describe(self.unet, self.text_encoder),  # export rebuilds the adapters
             "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),  # export keeps it
+            "textual_inversion": textual_inversion.describe(self.text_encoder),  # export adds them
         }
         gather = not sharding.saves_sharded(self._trainer and self._trainer.strategy)  # or shards
         writes = self._trainer is None or self._trainer.is_global_zero  # a whole file: rank 0's

@@ -16,7 +16,7 @@ from sdtrain.artifacts import checkpoint
 from sdtrain.artifacts.cache import check_latent_cache
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.position import DataPosition
-from sdtrain.models import lora, speed
+from sdtrain.models import lora, speed, textual_inversion
 from sdtrain.models.parts import Parts
 from sdtrain.runtime import devices
 from sdtrain.training import diffusion, sharding
@@ -332,6 +332,8 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         info = getattr(dm, "latent_cache_info", None)
         if info is not None:  # a latent cache must come from this model's VAE (and text encoder)
             check_latent_cache(info, self.vae, self.text_encoder, self.pretrained, self.family)
+        if dm is not None and textual_inversion.embeddings(self.text_encoder):  # new tokens:
+            dm.tokenizer = self.tokenizer  # captions tokenize with them (the folder's lacks them)
         if self.ema is not None:
             self.ema.attach(self.trainable_parameters())
 

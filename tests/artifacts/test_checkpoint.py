@@ -79,9 +79,11 @@ def pin_current_layout(ckpt: dict) -> None:
     run_keys = {"pretrained", "unet_config", "prediction_type", "wandb_run_id", "lora"}
     run_keys.add("single_file_config")  # None: a model folder (sdtrain.models.single_file)
     run_keys.add("zero_terminal_snr")  # the tiny model's schedule is rescaled
+    run_keys.add("textual_inversion")  # None: no new tokens (sdtrain.models.textual_inversion)
     assert (
         set(entry["run"]) == run_keys and entry["run"]["lora"] is None
     )  # lora: sdtrain.models.lora
+    assert entry["run"]["textual_inversion"] is None
     assert set(entry["ema"]) == {"shadow", "num_updates", "last_step", "decay"}
     assert all(k.startswith("unet.") for k in ckpt["state_dict"])
     assert "EMA" not in ckpt["callbacks"]
