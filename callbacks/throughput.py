@@ -77,7 +77,9 @@ def wait_fraction(wait_s: float, total_s: float) -> float:
 
 def training_state_bytes(trainer, pl_module) -> int:
     """Bytes this device holds for the training state: the trainable parameters, their
-    gradients, the optimizer's state and the EMA shadow (under FSDP, this rank's shards)."""
+    gradients, the optimizer's state and the EMA shadow (under FSDP, this rank's shards). Tensors
+    held elsewhere (an EMA kept on the host, model.ema.device=cpu; AdamW's step counts) are not
+    counted."""
     from sdtrain.training.sharding import local
 
     params = [p for _, p in getattr(pl_module, "trainable_parameters", lambda: [])()]
@@ -87,7 +89,8 @@ def training_state_bytes(trainer, pl_module) -> int:
     ema = getattr(pl_module, "ema", None)
     if ema is not None and ema.shadow is not None:
         tensors += list(ema.shadow.values())
-    return sum(local(t).numel() * t.element_size() for t in tensors)
+    on = {local(p).device for p in params}
+    return sum(local(t).numel() * t.element_size() for t in tensors if local(t).device in on)
 
 
 def unet_input_shapes(batch: dict[str, Any], unet, vae, text_encoder):
