@@ -16,6 +16,7 @@ embeddings are a data concern, not a model change.
 | `keys` | list of B str | the samples' WebDataset keys (optional) |
 | `skipped` | int | unusable samples the loader dropped while making this batch (optional) |
 | `skipped_kinds`, `skipped_shards` | {str: int} | the same by kind (`SKIP_KINDS`) and by shard url (optional) |
+| `sources`, `skipped_sources` | list of B str; {str: int} | a mixture's (`data.sources`, `sdtrain.datamodules.mixture`): the source each sample was drawn from, and the unusable samples each source gave while making this batch (every source named, 0 included; optional) |
 | `position` | [worker, workers, pass, drawn] ints | where the data stands after this batch: the DataLoader worker that made it (its virtual id), how many there are, its pass over the shards and the samples it has drawn in that pass (optional; `sdtrain.datamodules.position`) |
 | `original_size`, `crop_top_left` | (B, 2) long | each image's (height, width) as decoded (EXIF orientation applied), and the (top, left) of its crop in resized pixels, the left measured in the flipped image when it was flipped: SDXL's size conditioning (`sdtrain.models.sdxl.time_ids`), in every image batch and read back from a latent cache's KEY.json (`sdtrain.datamodules.transforms.size_conditioning`); unused by SD-1.x/2.x |
 """
@@ -36,6 +37,8 @@ SKIPPED = "skipped"
 POSITION = "position"
 SKIPPED_KINDS = "skipped_kinds"  # {kind: count} over SKIP_KINDS
 SKIPPED_SHARDS = "skipped_shards"  # {shard url: count}
+SOURCES = "sources"  # a mixture's: each sample's source name
+SKIPPED_SOURCES = "skipped_sources"  # a mixture's: {source name: count}, every source
 ORIGINAL_SIZE = "original_size"  # (B, 2) (height, width) before resizing
 CROP_TOP_LEFT = "crop_top_left"  # (B, 2) (top, left) of the crop, resized pixels
 # Why a sample (or a shard's remainder) was skipped: logged as data/skipped/<kind>.

@@ -154,16 +154,21 @@ class GroupDecode:
 
 def pass_stages(
     urls: list[str], order: DataOrder, cursor: Cursor, decode: DecodeStage, collate: Callable,
-    batch_size: int, shuffle_buffer: int, per_pass: int | None,
+    batch_size: int, shuffle_buffer: int, per_pass: int | None, samples: list | None = None,
 ) -> list:  # fmt: skip
     """One pass's pipeline stages for this rank's slot: the shards in the pass's order, read
     and shuffled alike in every slot, formed into batches (`GroupStage`, on `decode`'s
     transform's `precheck`), this slot's dealt to it (`DealStage`; `per_pass`: the batches a
-    pass makes, or None) and decoded (`GroupDecode`)."""
-    return [
+    pass makes, or None) and decoded (`GroupDecode`). `samples` replaces the first three stages
+    with others that give a pass's raw samples alike in every slot (a mixture's,
+    `datamodules.mixture.MixedSamples`)."""
+    read = samples or [
         ShuffledShardList(urls, order, cursor),
         wds.tarfile_to_samples(handler=decode.shard_error),
         ShuffleStage(shuffle_buffer, order, cursor, shared=True),
+    ]
+    return [
+        *read,
         GroupStage(batch_size, decode.transform.precheck),
         DealStage(order.rank, order.world_size, batch_size, per_pass, order, cursor),
         GroupDecode(decode, collate, batch_size, cursor),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import replace
+from functools import partial
 
 import lightning as L
 import torch
@@ -16,6 +17,7 @@ from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_bu
 from sdtrain.datamodules.captions import caption_processor
 from sdtrain.datamodules.decode import DecodeStage  # noqa: F401  (re-exported: sdtrain.artifacts.cache)
 from sdtrain.datamodules.heldout import HeldOut, heldout_transform, split_heldout
+from sdtrain.datamodules.mixture import Mixture, MixtureCollate, MixtureTransform, parse_sources
 from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
     Cursor,
     DataOrder,
@@ -61,7 +63,8 @@ class WebDataModule(L.LightningDataModule):
     image shards), for the module to check the cache against its VAE (sdtrain.artifacts.cache).
 
     Args:
-        train_shards: url pattern(s), brace-expandable, local paths or anything webdataset opens.
+        train_shards: url pattern(s), brace-expandable, local paths or anything webdataset opens;
+            None when `sources` names them.
         tokenizer: the model folder (its tokenizer/ subfolder) or a tokenizer folder.
         resolution: square training size in pixels. With a latent cache it must be the cache's,
             or None to take the cache's.
@@ -102,6 +105,8 @@ class WebDataModule(L.LightningDataModule):
             [width, height]; every batch then has one bucket's shape. Refused for a latent cache.
         bucket_step: the multiple every bucket side is of (64 for SD: VAE 8 x U-Net 8).
         bucket_max_aspect: the longest side at most this times the shortest ("auto" only).
+        sources: a weighted mixture of shard sets instead of `train_shards`: a list of
+            {name, shards, weight, caption_template?} (`datamodules.mixture`); None: none.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class WebDataModule(L.LightningDataModule):
         buckets: str | list[list[int]] | None = None,
         bucket_step: int = 64,
         bucket_max_aspect: float = 2.0,
+        sources: list[dict] | None = None,
     ) -> None:
         super().__init__()
         for key, value, least in (
@@ -145,11 +151,29 @@ class WebDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.buckets = parse_buckets(buckets, resolution, bucket_step, bucket_max_aspect)
         self.captions = caption_processor(caption_template, shuffle_tags, keep_tags, tag_separator)
-        self.urls = expand_shards(train_shards, allow_pipe)
+        expand = partial(expand_shards, allow_pipe=allow_pipe)
+        mixed = parse_sources(sources, train_shards, expand)
+        self.mixture = None if mixed is None else Mixture(mixed)  # data.sources, or None
+        if self.mixture is None:
+            self.urls = expand_shards(train_shards, allow_pipe)
+        else:
+            self.urls = self.mixture.urls
+            if val_split_shards:
+                raise ValueError(
+                    f"data.val_split_shards={val_split_shards} holds out the last shards of "
+                    "data.train_shards; a mixture (data.sources) names its held-out shards in "
+                    "data.val_shards"
+                )
         self.urls, self.val_urls = split_heldout(
             self.urls, val_shards, val_split_shards, allow_pipe
         )
-        self.latent_cache_info = read_latent_cache(self.urls)
+        if self.mixture is None:
+            self.latent_cache_info = read_latent_cache(self.urls)
+        else:
+            self.latent_cache_info = self.mixture.latent_cache_info()
+            self.source_captions = self.mixture.captions(
+                caption_template, shuffle_tags, keep_tags, tag_separator
+            )
         self.survey = self.survey_data()
         self.tokenizer = None
         self._rank: tuple[int, int] | None = None  # (rank, world size) from set_rank
@@ -167,13 +191,19 @@ class WebDataModule(L.LightningDataModule):
         shards without a usable sample are refused, buckets of fewer images than a batch
         dropped (`buckets.merge_small_buckets`). None for a large or remote set."""
         h = self.hparams
-        found = survey_shards(self.urls, self.bucketed, h.max_image_pixels)
+        if self.mixture is not None:
+            found = self.mixture.survey(self.bucketed, h.max_image_pixels)
+        else:
+            found = survey_shards(self.urls, self.bucketed, h.max_image_pixels)
         if found is not None and self.bucketed:
             self.buckets = plan_buckets(self.buckets, found, h.batch_size)
         return found
 
     def batches_per_pass(self) -> int | None:
-        """The batches a pass makes under `data.resampled=false` (None: unknown)."""
+        """The batches a pass makes under `data.resampled=false` (None: unknown, as for a
+        mixture, whose pass ends when its last source runs out)."""
+        if self.mixture is not None:
+            return None
         buckets = self.buckets if self.bucketed else None
         return batches_per_pass(self.survey, buckets, self.hparams.batch_size)
 
@@ -243,6 +273,7 @@ class WebDataModule(L.LightningDataModule):
             # what a position counts: the samples through a batch of the pass's whole batches
             # (datamodules/passes.py); a checkpoint from before counted each worker's own draws
             "deal": None if h.resampled else "batches",
+            "sources": None if self.mixture is None else self.mixture.layout(),
         }
 
     def resume_at(self, position: dict) -> None:
@@ -282,20 +313,31 @@ class WebDataModule(L.LightningDataModule):
     def check_shard_kind(self) -> None:
         """Refuse settings the shards cannot honour (`sources.check_shard_kind`). Checked at
         setup, not in __init__, so the config can be built (and tested) before a cache exists."""
-        check_shard_kind(self.hparams, self.latent_cache_info, self.urls, self.buckets)
+        if self.mixture is not None:
+            self.mixture.check_kind(self.hparams, self.buckets)
+        else:
+            check_shard_kind(self.hparams, self.latent_cache_info, self.urls, self.buckets)
         if self.latent_cache_info is not None:
             self.transform()  # refuses caption options a cache of text contexts cannot honour
 
-    def transform(self) -> ImageTextTransform | LatentTransform:
-        """Raw sample -> example for these shards: decode and crop an image, or load latents."""
-        h, info = self.hparams, self.latent_cache_info
+    def transform(self) -> ImageTextTransform | LatentTransform | MixtureTransform:
+        """Raw sample -> example for these shards: decode and crop an image, or load latents;
+        for a mixture, by each source's own transform (its captions, its cache)."""
+        if self.mixture is not None:
+            return self.mixture.transform(self.source_transform, self.source_captions)
+        return self.source_transform(self.captions, self.latent_cache_info)
+
+    def source_transform(self, captions, info: dict | None) -> ImageTextTransform | LatentTransform:
+        """The transform of shards whose captions `captions` rewrites (or None), of a latent
+        cache described by `info` (its cache.json) or of images (None)."""
+        h = self.hparams
         if info is None and self.buckets is not None:
             return BucketTransform(
                 self.buckets,
                 h.center_crop,
                 h.random_flip,
                 max_pixels=h.max_image_pixels,
-                captions=self.captions,
+                captions=captions,
             )
         if info is None:
             return ImageTextTransform(
@@ -303,10 +345,10 @@ class WebDataModule(L.LightningDataModule):
                 h.center_crop,
                 h.random_flip,
                 max_pixels=h.max_image_pixels,
-                captions=self.captions,
+                captions=captions,
             )
         files, shape = info["files"], info["latent_shape"]
-        return LatentTransform(files, info["dtype"], shape, self.captions)
+        return LatentTransform(files, info["dtype"], shape, captions)
 
     def pipeline(self, order: DataOrder | None = None) -> Endless:
         """Shards -> samples -> batches for one rank; `order` defaults to data_order()."""
@@ -315,20 +357,26 @@ class WebDataModule(L.LightningDataModule):
         cursor = Cursor(order)
         decode = DecodeStage(self.transform(), order)
         collate = Collate(self.tokenizer)
+        mixed = None  # a mixture's raw samples, drawn from its sources by weight
+        if self.mixture is not None:
+            collate = MixtureCollate(collate, self.mixture.names)
+            mixed = self.mixture.samples(
+                order, cursor, decode.transform, decode.shard_error, h.shuffle_buffer,
+                shared=not h.resampled,
+            )  # fmt: skip
         if h.resampled:  # each slot its own endless shard order, shuffle and batches
-            stages = [
+            read = [mixed] if mixed is not None else [
                 ResampledShardList(self.urls, order, cursor),
                 wds.tarfile_to_samples(handler=decode.shard_error),
                 ShuffleStage(h.shuffle_buffer, order, cursor),
-                PositionStage(cursor),
-                decode,
-                self.batcher(collate),
-            ]
+            ]  # fmt: skip
+            stages = [*read, PositionStage(cursor), decode, self.batcher(collate)]
         else:  # one stream a pass for all slots, batches formed once and dealt whole
             per_pass, size = self.batches_per_pass(), h.batch_size
             stages = pass_stages(
-                self.urls, order, cursor, decode, collate, size, h.shuffle_buffer, per_pass
-            )
+                self.urls, order, cursor, decode, collate, size, h.shuffle_buffer, per_pass,
+                samples=None if mixed is None else [mixed],
+            )  # fmt: skip
         slots = order.world_size * max(1, self.loader_workers(order.world_size))
         return Endless(wds.DataPipeline(*stages), cursor, order.rank, max(1000, 2 * slots))
 

@@ -46,6 +46,9 @@ def test_config_composes_and_instantiates(
     ]
     if choice.startswith("trainer=gpu"):
         overrides.remove("trainer.accelerator=cpu")
+    if choice == "data=mixture":  # a mixture names its shards per source, not in train_shards
+        overrides = [o for o in overrides if not o.startswith("data.train_shards=")]
+        overrides += [f"data.sources.{i}.shards='{shards}'" for i in range(2)]
     cfg = compose_cfg(tmp_path, overrides + ["trainer.accelerator=cpu"])
     # every interpolation resolves
     OmegaConf.to_container(
@@ -72,6 +75,7 @@ def test_defaults_are_the_demo(tmp_path: Path):
         "val_loss",
         "model_checkpoint",
         "throughput",
+        "data_sources",
         "report",
         "progress_log",
     }

@@ -156,7 +156,8 @@ def stand_in(command: str, s: StandIns, block_id: str) -> tuple[str, str]:
     if kind == "train":
         if "model.pretrained=" not in command:
             extra.append(f"model.pretrained={s.model}")
-        if "data.train_shards=" not in command:  # the demo's data group on the test shards:
+        named = "data.train_shards=" in command or "data.sources" in command  # or a mixture's
+        if not named:  # the demo's data group on the test shards:
             extra.append(f"data.train_shards={s.shard_dir}/")  # and held out from them too
             if "data.val_shards=" not in command:  # (the demo's own shapes with your shards stop;
                 extra.append(f"data.val_shards={s.shard_dir}/")  # a sweep needs held-out data)

@@ -26,6 +26,8 @@ def missing_keys(cfg: DictConfig) -> list[str]:
     def walk(node: Any, prefix: str) -> list[str]:
         if isinstance(node, dict):
             return [m for k, v in node.items() for m in walk(v, f"{prefix}{k}.")]
+        if isinstance(node, list):  # data.sources.0.shards: as a Hydra override names it
+            return [m for i, v in enumerate(node) for m in walk(v, f"{prefix}{i}.")]
         return [prefix[:-1]] if node == "???" else []
 
     plain = OmegaConf.to_container(cfg, resolve=False)
