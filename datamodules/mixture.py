@@ -40,6 +40,7 @@ When a source runs out:
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 import re
 from collections import Counter
@@ -289,18 +290,24 @@ class Mixture:
         return out
 
     def transform(self, make: Callable[[CaptionProcessor | None, dict | None], Any], captions):
-        """A `MixtureTransform` of `make(captions, cache info)` for each source."""
-        return MixtureTransform(
-            {
-                s.name: make(captions[s.name], info)
-                for s, info in zip(self.sources, self.infos, strict=True)
-            }
-        )
+        """A `MixtureTransform` of `make(captions, cache info)` for each source; what `make`
+        refuses (a template for a cache of text contexts) names the source."""
+        transforms = {}
+        for s, info in zip(self.sources, self.infos, strict=True):
+            try:
+                transforms[s.name] = make(captions[s.name], info)
+            except ValueError as e:
+                raise ValueError(f"{s.where}: {e}") from None
+        return MixtureTransform(transforms)
 
     def layout(self) -> list[list]:
-        """What a data position means only under (`WebDataModule.layout`): names, weights,
-        shards and caption templates of the sources."""
-        return [[s.name, s.weight, list(s.urls), s.caption_template] for s in self.sources]
+        """What a data position means only under (`WebDataModule.layout`): each source's name,
+        weight, shards (a hash and the count) and caption template."""
+        return [
+            [s.name, s.weight, hashlib.sha256("\n".join(s.urls).encode()).hexdigest()[:16],
+             len(s.urls), s.caption_template]
+            for s in self.sources
+        ]  # fmt: skip
 
     def samples(
         self, order: DataOrder, cursor: Cursor, transform: MixtureTransform, shard_error,

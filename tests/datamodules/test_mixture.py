@@ -16,10 +16,13 @@ from collections import Counter
 from itertools import islice
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
+from sdtrain.callbacks.data_sources import SourceCounts
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.position import DataPosition
 from sdtrain.datamodules.webdataset import WebDataModule
@@ -98,6 +101,23 @@ def test_a_pass_reads_every_source_to_its_end(shards: str, tiny_model: Path):
     # small (24 samples, share 0.2) ends a pass last in expectation: ~120 draws; big (48 at 0.5)
     # and mid (24 at 0.3) come round again meanwhile
     assert per_source["big"] > 48 or per_source["mid"] > 24
+
+
+def test_ranks_deal_out_the_batches_of_one_stream(shards: str, tiny_model: Path):
+    """data.resampled=false: every rank and worker forms the same batches from one mixed stream
+    a pass and keeps its share, so rank r of 2 (one worker each) trains the batches worker r of a
+    single rank with 2 workers makes (the DataLoader takes them in turn: 0, 1, 0, ...)."""
+    kw = dict(resampled=False, batch_size=4, seed=2)
+
+    def batches(dm: WebDataModule, n: int) -> list[tuple]:
+        dm.setup("fit")
+        return [(tuple(b[B.KEYS]), tuple(b[B.SOURCES])) for b in islice(dm.train_dataloader(), n)]
+
+    one = batches(mixture(three_sources(shards), tiny_model, num_workers=2, **kw), 40)
+    for rank in (0, 1):
+        dm = mixture(three_sources(shards), tiny_model, num_workers=1, **kw)
+        dm.set_rank(rank, 2)
+        assert batches(dm, 20) == one[rank::2]
 
 
 # ---------------------------------------------------------------- bad input
@@ -219,6 +239,59 @@ def metric_rows(run: Path) -> list[dict[str, str]]:
     return [r for r in csv.DictReader(logs[-1].open()) if r.get("data/drawn/shapes")]
 
 
+class SourceProbe(KeyProbe):
+    """Each batch's source record, as the callback gets it."""
+
+    def training_step(self, batch, batch_idx):
+        self.records = [*getattr(self, "records", []), (batch[B.SOURCES], batch[B.SKIPPED_SOURCES])]
+        return super().training_step(batch, batch_idx)
+
+
+def test_counters_sum_the_batches_records_and_go_on_after_a_resume(
+    shards: str, tiny_model: Path, tmp_path: Path
+):
+    """`SourceCounts` logs, at each step, the samples drawn (taken or skipped) and skipped per
+    source over all batches so far; a checkpoint keeps them and a resumed run counts on."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    write_shard(broken / "00000.tar", good=12, uncaptioned=6)
+    sources = [
+        {"name": "shapes", "shards": shard_files(shards)[0], "weight": 1},
+        {"name": "broken", "shards": f"{broken}/", "weight": 1},
+    ]
+
+    def run(steps: int, ckpt: Path | None = None) -> tuple[L.Trainer, SourceProbe]:
+        dm = mixture(sources, tiny_model, batch_size=4, num_workers=0, resampled=False)
+        trainer = L.Trainer(
+            callbacks=[DataPosition(), SourceCounts()], accelerator="cpu", max_steps=steps,
+            logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=1,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        model = SourceProbe()
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        return trainer, model
+
+    def totals(records) -> dict[str, tuple[int, int]]:
+        out = {}
+        for name in ("shapes", "broken"):
+            skipped = sum(r[1][name] for r in records)
+            out[name] = (sum(r[0].count(name) for r in records) + skipped, skipped)
+        return out
+
+    trainer, first = run(6)
+    trainer.save_checkpoint(tmp_path / "step6.ckpt")
+    last = metric_rows(tmp_path)[-1]
+    logged = {n: (float(last[f"data/drawn/{n}"]), float(last[f"data/skipped/{n}"])) for n in
+              ("shapes", "broken")}  # fmt: skip
+    assert logged == totals(first.records) and logged["broken"][1] > 0
+    _, rest = run(9, tmp_path / "step6.ckpt")
+    last = metric_rows(tmp_path)[-1]
+    assert last["step"] == "8"  # the resumed run's own log, at its last step
+    expected = totals(first.records + rest.records)
+    assert {n: (float(last[f"data/drawn/{n}"]), float(last[f"data/skipped/{n}"]))
+            for n in ("shapes", "broken")} == expected  # fmt: skip
+
+
 @pytest.mark.slow  # two sdtrain-train processes: ~50 s on 2 cores
 def test_counters_reach_the_csv_log_and_resume(shards: str, tiny_model: Path, tmp_path: Path):
     """`sdtrain-train data=mixture` with one clean source and one with uncaptioned samples:
@@ -266,15 +339,18 @@ def test_latent_caches_mix_and_images_do_not_join_them(
     shards: str, tiny_model: Path, tmp_path: Path
 ):
     """Two caches (sdtrain-cache-latents) as sources: batches of latents from both, by source;
-    a cache and image shards in one mixture are refused, naming both."""
+    a cache and image shards in one mixture are refused, naming both, and so are caches made
+    otherwise (one with the text encoder's contexts), naming what differs."""
     from sdtrain.cli.cache_latents import main as cache_main
 
     urls = shard_files(shards)
-    for name, part in (("first", urls[:2]), ("second", urls[2:])):
+    for name, part, extra in (
+        ("first", urls[:2], []), ("second", urls[2:], []), ("texts", urls[2:], ["--text"])
+    ):  # fmt: skip
         cache_main([
             "::".join(part), str(tmp_path / name),
             "--pretrained", str(tiny_model), "--resolution", "32", "--batch-size", "24",
-            "--num-workers", "0", "--accelerator", "cpu",
+            "--num-workers", "0", "--accelerator", "cpu", *extra,
         ])  # fmt: skip
     sources = [
         {"name": "first", "shards": f"{tmp_path / 'first'}/", "weight": 1},
@@ -293,4 +369,7 @@ def test_latent_caches_mix_and_images_do_not_join_them(
 
     sources[1]["shards"] = urls[2]
     with pytest.raises(ValueError, match=r"mixes image shards and latent caches .*\(second\)"):
+        mixture(sources, tiny_model, resolution=None)
+    sources[1]["shards"] = f"{tmp_path / 'texts'}/"
+    with pytest.raises(ValueError, match=r"\(second\) .* differ in text_encoder_fingerprint"):
         mixture(sources, tiny_model, resolution=None)
