@@ -292,11 +292,12 @@ def test_counters_sum_the_batches_records_and_go_on_after_a_resume(
             for n in ("shapes", "broken")} == expected  # fmt: skip
 
 
-@pytest.mark.slow  # two sdtrain-train processes: ~50 s on 2 cores
+@pytest.mark.slow  # two 2-rank sdtrain-train runs: ~80 s on 2 cores
 def test_counters_reach_the_csv_log_and_resume(shards: str, tiny_model: Path, tmp_path: Path):
-    """`sdtrain-train data=mixture` with one clean source and one with uncaptioned samples:
-    data/drawn/<name> and data/skipped/<name> in metrics.csv, the drawn adding up to the batches
-    trained plus the skipped, the skipped to the run's data/skipped; a resumed run counts on."""
+    """`sdtrain-train data=mixture` on 2 DDP ranks (gloo) with one clean source and one with
+    uncaptioned samples: data/drawn/<name> and data/skipped/<name> in metrics.csv, summed over
+    the ranks: the drawn add up to both ranks' batches plus the skipped, the skipped to the
+    run's data/skipped; a resumed run counts on."""
     broken = tmp_path / "broken"
     broken.mkdir()
     write_shard(broken / "00000.tar", good=12, uncaptioned=6)
@@ -306,8 +307,9 @@ def test_counters_reach_the_csv_log_and_resume(shards: str, tiny_model: Path, tm
         f"data.sources.0.shards={shard_files(shards)[0]}", "data.sources.0.name=shapes",
         f"data.sources.1.shards={broken}/", "data.sources.1.name=broken",
         "data.sources.1.weight=0.5", "data.resolution=32", "data.batch_size=4",
-        "data.num_workers=2", "data.resampled=false", "data.shuffle_buffer=8",
-        "trainer.accelerator=cpu", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+        "data.num_workers=1", "data.resampled=false", "data.shuffle_buffer=8",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+        "trainer.max_steps=6", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "logger=csv", "callbacks.sample_images=null",
         "callbacks.model_checkpoint.every_n_train_steps=3",
     ]  # fmt: skip
@@ -319,7 +321,7 @@ def test_counters_reach_the_csv_log_and_resume(shards: str, tiny_model: Path, tm
     drawn = {n: float(last[f"data/drawn/{n}"]) for n in ("shapes", "broken")}
     skipped = {n: float(last[f"data/skipped/{n}"]) for n in ("shapes", "broken")}
     assert skipped["shapes"] == 0 and skipped["broken"] > 0
-    assert sum(drawn.values()) == 6 * 4 + sum(skipped.values())
+    assert sum(drawn.values()) == 2 * 6 * 4 + sum(skipped.values())  # 2 ranks' batches
     assert float(last["data/skipped"]) == sum(skipped.values())
     assert float(last["data/skipped/no_caption"]) == skipped["broken"]
 
@@ -329,7 +331,7 @@ def test_counters_reach_the_csv_log_and_resume(shards: str, tiny_model: Path, tm
     after = metric_rows(run)[-1]
     more = {n: float(after[f"data/drawn/{n}"]) for n in ("shapes", "broken")}
     more_skipped = {n: float(after[f"data/skipped/{n}"]) for n in ("shapes", "broken")}
-    assert sum(more.values()) == 9 * 4 + sum(more_skipped.values())  # counted on, not from 0
+    assert sum(more.values()) == 2 * 9 * 4 + sum(more_skipped.values())  # on, not from 0
 
 
 # ---------------------------------------------------------------- latent-cache sources
