@@ -41,6 +41,7 @@ def held_out(source: str) -> Iterator[tuple[bytes, str]]:
 
     from sdtrain.artifacts.shards import captioned_images
     from sdtrain.datamodules.sources import expand_shards
+    from sdtrain.datamodules.tars import TarSamples
     from sdtrain.datamodules.transforms import SkipSample, find_caption, find_image
 
     folder = Path(source).expanduser()
@@ -49,7 +50,8 @@ def held_out(source: str) -> Iterator[tuple[bytes, str]]:
             yield path.read_bytes(), caption
         return
     # No node or worker splitter: every rank reads the stream and keeps its own share.
-    samples = wds.DataPipeline(wds.SimpleShardList(expand_shards(source)), wds.tarfile_to_samples())
+    read = TarSamples(_unreadable)  # remote shards streamed as training streams them
+    samples = wds.DataPipeline(wds.SimpleShardList(expand_shards(source)), read)
     for sample in samples:
         try:
             image = find_image(sample)
@@ -60,6 +62,11 @@ def held_out(source: str) -> Iterator[tuple[bytes, str]]:
         except SkipSample:
             caption = ""
         yield image, caption
+
+
+def _unreadable(exn: Exception) -> bool:
+    """A reference shard that cannot be read stops the metric: its statistics would be off."""
+    raise RuntimeError(f"{KEY}.fid_reference: {exn.args[-1]}: {exn.args[0]}")
 
 
 def reference_problem(source: str | None) -> str | None:

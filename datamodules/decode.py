@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from sdtrain.datamodules.order import DataOrder
+from sdtrain.datamodules.tars import ShardFailed
 from sdtrain.datamodules.transforms import ImageTextTransform, LatentTransform, SkipSample
 from sdtrain.runtime.seeds import derive_seed
 
@@ -32,11 +33,14 @@ class DecodeStage:
         self.pending_shards: Counter[str] = Counter()  # the same by shard url
 
     def shard_error(self, exn: Exception) -> bool:
+        """The tar reader's handler (`datamodules.tars.TarSamples`): count a `bad_shard`."""
         self.pending["bad_shard"] += 1
-        # webdataset appends the url to the exception's args
+        # the url is the exception's last string argument (ShardFailed; webdataset's errors too)
         urls = [a for a in exn.args if isinstance(a, str) and not a.startswith("<")]
-        self.pending_shards[urls[-1] if urls else "unknown shard"] += 1
-        log.warning("skipped the rest of a shard: %s", exn)
+        url = urls[-1] if urls else "unknown shard"
+        self.pending_shards[url] += 1
+        why = exn.args[0] if isinstance(exn, ShardFailed) else exn
+        log.warning("skipped the rest of shard %s: %s", url, why)
         return True  # go on with the next shard
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:

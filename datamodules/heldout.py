@@ -16,7 +16,9 @@ from typing import Any
 import webdataset as wds
 
 from sdtrain.datamodules.captions import caption_processor
+from sdtrain.datamodules.remote import RemoteSettings
 from sdtrain.datamodules.sources import expand_shards, read_latent_cache
+from sdtrain.datamodules.tars import ShardFailed, TarSamples
 from sdtrain.datamodules.transforms import ImageTextTransform, LatentTransform, SkipSample
 
 log = logging.getLogger(__name__)
@@ -26,13 +28,13 @@ WEIGHT = "weight"  # batch key: 1.0 for a real batch, 0.0 for a rank's padding b
 
 
 def heldout_transform(
-    urls: list[str], h, train_cache: dict | None
+    urls: list[str], h, train_cache: dict | None, remote: RemoteSettings | None = None
 ) -> ImageTextTransform | LatentTransform:
     """Raw held-out sample -> example, under the datamodule's hyperparameters `h`: centre-cropped
     and never flipped; the caption template applies (prompts look like it), no tag shuffle. A
     latent cache's tensors for one (`urls` in a cache folder); `train_cache` (the training
     shards' cache.json, or None) gives the size when `h.resolution` is null."""
-    info = read_latent_cache(urls)
+    info = read_latent_cache(urls, remote)
     template = caption_processor(h.caption_template, False, 0, h.tag_separator)
     if info is not None:
         return LatentTransform(info["files"], info["dtype"], info["latent_shape"], template)
@@ -43,7 +45,11 @@ def heldout_transform(
 
 
 def split_heldout(
-    urls: list[str], val_shards: str | list[str] | None, split: int, allow_pipe: bool = False
+    urls: list[str],
+    val_shards: str | list[str] | None,
+    split: int,
+    allow_pipe: bool = False,
+    remote: RemoteSettings | None = None,
 ) -> tuple[list[str], list[str]]:
     """(training shards, held-out shards): `val_shards` expanded, or the last `split` of `urls`.
 
@@ -59,7 +65,7 @@ def split_heldout(
         )
     if val_shards is not None:
         try:
-            val = expand_shards(val_shards, allow_pipe)
+            val = expand_shards(val_shards, allow_pipe, remote)
         except (ValueError, FileNotFoundError) as e:  # its message names data.train_shards
             raise type(e)(str(e).replace("data.train_shards", "data.val_shards")) from None
         return urls, val
@@ -72,7 +78,9 @@ def split_heldout(
 
 
 def _shard_error(exn: Exception) -> bool:
-    log.warning("validation data: skipped the rest of a shard: %s", exn)
+    url = exn.args[-1] if isinstance(exn, ShardFailed) else "a shard"
+    why = exn.args[0] if isinstance(exn, ShardFailed) else exn
+    log.warning("validation data: skipped the rest of %s: %s", url, why)
     return True
 
 
@@ -90,6 +98,7 @@ class HeldOut:
         batch_size: samples per block.
         rank: this process's rank.
         world_size: number of processes.
+        remote: how remote shards are read (`datamodules.remote`).
     """
 
     def __init__(
@@ -100,15 +109,17 @@ class HeldOut:
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
+        remote: RemoteSettings | None = None,
     ) -> None:
         self.urls, self.transform, self.collate = list(urls), transform, collate
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.remote = remote
 
     def _examples(self) -> Iterator[tuple[int, dict | None]]:
         """(sample index, example) in shard order; the example is None for another rank's
         sample, or for an unusable one (warned about, as training does)."""
         samples = wds.DataPipeline(
-            wds.SimpleShardList(self.urls), wds.tarfile_to_samples(handler=_shard_error)
+            wds.SimpleShardList(self.urls), TarSamples(_shard_error, self.remote)
         )
         for i, sample in enumerate(samples):
             if (i // self.batch_size) % self.world_size != self.rank:

@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import webdataset as wds
-
 from sdtrain.datamodules.decode import DecodeStage
 from sdtrain.datamodules.order import Cursor, DataOrder, ShuffledShardList, ShuffleStage
+from sdtrain.datamodules.remote import RemoteSettings
+from sdtrain.datamodules.tars import TarSamples
 from sdtrain.datamodules.transforms import BUCKET, SkipSample
 
 
@@ -155,16 +155,17 @@ class GroupDecode:
 def pass_stages(
     urls: list[str], order: DataOrder, cursor: Cursor, decode: DecodeStage, collate: Callable,
     batch_size: int, shuffle_buffer: int, per_pass: int | None, samples: list | None = None,
+    remote: RemoteSettings | None = None,
 ) -> list:  # fmt: skip
     """One pass's pipeline stages for this rank's slot: the shards in the pass's order, read
     and shuffled alike in every slot, formed into batches (`GroupStage`, on `decode`'s
     transform's `precheck`), this slot's dealt to it (`DealStage`; `per_pass`: the batches a
     pass makes, or None) and decoded (`GroupDecode`). `samples` replaces the first three stages
     with others that give a pass's raw samples alike in every slot (a mixture's,
-    `datamodules.mixture.MixedSamples`)."""
+    `datamodules.mixture.MixedSamples`). `remote`: how remote shards are read."""
     read = samples or [
         ShuffledShardList(urls, order, cursor),
-        wds.tarfile_to_samples(handler=decode.shard_error),
+        TarSamples(decode.shard_error, remote),
         ShuffleStage(shuffle_buffer, order, cursor, shared=True),
     ]
     return [

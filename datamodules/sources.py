@@ -7,6 +7,15 @@ import json
 import os
 from pathlib import Path
 
+from sdtrain.datamodules.remote import (
+    RemoteSettings,
+    check_clients,
+    is_remote,
+    list_shards,
+    read_remote,
+    redact,
+)
+
 # A latent cache is one folder of shards plus this file, which sdtrain-cache-latents writes last:
 # a folder holding it is a complete cache.
 CACHE_FILE = "cache.json"
@@ -14,24 +23,30 @@ CACHE_FORMAT = "sdtrain-latent-cache"
 CACHE_FORMAT_VERSION = 1
 
 
-def expand_shards(urls: str | list[str], allow_pipe: bool = False) -> list[str]:
+def expand_shards(
+    urls: str | list[str], allow_pipe: bool = False, remote: RemoteSettings | None = None
+) -> list[str]:
     """The shard list that `data.train_shards` names, in order.
 
     Each entry (one string or a list; "a::b" also separates) is brace-expanded
     ("/data/{00000..00099}.tar"). A local entry may also be a folder (every `*.tar` in it,
-    sorted) or a glob ("/data/*.tar", sorted). Remote urls ("s3://...", "https://...") pass
-    through as webdataset opens them; "pipe:" commands (a shell command per shard) only with
-    `allow_pipe`, since a config must not run code unless it says so.
+    sorted) or a glob ("/data/*.tar", sorted). Remote urls ("https://...", "s3://...", "gs://...")
+    are streamed (`datamodules.remote`); an object-store folder ("s3://bucket/prefix/") or glob
+    ("s3://bucket/prefix/*.tar") is listed now (with `remote`'s settings), sorted. "pipe:"
+    commands (a shell command per shard) only with `allow_pipe`, since a config must not run code
+    unless it says so.
 
     Raises:
         FileNotFoundError: a folder holds no `*.tar`, a glob matches nothing, or local shards do
             not exist (caught here: a stream of unreadable shards would otherwise spin forever).
-        ValueError: nothing is named at all, or a "pipe:" url without `allow_pipe`.
+        ValueError: nothing is named at all, a "pipe:" url without `allow_pipe`, a remote url
+            whose client is not installed, or a listing that failed.
     """
     import glob
 
     from braceexpand import braceexpand
 
+    remote = remote or RemoteSettings()
     patterns = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     missing: list[str] = []
@@ -41,6 +56,9 @@ def expand_shards(urls: str | list[str], allow_pipe: bool = False) -> list[str]:
                 f"data.train_shards: {url!r} is a shell command (webdataset's pipe: url); "
                 "set data.allow_pipe=true (sdtrain-cache-latents: --allow-pipe) to run it"
             )
+        if is_remote(url):
+            out += list_shards(url, remote)
+            continue
         if "://" in url or url.startswith("pipe:"):
             out.append(url)
             continue
@@ -66,43 +84,67 @@ def expand_shards(urls: str | list[str], allow_pipe: bool = False) -> list[str]:
             f"data.train_shards: {len(missing)} of {len(out)} shard(s) do not exist, e.g. "
             f"{', '.join(missing[:3])}"
         )
+    check_clients(out)
     return out
 
 
-def read_latent_cache(urls: list[str]) -> dict | None:
+def read_latent_cache(urls: list[str], remote: RemoteSettings | None = None) -> dict | None:
     """The parsed cache.json of the latent cache that `urls` come from (with "folder" added), or
-    None when their folders hold none (image shards).
+    None when their folders hold none (image shards). Remote shards of one folder are looked
+    for a cache.json beside them too (one small read, with `remote`'s settings).
 
     Raises:
         ValueError: the shards mix a latent cache with other shards or a second cache (one
             cache.json must describe every shard), or cache.json is unreadable or of another
             format version.
     """
-    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
-    folders = sorted(
-        {str(Path(u).parent) for u in urls if "://" not in u and not u.startswith("pipe:")}
-    )
-    caches = [f for f in folders if (Path(f) / CACHE_FILE).is_file()]
-    if not caches:
+    folders = sorted({parent(u) for u in urls})
+    found = [(f, text) for f in folders if (text := cache_text(f, remote)) is not None]
+    if not found:
         return None
-    others = [f for f in folders if f != caches[0]] + remote
+    (folder, text), others = found[0], [f for f in folders if f != found[0][0]]
     if others:
         raise ValueError(
-            f"data.train_shards mixes the latent cache {caches[0]} with shards from "
-            f"{', '.join(others[:3])}: train on one cache folder, or on image shards only"
+            f"data.train_shards mixes the latent cache {redact(folder)} with shards from "
+            f"{', '.join(map(redact, others[:3]))}: train on one cache folder, or on image "
+            "shards only"
         )
-    path = Path(caches[0]) / CACHE_FILE
+    where = redact(f"{folder}/{CACHE_FILE}")
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise ValueError(f"{where}: not valid JSON ({e})") from e
     found = (info.get("format"), info.get("format_version"))
     if found != (CACHE_FORMAT, CACHE_FORMAT_VERSION):
         raise ValueError(
-            f"{path}: format {found[0]!r} version {found[1]!r}; this sdtrain reads "
+            f"{where}: format {found[0]!r} version {found[1]!r}; this sdtrain reads "
             f"{CACHE_FORMAT!r} version {CACHE_FORMAT_VERSION} (cache again with sdtrain-cache-latents)"
         )
-    return info | {"folder": str(path.parent)}
+    return info | {"folder": folder}
+
+
+def parent(url: str) -> str:
+    """The folder a shard is in: a local path's parent, a url up to its last "/" (query dropped);
+    "" for a `pipe:` command, which has none."""
+    if url.startswith("pipe:"):
+        return ""
+    if "://" in url:
+        return url.split("?", 1)[0].rsplit("/", 1)[0]
+    return str(Path(url).parent)
+
+
+def cache_text(folder: str, remote: RemoteSettings | None) -> str | None:
+    """The cache.json in `folder` (local or remote), or None when there is none."""
+    if not folder:
+        return None
+    if "://" not in folder:
+        path = Path(folder) / CACHE_FILE
+        return path.read_text() if path.is_file() else None
+    url = f"{folder}/{CACHE_FILE}"
+    if not is_remote(url):
+        return None
+    data = read_remote(url, remote or RemoteSettings())
+    return None if data is None else data.decode("utf-8", errors="replace")
 
 
 def check_shard_kind(h, info: dict | None, urls: list[str], buckets: list | None) -> None:

@@ -28,6 +28,7 @@ from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this 
     worker_info,
 )
 from sdtrain.datamodules.passes import pass_stages
+from sdtrain.datamodules.remote import RemoteSettings
 from sdtrain.datamodules.sources import (  # noqa: F401  (re-exported: this module's API)
     CACHE_FILE,
     CACHE_FORMAT,
@@ -43,6 +44,7 @@ from sdtrain.datamodules.survey import (
     plan_buckets,
     survey_shards,
 )
+from sdtrain.datamodules.tars import TarSamples
 from sdtrain.datamodules.transforms import (
     MAX_IMAGE_PIXELS,
     Collate,
@@ -94,6 +96,9 @@ class WebDataModule(L.LightningDataModule):
             and False image shards, so a config meant for one fails on the other at setup
             rather than skipping every sample.
         allow_pipe: let `train_shards` hold "pipe:CMD" urls, which run CMD in a shell.
+        remote: how shards named by url (https://, s3://, gs://, ...) are read: retries,
+            backoff, timeouts, an S3-compatible endpoint (`datamodules.remote.RemoteSettings`);
+            None: the defaults.
         max_image_pixels: skip (as `too_large`) images with more pixels, read from the header
             before decoding; None: no limit but Pillow's decompression-bomb check.
         val_shards: held-out shards for the validation loss (`heldout_dataloader`), or None.
@@ -137,6 +142,7 @@ class WebDataModule(L.LightningDataModule):
         bucket_step: int = 64,
         bucket_max_aspect: float = 2.0,
         sources: list[dict] | None = None,
+        remote: dict | None = None,
     ) -> None:
         super().__init__()
         for key, value, least in (
@@ -149,13 +155,15 @@ class WebDataModule(L.LightningDataModule):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"data.{key}={value!r} must be a whole number >= {least}")
         self.save_hyperparameters()
+        self.remote = RemoteSettings.of(remote)
         self.buckets = parse_buckets(buckets, resolution, bucket_step, bucket_max_aspect)
         self.captions = caption_processor(caption_template, shuffle_tags, keep_tags, tag_separator)
-        expand = partial(expand_shards, allow_pipe=allow_pipe)
+        expand = partial(expand_shards, allow_pipe=allow_pipe, remote=self.remote)
         mixed = parse_sources(sources, train_shards, expand)
-        self.mixture = None if mixed is None else Mixture(mixed)  # data.sources, or None
+        read_cache = partial(read_latent_cache, remote=self.remote)
+        self.mixture = None if mixed is None else Mixture(mixed, read_cache)  # data.sources
         if self.mixture is None:
-            self.urls = expand_shards(train_shards, allow_pipe)
+            self.urls = expand_shards(train_shards, allow_pipe, self.remote)
         else:
             self.urls = self.mixture.urls
             if val_split_shards:
@@ -165,10 +173,10 @@ class WebDataModule(L.LightningDataModule):
                     "data.val_shards"
                 )
         self.urls, self.val_urls = split_heldout(
-            self.urls, val_shards, val_split_shards, allow_pipe
+            self.urls, val_shards, val_split_shards, allow_pipe, self.remote
         )
         if self.mixture is None:
-            self.latent_cache_info = read_latent_cache(self.urls)
+            self.latent_cache_info = read_latent_cache(self.urls, self.remote)
         else:
             self.latent_cache_info = self.mixture.latent_cache_info()
             self.source_captions = self.mixture.captions(
@@ -362,12 +370,12 @@ class WebDataModule(L.LightningDataModule):
             collate = MixtureCollate(collate, self.mixture.names)
             mixed = self.mixture.samples(
                 order, cursor, decode.transform, decode.shard_error, h.shuffle_buffer,
-                shared=not h.resampled,
+                shared=not h.resampled, read=partial(TarSamples, settings=self.remote),
             )  # fmt: skip
         if h.resampled:  # each slot its own endless shard order, shuffle and batches
             read = [mixed] if mixed is not None else [
                 ResampledShardList(self.urls, order, cursor),
-                wds.tarfile_to_samples(handler=decode.shard_error),
+                TarSamples(decode.shard_error, self.remote),
                 ShuffleStage(h.shuffle_buffer, order, cursor),
             ]  # fmt: skip
             stages = [*read, PositionStage(cursor), decode, self.batcher(collate)]
@@ -375,7 +383,7 @@ class WebDataModule(L.LightningDataModule):
             per_pass, size = self.batches_per_pass(), h.batch_size
             stages = pass_stages(
                 self.urls, order, cursor, decode, collate, size, h.shuffle_buffer, per_pass,
-                samples=None if mixed is None else [mixed],
+                samples=None if mixed is None else [mixed], remote=self.remote,
             )  # fmt: skip
         slots = order.world_size * max(1, self.loader_workers(order.world_size))
         return Endless(wds.DataPipeline(*stages), cursor, order.rank, max(1000, 2 * slots))
@@ -421,7 +429,9 @@ class WebDataModule(L.LightningDataModule):
             return None
         if self.tokenizer is None:
             self.tokenizer = load_tokenizers(self.hparams.tokenizer)
-        transform = heldout_transform(self.val_urls, self.hparams, self.latent_cache_info)
+        transform = heldout_transform(
+            self.val_urls, self.hparams, self.latent_cache_info, self.remote
+        )
         order = self.data_order()
         return HeldOut(
             self.val_urls,
@@ -430,4 +440,5 @@ class WebDataModule(L.LightningDataModule):
             self.hparams.batch_size,
             order.rank,
             order.world_size,
+            self.remote,
         )

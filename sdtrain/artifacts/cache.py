@@ -51,6 +51,8 @@ from torch.utils.data import DataLoader
 import sdtrain
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.order import SplitByRank, SplitByWorker
+from sdtrain.datamodules.remote import RemoteSettings, is_remote, open_remote
+from sdtrain.datamodules.tars import TarSamples
 from sdtrain.datamodules.transforms import CROP_RECORD, Collate, ImageTextTransform
 from sdtrain.datamodules.webdataset import (
     CACHE_FILE,
@@ -130,12 +132,20 @@ def text_shapes(text_encoder, tokenizer) -> dict[str, list[int]]:
     return {B.CONTEXT: [length, text_encoder.config.hidden_size]}
 
 
+def open_shard(url: str):
+    """A shard of a latent cache, local or remote, as a binary stream."""
+    return open_remote(url, RemoteSettings()) if is_remote(url) else open(url, "rb")
+
+
 def first_crop_record(info: dict[str, Any]) -> dict[str, Any] | None:
     """The first readable KEY.json of a latent cache, its shards read in cache.json's order
     (None if no shard holds one): the cache's samples all come with the same record."""
     for shard in info.get("shards") or []:
         try:
-            with tarfile.open(Path(info["folder"]) / shard) as tar:
+            with (
+                open_shard(f"{info['folder']}/{shard}") as f,
+                tarfile.open(fileobj=f, mode="r|") as tar,
+            ):
                 for member in tar:
                     if member.name.endswith(".json"):
                         record = json.loads(tar.extractfile(member).read())
@@ -245,6 +255,12 @@ class ShardSink:
             self.writer.close()
 
 
+def _skip_shard(exn: Exception) -> bool:
+    """A source shard that could not be read (to its end): warn, and go on with the next."""
+    log.warning("skipped the rest of shard %s: %s", exn.args[-1], exn.args[0])
+    return True
+
+
 class CacheCollate(Collate):
     """Collate, keeping each example's crop record ("meta") for its .json."""
 
@@ -262,6 +278,8 @@ class LatentEncoder(L.LightningModule):
         recipe: what goes into cache.json besides what the run finds out (samples, shards,
             fingerprints, shapes).
         batch_size, num_workers, samples_per_shard: as the command line says.
+        family: the model family (how captions become contexts).
+        remote: how remote source shards are read (`datamodules.remote.RemoteSettings`).
     """
 
     def __init__(
@@ -276,6 +294,7 @@ class LatentEncoder(L.LightningModule):
         num_workers: int = 4,
         samples_per_shard: int = 1000,
         family: Family = SD,
+        remote: RemoteSettings | None = None,
     ) -> None:
         super().__init__()
         self.family = family  # how captions become contexts (models/family.py)
@@ -285,6 +304,7 @@ class LatentEncoder(L.LightningModule):
         self.tokenizer, self.urls, self.out, self.recipe = tokenizer, urls, out, recipe
         self.batch_size, self.num_workers = batch_size, num_workers
         self.samples_per_shard = samples_per_shard
+        self.remote = remote  # how remote source shards are read (datamodules/remote.py)
         self.files = {B.LATENT_DIST: LATENT_FILES[recipe["dtype"]]}  # batch key -> extension
         self.storage = {B.LATENT_DIST: recipe["dtype"]}  # batch key -> dtype
         self.text_shapes = text_shapes(text_encoder, tokenizer) if recipe["text"] else {}
@@ -301,7 +321,7 @@ class LatentEncoder(L.LightningModule):
             wds.SimpleShardList(self.urls),  # in order, once
             SplitByRank(rank, world),
             SplitByWorker(),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            TarSamples(_skip_shard, self.remote),
             DecodeStage(transform),
             wds.batched(self.batch_size, collation_fn=CacheCollate(self.tokenizer), partial=True),
         )

@@ -12,6 +12,7 @@ import lightning as L
 
 from sdtrain.artifacts import cache
 from sdtrain.artifacts.cache import DTYPES, LatentEncoder
+from sdtrain.datamodules.remote import RemoteSettings, redact
 from sdtrain.datamodules.webdataset import (
     CACHE_FILE,
     expand_shards,
@@ -43,6 +44,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per device")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--allow-pipe", action="store_true", help="allow pipe:CMD shard urls")
+    p.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="an S3-compatible store for s3:// sources (as data.remote.endpoint_url)",
+    )
+    p.add_argument(
+        "--anonymous", action="store_true", help="read a public s3:// bucket without credentials"
+    )
+    p.add_argument(
+        "--retries", type=int, default=3, help="attempts per remote shard after the first"
+    )
     return p.parse_args(argv)
 
 
@@ -51,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(a.out).expanduser().resolve()
     try:
-        urls = expand_shards(a.src, a.allow_pipe)
+        remote = RemoteSettings(
+            retries=a.retries, endpoint_url=a.endpoint_url, anonymous=a.anonymous
+        )
+        urls = expand_shards(a.src, a.allow_pipe, remote)
         family = detect(a.pretrained)
         vae, text_encoder, tokenizer, _ = load_frozen(a.pretrained)
     except (OSError, ValueError) as e:
@@ -59,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     recipe = {
         "pretrained": str(Path(a.pretrained).expanduser().resolve()),
         "source": a.src
-        if "://" in a.src or a.src.startswith("pipe:")
+        if a.src.startswith("pipe:")
+        else redact(a.src)  # no credentials of a presigned url in cache.json
+        if "://" in a.src
         else str(Path(a.src).absolute()),
         "resolution": a.resolution,
         "dtype": a.dtype,
@@ -76,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         a.num_workers,
         a.samples_per_shard,
         family,
+        remote,
     )
     devices = int(a.devices) if a.devices.isdigit() else a.devices
     trainer = L.Trainer(

@@ -35,6 +35,10 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     # ThroughputMonitor on CPU: there is no peak FLOP/s to compare with, so no MFU (on an unknown
     # GPU the same line says to set callbacks.throughput.peak_flops, and stays).
     ("sdtrain.callbacks.throughput", r"no peak FLOP/s known for device cpu"),
+    # boto3 (s3:// shards) says where it found credentials and the endpoint, once per process: a
+    # run that cannot read its shards says why (datamodules/remote.py).
+    ("botocore.credentials", r"Found credentials in "),
+    ("botocore.configprovider", r"Found endpoint for "),
 )
 
 # (message regex, category): Python warnings a user cannot act on.
