@@ -325,6 +325,9 @@ SLOW_BLOCKS = {
     # ~49 s: textual inversion's training through the config, data path and --embedding export
     # in tests/models/test_textual_inversion.py
     "textual-inversion",
+    # ~124 s, 3 runs (a busy 2-core CPU): each optimizer and the host-held EMA train, checkpoint
+    # and resume in tests/training/test_optimizers.py and test_ema_device.py
+    "memory-savers-and-other-optimizers",
 }
 
 

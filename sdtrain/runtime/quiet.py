@@ -39,6 +39,9 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     # run that cannot read its shards says why (datamodules/remote.py).
     ("botocore.credentials", r"Found credentials in "),
     ("botocore.configprovider", r"Found endpoint for "),
+    # bitsandbytes (model.optimizer: its 8-bit AdamW) tries to fetch a CPU 4-bit matmul kernel from
+    # the Hub at import; sdtrain uses only its optimizers, which need no such kernel.
+    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward"),
 )
 
 # (message regex, category): Python warnings a user cannot act on.

@@ -19,7 +19,7 @@ from sdtrain.datamodules.position import DataPosition
 from sdtrain.models import lora, speed, textual_inversion
 from sdtrain.models.parts import Parts
 from sdtrain.runtime import devices
-from sdtrain.training import diffusion, sharding
+from sdtrain.training import diffusion, optimizers, sharding
 from sdtrain.training.checkpoint_hooks import CheckpointHooks
 from sdtrain.training.draws import Draws
 from sdtrain.training.ema import EMA
@@ -256,7 +256,8 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         # a progress-bar metric is read back (.item(), a host sync) on every step: only with a bar
         bar = self._trainer is not None and self._trainer.progress_bar_callback is not None
         self.log("train/loss", loss, prog_bar=bar)
-        self.log("train/lr", devices.scalar(self.optimizers().param_groups[0]["lr"], self.device))
+        lr = optimizers.step_size(self.optimizers().param_groups[0])  # Prodigy's: lr x d
+        self.log("train/lr", devices.scalar(lr, self.device))
         self.log("data/skipped", self.skips.total.float())
         for kind, n in zip(B.SKIP_KINDS, self.skips.by_kind.float(), strict=True):
             self.log(f"data/skipped/{kind}", n)
@@ -291,7 +292,8 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
 
     def configure_optimizers(self):
         lr = self.hparams.text_encoder_lr  # a group of its own when the text encoder trains
-        opt = self.optimizer_factory(params=lora.param_groups(self.trainable_parameters(), lr))
+        groups = lora.param_groups(self.trainable_parameters(), lr)
+        opt = optimizers.build(self.optimizer_factory, groups)  # any model.optimizer._target_
         if self.lr_scheduler_factory is None:
             return opt
         sched = self.lr_scheduler_factory(optimizer=opt)
@@ -357,12 +359,18 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
             skipped = self.nonfinite.pending_total(self.device)  # a float would sync
             self.log("train/skipped_nonfinite", skipped, reduce_fx="max")
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A schedule-free optimizer takes gradients at its training point (`sdtrain.training.optimizers`)."""
+        optimizers.train_mode(self._trainer.optimizers)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch),
         before any callback's on_train_batch_end, so checkpoints and samples see this step's EMA.
         A step whose gradients were dropped as non-finite leaves the EMA alone too."""
         self._skip_update, self._found_inf = False, None
         super().optimizer_step(*args, **kwargs)
+        trainer_optimizers = self._trainer.optimizers if self._trainer is not None else []
+        optimizers.eval_mode(trainer_optimizers)  # schedule-free: x for all until the next step
         step = self.global_step + 1  # Lightning counts this step once the hook returns
         if self._skip_update:
             return

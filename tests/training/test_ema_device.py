@@ -9,15 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdtrain.callbacks.throughput import training_state_bytes
-from sdtrain.datamodules.webdataset import WebDataModule
 from sdtrain.demo.tiny import build_parts
 from sdtrain.training import ema as ema_module
 from sdtrain.training.ema import EMA
 from sdtrain.training.module import StableDiffusionModule
-from tests.conftest import cpu_trainer
+from tests.training.fitting import fit
 
 
 def module(device: str | None, every: int = 3) -> StableDiffusionModule:
@@ -26,17 +24,6 @@ def module(device: str | None, every: int = 3) -> StableDiffusionModule:
         optimizer=partial(torch.optim.AdamW, lr=3e-3),
         ema=EMA(decay=0.99, update_every=every, device=device),
     )
-
-
-def fit(m, shards: str, tiny_model: Path, steps: int, root: Path, ckpt: Path | None = None):
-    kw = dict(resolution=32, batch_size=2, num_workers=0, resampled=False)  # resumes exactly
-    dm = WebDataModule(shards, str(tiny_model), **kw)
-    every = ModelCheckpoint(dirpath=root, every_n_train_steps=3, save_top_k=-1)
-    trainer = cpu_trainer(
-        max_steps=steps, enable_checkpointing=True, callbacks=[every], default_root_dir=root
-    )
-    trainer.fit(m, datamodule=dm, ckpt_path=ckpt)
-    return trainer
 
 
 def test_chunked_host_update_is_the_plain_lerp(monkeypatch: pytest.MonkeyPatch):
