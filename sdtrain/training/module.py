@@ -285,6 +285,8 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
                 kinds,
                 self.nonfinite.total,
             )
+        if self.skips.by_shard:  # rank 0's shards (each rank reads its own)
+            log.warning("shards with the most skipped samples: %s", self.skips.worst_shards())
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Callbacks every run needs whatever the config lists: the data position in checkpoints."""

@@ -83,13 +83,17 @@ class SkipTally:
         ):
             return
         kinds = ", ".join(f"{k} {n}" for k, n in self.kinds().items())
-        worst = ", ".join(f"{url} ({n})" for url, n in self.by_shard.most_common(5)) or "none here"
+        worst = self.worst_shards() or "none here"
         raise BadDataError(
             f"{int(bad)} of {int(drawn)} data samples drawn so far ({bad / drawn:.0%}) were "
             f"unusable, more than model.max_bad_data_fraction={self.max_fraction} ({kinds}); "
             f"the shards with the most on this rank: {worst}. Fix or remove them, or raise "
             "the limit (null: none)"
         )
+
+    def worst_shards(self, n: int = 5) -> str:
+        """The `n` shards with the most skipped samples on this rank: "url (count), ..."."""
+        return ", ".join(f"{url} ({k})" for url, k in self.by_shard.most_common(n))
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (`sdtrain.artifacts.checkpoint.build`)."""

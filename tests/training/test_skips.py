@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,21 @@ def test_a_run_on_mostly_broken_shards_stops_naming_them(tiny_model: Path, tmp_p
     )
     with pytest.raises(BadDataError, match=r"max_bad_data_fraction=0.5 .*broken\.tar"):
         train(cfg)
+
+
+def test_the_end_summary_names_the_shards_with_the_most_skipped_samples(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    good = {"png": png(32), "txt": b"a red square"}
+    write_tar(tmp_path / "good.tar", [good] * 30)
+    write_tar(tmp_path / "flaky.tar", [good] * 20 + [{"png": b"not a png", "txt": b"x"}] * 4)
+    cfg = compose_cfg(
+        tmp_path / "run",
+        tiny_overrides(tiny_model, str(tmp_path / "*.tar"), 3)
+        + ["logger=none", "~callbacks.sample_images", "data.resolution=32", "data.batch_size=16"],
+    )
+    caplog.set_level(logging.WARNING, logger="sdtrain.training.module")
+    train(cfg)
+    lines = [r.getMessage() for r in caplog.records if "most skipped" in r.getMessage()]
+    assert len(lines) == 1 and "good.tar" not in lines[0], lines
+    assert re.search(r"flaky\.tar \([1-4]\)", lines[0]), lines  # those 3 steps drew
