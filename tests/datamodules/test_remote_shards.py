@@ -176,6 +176,7 @@ def test_a_404_is_skipped_at_once_and_counted_by_shard(
     assert len(http.requests("missing.tar")) == 1  # a 404 is not retried
 
 
+@pytest.mark.slow  # waits on timeouts or servers: CI runs it (default suite near 10 min)
 def test_a_stall_past_the_timeout_is_retried_then_skipped(http: HttpServer, tiny_model: Path):
     """/stall/ sends half a shard and then nothing: each attempt fails after stall_timeout_s
     (1 s), 1 + retries attempts, then the shard is skipped; the other shards train."""
@@ -298,6 +299,7 @@ def test_local_truncated_tar_counts_one_bad_shard(shard_dir: Path, tmp_path: Pat
     assert kinds == {"bad_shard": 1} and by_shard == {str(tmp_path / "cut.tar"): 1}
 
 
+@pytest.mark.slow  # waits on timeouts or servers: CI runs it (default suite near 10 min)
 def test_a_server_killed_mid_run_ends_the_stream_with_a_clear_message(
     http: HttpServer, tiny_model: Path
 ):
@@ -314,6 +316,7 @@ def test_a_server_killed_mid_run_ends_the_stream_with_a_clear_message(
     assert time.monotonic() - start < 15
 
 
+@pytest.mark.slow  # waits on timeouts or servers: CI runs it (default suite near 10 min)
 def test_a_server_back_within_the_retries_loses_nothing(
     shard_dir: Path, http: HttpServer, tiny_model: Path, tmp_path: Path
 ):
@@ -333,6 +336,7 @@ def test_a_server_back_within_the_retries_loses_nothing(
     assert skipped(got) == ({}, {})
 
 
+@pytest.mark.slow  # waits on timeouts or servers: CI runs it (default suite near 10 min)
 def test_training_stops_with_the_message_when_the_server_dies(http: HttpServer, tiny_model):
     """Through Lightning: the DataLoader worker's error ends fit with it; nothing hangs."""
     settings = dict(FAST, max_failed_in_a_row=2)
@@ -370,6 +374,7 @@ def test_exact_resume_over_http(http: HttpServer, tiny_model: Path, tmp_path: Pa
     assert first.keys + rest.keys == whole.keys
 
 
+@pytest.mark.slow  # waits on timeouts or servers: CI runs it (default suite near 10 min)
 def test_latents_cached_from_http_shards_and_trained_from_over_http(
     shard_dir: Path, http: HttpServer, tiny_model: Path, tmp_path: Path
 ):

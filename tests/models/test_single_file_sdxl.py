@@ -68,6 +68,7 @@ def assert_same_weights(a: dict, b: dict, dtype: torch.dtype | None = None) -> N
             assert torch.equal(want, sb[key].float()), f"{name}.{key}"
 
 
+@pytest.mark.slow  # SDXL pipelines drawing images: CI runs it (keeps the default suite near 10 min)
 def test_diffusers_reads_every_tensor_and_draws_what_the_folder_draws(sdxl: Path, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -246,6 +247,7 @@ def checkpoint(sdxl: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # SDXL pipelines drawing images: CI runs it (keeps the default suite near 10 min)
 def test_export_of_an_sdxl_checkpoint_loads_in_diffusers(
     checkpoint: Path, sdxl: Path, tmp_path: Path
 ):
