@@ -33,7 +33,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("choice", CASES)
+# experiment=demo_sdxl makes the tiny SDXL with its VAE fit (~40 s): slow (CI runs it); the SDXL
+# experiments below and tests/test_demo.py's SDXL demo cover the same composition.
+SLOW_CASES = {"experiment=demo_sdxl"}
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES],
+)
 def test_config_composes_and_instantiates(
     choice: str, tiny_model: Path, shards: str, tmp_path: Path
 ):
@@ -115,9 +123,12 @@ def leaves(node: dict, prefix: str = ""):
 def test_experiments_state_only_what_differs(experiment: str, tmp_path: Path):
     """An experiment file sets no key to the value its groups already give it."""
     spec = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml"))
-    groups = [
-        f"{k.removeprefix('override /')}={v}" for d in spec.pop("defaults") for k, v in d.items()
-    ]
+    groups = []
+    for d in spec.pop("defaults", []):
+        if isinstance(d, str):  # an experiment built on another (sdxl_lora: `- lora`), or _self_
+            groups += [] if d == "_self_" else [f"experiment={d}"]
+        else:
+            groups += [f"{k.removeprefix('override /')}={v}" for k, v in d.items()]
     cfg = OmegaConf.to_container(compose_cfg(tmp_path, groups))
     unset = object()
 
@@ -131,3 +142,63 @@ def test_experiments_state_only_what_differs(experiment: str, tmp_path: Path):
 
     repeats = [f"{k}: {v}" for k, v in leaves(spec) if default(k) == v]
     assert not repeats, f"conf/experiment/{experiment}.yaml repeats defaults: {repeats}"
+
+
+# A tiny SDXL stands in for SDXL base: two CPU steps at 32 px (buckets of 8 px steps: 24x40,
+# 32x32, 40x24), each experiment's own settings otherwise (gradient checkpointing, min-SNR, ...).
+SDXL_TINY = [
+    "trainer.accelerator=cpu",
+    "trainer.precision=32-true",
+    "data.resolution=32",
+    "data.bucket_step=8",
+    "callbacks.sample_images.height=32",
+    "callbacks.sample_images.width=32",
+    "logger=none",
+]
+
+
+def sdxl_run(tmp: Path, tiny_sdxl: Path, shards: str, *overrides: str) -> dict:
+    """Train two steps with `overrides` on the tiny SDXL; the checkpoint it leaves."""
+    import torch
+
+    from sdtrain.cli.train import train
+
+    base = tiny_overrides(tiny_sdxl, shards, steps=2)
+    train(compose_cfg(tmp, [*overrides, *base, *SDXL_TINY]))
+    return torch.load(tmp / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("experiment", ["sdxl_finetune", "sdxl_lora"])
+def test_sdxl_experiments_train_an_sdxl(
+    experiment: str, tiny_sdxl: Path, shards: str, tmp_path: Path
+):
+    cfg = compose_cfg(tmp_path, [f"experiment={experiment}", f"model.pretrained={tiny_sdxl}"])
+    assert (cfg.data.resolution, cfg.data.buckets) == (1024, "auto")  # about 1024 x 1024 px
+    assert cfg.model.gradient_checkpointing and cfg.model.min_snr_gamma == 5.0
+    assert cfg.callbacks.sample_images.height == cfg.callbacks.sample_images.width == 1024
+    ckpt = sdxl_run(tmp_path, tiny_sdxl, shards, f"experiment={experiment}")
+    assert ckpt["global_step"] == 2
+    keys = ckpt["state_dict"].keys()
+    if experiment == "sdxl_lora":  # the adapters alone train and are kept
+        assert keys and all("lora_" in k for k in keys), sorted(keys)[:5]
+    else:  # the whole U-Net; the U-Net takes SDXL's pooled embedding and size ids
+        assert any(k.startswith("unet.add_embedding.") for k in keys)
+    assert (tmp_path / "samples" / "step_0000002.png").is_file()  # the SDXL pipeline drew
+
+
+def test_sdxl_pretrains_a_fresh_unet_of_its_shape(tiny_sdxl: Path, shards: str, tmp_path: Path):
+    """model.unet_config: a U-Net of SDXL's shape from its config.json, fresh weights, trains
+    against the folder's two text encoders and VAE."""
+    from safetensors.torch import load_file
+
+    from sdtrain.artifacts.checkpoint import run_info
+
+    config = tiny_sdxl / "unet" / "config.json"
+    fresh = f"model.unet_config={config}"
+    ckpt = sdxl_run(tmp_path, tiny_sdxl, shards, "experiment=sdxl_finetune", fresh)
+    unet = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items()}
+    pretrained = load_file(tiny_sdxl / "unet" / "diffusion_pytorch_model.safetensors")
+    assert unet.keys() == pretrained.keys()  # SDXL's shape: add_embedding for the text_time ids
+    # two steps at lr <= 1e-6 move a weight by ~1e-6: a difference this large is a fresh U-Net
+    assert (unet["conv_in.weight"] - pretrained["conv_in.weight"]).abs().max() > 1e-2
+    assert run_info(ckpt)["unet_config"]["addition_embed_type"] == "text_time"

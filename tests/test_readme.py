@@ -55,11 +55,17 @@ class StandIns:
     shard_dir: str  # folder of the 4 test shards
     shard_range: str  # "{00000..00003}"
     run: str  # name of a real run folder under outputs/train/runs/
+    sdxl: str = ""  # the tiny SDXL folder (made for the blocks that name SDXL)
+    http: str = ""  # a local HTTP server of the test shards (for blocks that name remote shards)
+    s3: str = ""  # moto's S3 server's endpoint, the test shards in s3://my-bucket/laion/
 
 
 # README placeholder (regex) -> its stand-in, applied in this order to every command
 STAND_INS: list[tuple[str, Callable[[StandIns], str]]] = [
     (r"/models/sd15", lambda s: s.model),
+    (r"/models/sdxl", lambda s: s.sdxl),
+    (r"https://data\.example\.com/laion", lambda s: f"{s.http}/ok"),  # Remote shards
+    (r"https://minio\.example\.com:\d+", lambda s: s.s3),
     (r"model\.pretrained=\.\.\.", lambda s: f"model.pretrained={s.model}"),
     (r"data\.train_shards=\.\.\.", lambda s: f"data.train_shards={s.shard_dir}/"),
     (r"/data/\w+/\{\d+\.\.\d+\}", lambda s: f"{s.shard_dir}/{s.shard_range}"),
@@ -73,6 +79,8 @@ STAND_INS: list[tuple[str, Callable[[StandIns], str]]] = [
     (r"(?<=\s)\.\.\.(?=\s|$)", lambda s: ""),  # "and your overrides": the appended ones
 ]
 TRIALS = 3  # an Optuna search's trials
+SDXL = re.compile(r"experiment=\w*sdxl|/models/sdxl")  # a command of an SDXL model
+REMOTE = re.compile(r"https://data\.example\.com/|s3://")  # a command of remote shards
 PLACEHOLDER = re.compile(r"<[\w.-]+>|\.\.\.|…|/models/|/data/")
 
 # Appended to every training: two steps on the CPU at 32 px, a CSV log, a 2-step sampler.
@@ -154,8 +162,8 @@ def stand_in(command: str, s: StandIns, block_id: str) -> tuple[str, str]:
     if kind == "train" and block_id in USER_WORKERS:  # the workers a user's run starts
         extra.remove("data.num_workers=0")
     if kind == "train":
-        if "model.pretrained=" not in command:
-            extra.append(f"model.pretrained={s.model}")
+        if "model.pretrained=" not in command:  # an SDXL experiment trains the tiny SDXL
+            extra.append(f"model.pretrained={s.sdxl if SDXL.search(command) else s.model}")
         named = "data.train_shards=" in command or "data.sources" in command  # or a mixture's
         if not named:  # the demo's data group on the test shards:
             extra.append(f"data.train_shards={s.shard_dir}/")  # and held out from them too
@@ -267,6 +275,22 @@ def shims(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def remote_shard_servers(shards: str, tmp_path: Path):
+    """(HTTP server url, S3 endpoint, AWS environment) serving the test shards: the README's
+    https://data.example.com/laion/ and s3://my-bucket/laion/ (tests/remote_servers.py)."""
+    from tests.remote_servers import HttpServer, S3Server
+
+    folder = Path(shard_stand_ins(shards)[0])
+    http, s3 = HttpServer(folder, tmp_path / "http.log"), S3Server()
+    try:
+        s3.put_shards(folder, "my-bucket", "laion")
+        yield http.url, s3.endpoint, s3.env(tmp_path)
+    finally:
+        http.kill()
+        s3.stop()
+
+
 def make_run(cwd: Path, s: StandIns, env: dict[str, str]) -> str:
     """A real run folder, `outputs/train/runs/<name>` in `cwd`, one step in; returns its name.
 
@@ -322,6 +346,11 @@ SLOW_BLOCKS = {
     # ~32 s: sdtrain-cache-latents in tests/datamodules/test_latent_cache.py
     "cache-latents",
     "cache-latents-2",
+    # ~47 s: the tiny SDXL made and both SDXL experiments trained; the same experiments train in
+    # tests/test_configs.py::test_sdxl_experiments_train_an_sdxl (default suite)
+    "sdxl",
+    # ~75 s, 3 runs: HTTP and S3 shards from real servers in tests/datamodules/test_remote_shards.py
+    "remote-shards",
     # ~49 s: textual inversion's training through the config, data path and --embedding export
     # in tests/models/test_textual_inversion.py
     "textual-inversion",
@@ -337,7 +366,12 @@ SLOW_BLOCKS = {
     ids=[b.id for b in TO_RUN],
 )
 def test_readme_block_runs(
-    block: Block, tiny_model: Path, shards: str, shims: Path, tmp_path: Path
+    block: Block,
+    tiny_model: Path,
+    shards: str,
+    shims: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ):
     shard_dir, shard_range = shard_stand_ins(shards)
     s = StandIns(str(tiny_model), shard_dir, shard_range, run="")
@@ -353,6 +387,11 @@ def test_readme_block_runs(
     env = dict(os.environ, PATH=path, PWD=str(tmp_path), OMP_NUM_THREADS="1")
     if any("<run>" in c for c in block.commands):
         s.run = make_run(tmp_path, s, env)
+    if any(SDXL.search(c) for c in block.commands):
+        s.sdxl = str(request.getfixturevalue("tiny_sdxl"))
+    if any(REMOTE.search(c) for c in block.commands):  # servers of the shards, credentials in env
+        s.http, s.s3, aws = request.getfixturevalue("remote_shard_servers")
+        env |= aws
     for readme_command in block.commands:
         command, kind = stand_in(readme_command, s, block.id)
         before = checkpoints(tmp_path)
