@@ -346,9 +346,12 @@ SLOW_BLOCKS = {
     # ~32 s: sdtrain-cache-latents in tests/datamodules/test_latent_cache.py
     "cache-latents",
     "cache-latents-2",
-    # ~47 s: the tiny SDXL made and both SDXL experiments trained; the same experiments train in
-    # tests/test_configs.py::test_sdxl_experiments_train_an_sdxl (default suite)
+    # ~88 s: the SDXL demo's block (2 steps), its sampling and the tiny SDXL made; the demo trains
+    # in full in test_demo (slow), SDXL sampling in test_sample, the tiny SDXL in test_tiny
     "sdxl",
+    # ~45 s: both SDXL experiments, export and sampling; the experiments train in
+    # tests/test_configs.py::test_sdxl_experiments_train_an_sdxl, export and sampling in test_sample
+    "sdxl-2",
     # ~75 s, 3 runs: HTTP and S3 shards from real servers in tests/datamodules/test_remote_shards.py
     "remote-shards",
     # ~49 s: textual inversion's training through the config, data path and --embedding export
