@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from scripts.shaped_models import SDXL_UNET
 from sdtrain.cli.export import main as export_main
 from sdtrain.demo.tiny_sdxl import make_tiny_sdxl
 from sdtrain.models.loader import load_parts
@@ -153,20 +154,7 @@ def test_sdxl_sized_keys_are_the_ones_diffusers_reads():
         )
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=128,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280),
-            layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
+        unet = UNet2DConditionModel(**SDXL_UNET)  # stable-diffusion-xl-base-1.0's config
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
