@@ -26,6 +26,35 @@ def test_long():
     pass
 """
 
+SLOW_FIRST = """
+import pytest
+
+@pytest.mark.slow
+def test_long():
+    pass
+
+def test_quick():
+    pass
+"""
+
+
+def run_pytest(tmp_path: Path, env_set: dict[str, str], args: list[str], tests: str = TESTS):
+    (tmp_path / "test_pick.py").write_text(tests)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
+    env.update(env_set)
+    settings = ["-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT), "-p", "tests.conftest"]
+    cmd = [sys.executable, "-m", "pytest", *settings, "-p", "no:cacheprovider", *args]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "test_pick.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
 
 @pytest.mark.parametrize(
     "ci, args, want",
@@ -40,21 +69,22 @@ def test_long():
 def test_ci_runs_the_slow_tests_unless_told_otherwise(
     ci: str | None, args: list[str], want: list[str], tmp_path: Path
 ):
-    (tmp_path / "test_pick.py").write_text(TESTS)
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
-    if ci is not None:
-        env["CI"] = ci
-    settings = ["-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT), "-p", "tests.conftest"]
-    cmd = [sys.executable, "-m", "pytest", *settings, "-p", "no:cacheprovider", "--collect-only"]
-    cmd += ["-q", *args]
-    proc = subprocess.run(
-        [*cmd, str(tmp_path / "test_pick.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    got = [line.rsplit("::", 1)[1] for line in proc.stdout.splitlines() if "::" in line]
-    assert got == want, proc.stdout
+    env = {} if ci is None else {"CI": ci}
+    out = run_pytest(tmp_path, env, ["--collect-only", "-q", *args])
+    got = [line.rsplit("::", 1)[1] for line in out.splitlines() if "::" in line]
+    assert got == want, out
+
+
+@pytest.mark.parametrize("budget, long_runs", [("0", False), ("600", True)])
+def test_ci_runs_the_slow_tests_last_and_only_within_its_time_budget(
+    budget: str, long_runs: bool, tmp_path: Path
+):
+    env = {"CI": "true", "SDTRAIN_CI_SLOW_BUDGET_S": budget}
+    out = run_pytest(tmp_path, env, ["-v"], tests=SLOW_FIRST)
+    ran = [line.split("::", 1)[1].split()[0] for line in out.splitlines() if "%]" in line]
+    assert ran == ["test_quick", "test_long"], out  # defined first, run last
+    assert "test_quick PASSED" in out
+    if long_runs:
+        assert "test_long PASSED" in out, out
+    else:
+        assert "test_long SKIPPED" in out and "CI time budget" in out, out
