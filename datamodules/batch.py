@@ -18,6 +18,7 @@ embeddings are a data concern, not a model change.
 | `skipped_kinds`, `skipped_shards` | {str: int} | the same by kind (`SKIP_KINDS`) and by shard url (optional) |
 | `sources`, `skipped_sources` | list of B str; {str: int} | a mixture's (`data.sources`, `sdtrain.datamodules.mixture`): the source each sample was drawn from, and the unusable samples each source gave while making this batch (every source named, 0 included; optional) |
 | `position` | [worker, workers, pass, drawn] ints | where the data stands after this batch: the DataLoader worker that made it (its virtual id), how many there are, its pass over the shards and the samples it has drawn in that pass (optional; `sdtrain.datamodules.position`) |
+| `mask` | (B, 1, H, W) or (B, 1, H/f, W/f) float in [0, 1] | each image's loss mask (`data.mask`, `sdtrain.datamodules.masks`): at pixel resolution from image shards, on the latent grid from a latent cache; the step area-averages it to the latent grid and weights the loss by it (`sdtrain.training.masked_loss`; optional) |
 | `original_size`, `crop_top_left` | (B, 2) long | each image's (height, width) as decoded (EXIF orientation applied), and the (top, left) of its crop in resized pixels, the left measured in the flipped image when it was flipped: SDXL's size conditioning (`sdtrain.models.sdxl.time_ids`), in every image batch and read back from a latent cache's KEY.json (`sdtrain.datamodules.transforms.size_conditioning`); unused by SD-1.x/2.x |
 """
 
@@ -41,6 +42,7 @@ SOURCES = "sources"  # a mixture's: each sample's source name
 SKIPPED_SOURCES = "skipped_sources"  # a mixture's: {source name: count}, every source
 ORIGINAL_SIZE = "original_size"  # (B, 2) (height, width) before resizing
 CROP_TOP_LEFT = "crop_top_left"  # (B, 2) (top, left) of the crop, resized pixels
+MASK = "mask"  # (B, 1, H, W) loss mask in [0, 1] (data.mask); latent-grid from a latent cache
 # Why a sample (or a shard's remainder) was skipped: logged as data/skipped/<kind>.
 SKIP_KINDS = (
     "no_image",
@@ -50,6 +52,8 @@ SKIP_KINDS = (
     "bad_caption",
     "bad_latent",
     "bad_shard",
+    "no_mask",  # data.mask=file and no KEY.mask.png
+    "bad_mask",  # a mask that does not decode, or not its image's size
 )
 
 IMAGE_KEYS = (LATENTS, LATENT_DIST, PIXELS)  # preferred first: latents skip the VAE encode

@@ -391,11 +391,11 @@ class LatentTransform:
 
 class Collate:
     """Examples -> one batch (the contract in sdtrain.datamodules.batch): the examples' tensors stacked
-    (pixels or latent_dist, and context and pooled if they hold them), captions tokenized in one
+    (pixels or latent_dist, and context, pooled and mask if they hold them), captions tokenized in one
     call unless a context stands in for them, and each image's original size and crop as (B, 2)
     long tensors when every example has them."""
 
-    STACKED = (B.PIXELS, B.LATENT_DIST, B.CONTEXT, B.POOLED)
+    STACKED = (B.PIXELS, B.LATENT_DIST, B.CONTEXT, B.POOLED, B.MASK)
     SIZES = (B.ORIGINAL_SIZE, B.CROP_TOP_LEFT)  # (height, width), (top, left) per example
 
     def __init__(self, tokenizer) -> None:

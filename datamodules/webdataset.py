@@ -17,6 +17,7 @@ from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_bu
 from sdtrain.datamodules.captions import caption_processor
 from sdtrain.datamodules.decode import DecodeStage  # noqa: F401  (re-exported: sdtrain.artifacts.cache)
 from sdtrain.datamodules.heldout import HeldOut, heldout_transform, split_heldout
+from sdtrain.datamodules.masks import check_mode, with_masks
 from sdtrain.datamodules.mixture import Mixture, MixtureCollate, MixtureTransform, parse_sources
 from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
     Cursor,
@@ -112,6 +113,8 @@ class WebDataModule(L.LightningDataModule):
         bucket_max_aspect: the longest side at most this times the shortest ("auto" only).
         sources: a weighted mixture of shard sets instead of `train_shards`: a list of
             {name, shards, weight, caption_template?} (`datamodules.mixture`); None: none.
+        mask: a loss mask per sample (`datamodules.masks`): None, "file" (KEY.mask.png) or
+            "alpha" (the image's alpha channel); from a latent cache, the masks it stores.
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class WebDataModule(L.LightningDataModule):
         bucket_max_aspect: float = 2.0,
         sources: list[dict] | None = None,
         remote: dict | None = None,
+        mask: str | None = None,
     ) -> None:
         super().__init__()
         for key, value, least in (
@@ -154,6 +158,7 @@ class WebDataModule(L.LightningDataModule):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"data.{key}={value!r} must be a whole number >= {least}")
+        check_mode(mask)
         self.save_hyperparameters()
         self.remote = RemoteSettings.of(remote)
         self.buckets = parse_buckets(buckets, resolution, bucket_step, bucket_max_aspect)
@@ -337,7 +342,13 @@ class WebDataModule(L.LightningDataModule):
 
     def source_transform(self, captions, info: dict | None) -> ImageTextTransform | LatentTransform:
         """The transform of shards whose captions `captions` rewrites (or None), of a latent
-        cache described by `info` (its cache.json) or of images (None)."""
+        cache described by `info` (its cache.json) or of images (None); with masks per
+        `data.mask` (`datamodules.masks.with_masks`)."""
+        return with_masks(self._source_transform(captions, info), self.hparams.mask, info)
+
+    def _source_transform(
+        self, captions, info: dict | None
+    ) -> ImageTextTransform | LatentTransform:
         h = self.hparams
         if info is None and self.buckets is not None:
             return BucketTransform(

@@ -18,6 +18,9 @@ its own shards, `OUT/{rank:02d}-{n:05d}.tar`, holding per sample:
                             hidden states (SDXL: both encoders' penultimate ones, D = 2048)
                             (--text only)
   KEY.pooled.npy            (P,) float16: SDXL's pooled text embedding (--text on SDXL only)
+  KEY.mask.npy              (1, h, w) float16: the loss mask on the latent grid, area-averaged
+                            from the pixel mask cropped with its image (--mask file|alpha only;
+                            `sdtrain.datamodules.masks`)
   KEY.txt                   the caption
   KEY.json                  original_size [w, h] as decoded, resized_size, crop_box [left, top,
                             right, bottom] in resized pixels, flipped (always false): what SDXL's
@@ -50,6 +53,7 @@ from torch.utils.data import DataLoader
 
 import sdtrain
 from sdtrain.datamodules import batch as B
+from sdtrain.datamodules.masks import CACHE_EXT, latent_mask, with_masks
 from sdtrain.datamodules.order import SplitByRank, SplitByWorker
 from sdtrain.datamodules.remote import RemoteSettings, is_remote, open_remote
 from sdtrain.datamodules.tars import TarSamples
@@ -310,6 +314,8 @@ class LatentEncoder(L.LightningModule):
         self.text_shapes = text_shapes(text_encoder, tokenizer) if recipe["text"] else {}
         for key in self.text_shapes:  # context, and SDXL's pooled embedding
             self.files[key], self.storage[key] = TEXT_FILES[key], "fp16"
+        if recipe.get("mask"):  # the latent-grid loss mask (data.mask)
+            self.files[B.MASK], self.storage[B.MASK] = CACHE_EXT, "fp16"
         self.sink: ShardSink | None = None
 
     def predict_dataloader(self) -> DataLoader:
@@ -317,6 +323,7 @@ class LatentEncoder(L.LightningModule):
         transform = ImageTextTransform(
             self.recipe["resolution"], center_crop=True, random_flip=False, with_meta=True
         )
+        transform = with_masks(transform, self.recipe.get("mask"), None)  # --mask
         pipe = wds.DataPipeline(
             wds.SimpleShardList(self.urls),  # in order, once
             SplitByRank(rank, world),
@@ -344,6 +351,8 @@ class LatentEncoder(L.LightningModule):
         if self.text_encoder is not None:  # (B, 77, D) context; SDXL's (B, P) pooled too
             cond = self.family.condition(self.text_encoder, batch[B.INPUT_IDS])
             tensors.update({key: cond[key] for key in self.text_shapes})
+        if B.MASK in self.files:  # (B, 1, H, W) pixel mask -> (B, 1, h, w), area-averaged
+            tensors[B.MASK] = latent_mask(batch[B.MASK], tensors[B.LATENT_DIST].shape[-2:])
         arrays = {
             self.files[k]: to_storage(t, self.storage[k], k, keys) for k, t in tensors.items()
         }

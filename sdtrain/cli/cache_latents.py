@@ -38,6 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also cache the text conditioning (fp16): contexts, and SDXL's pooled embeddings",
     )
+    p.add_argument(
+        "--mask",
+        choices=["file", "alpha"],
+        default=None,
+        help="also cache each image's loss mask on the latent grid, as data.mask reads it: "
+        "file (KEY.mask.png) or alpha (the image's alpha channel)",
+    )
     p.add_argument("--devices", default="1", help="devices per node: a number or 'auto'")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto")
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         "resolution": a.resolution,
         "dtype": a.dtype,
         "text": a.text,
+        "mask": a.mask,
     }
     encoder = LatentEncoder(
         vae,

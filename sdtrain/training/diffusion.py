@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtrain.runtime.seeds import derive_seed
+from sdtrain.training import masked_loss
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device | str):
@@ -109,10 +110,17 @@ def diffusion_loss(
     weights: torch.Tensor | None = None,
     kind: str = "mse",
     c: torch.Tensor | None = None,
+    mask_weights: torch.Tensor | None = None,
+    mask_normalize: bool = True,
 ) -> torch.Tensor:
     """The loss (`elementwise_loss`: MSE by default) between prediction and target, averaged per
-    sample, optionally weighted, then averaged."""
-    per_sample = elementwise_loss(pred, target, kind, c).mean(dim=(1, 2, 3))
+    sample (under `mask_weights` (B, 1, h, w) if given: `masked_loss.weighted_per_sample`),
+    optionally weighted, then averaged."""
+    loss = elementwise_loss(pred, target, kind, c)
+    if mask_weights is None:
+        per_sample = loss.mean(dim=(1, 2, 3))
+    else:
+        per_sample = masked_loss.weighted_per_sample(loss, mask_weights, mask_normalize)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()

@@ -25,6 +25,7 @@ from sdtrain.training.draws import Draws
 from sdtrain.training.ema import EMA
 from sdtrain.training.encoding import Encoders, posterior_from_moments
 from sdtrain.training.lr_schedule import hold_after_horizon
+from sdtrain.training.masked_loss import batch_weights, check_floor
 from sdtrain.training.nonfinite import NonFiniteGuard, clip_with_norm, skips_on_device
 from sdtrain.training.skips import SkipTally
 
@@ -52,6 +53,9 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         timestep_sampling, logit_normal, timestep_range: how training timesteps are drawn:
             "uniform" or "logit_normal" with [mean, std], within [low, high) or all of [0, T)
             (`diffusion.sample_timesteps`).
+        mask_floor, mask_normalize: the weight of the area outside a batch's loss masks
+            (`data.mask`), and whether a sample's loss is the mask-weighted mean or the mean of
+            the weighted loss (`sdtrain.training.masked_loss`).
         gradient_checkpointing: trade compute for memory in the U-Net.
         compile: torch.compile the U-Net: None (eager), "unet" (whole), "blocks" or "repeated"
             (regional: `sdtrain.models.speed.compile_unet`).
@@ -92,6 +96,8 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         timestep_sampling: str = "uniform",
         logit_normal: tuple[float, float] = (0.0, 1.0),
         timestep_range: tuple[int, int] | None = None,
+        mask_floor: float = 0.0,
+        mask_normalize: bool = True,
         gradient_checkpointing: bool = False,
         compile: str | None = None,
         channels_last: bool = False,
@@ -111,6 +117,7 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         num_train = parts.noise_scheduler.config.num_train_timesteps
         diffusion.check_options(loss, huber_c, huber_schedule, input_perturbation,
                                 timestep_sampling, logit_normal, timestep_range, num_train)  # fmt: skip
+        check_floor(mask_floor)  # model.mask_floor in [0, 1]
         # logger=False: sdtrain-train logs the composed config whole; Lightning's own merge of
         # the module's and the datamodule's hyperparameters refused any key both take with two
         # values (model.seed and data.seed), so neither could be set on its own
@@ -250,7 +257,9 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         if h.loss != "mse":
             num_train = self.noise_scheduler.config.num_train_timesteps
             c = diffusion.huber_c_at(h.huber_c, h.huber_schedule, t, alphas, num_train)
-        loss = diffusion.diffusion_loss(self(noisy, t, cond), target, weights, h.loss, c)
+        mask_w = batch_weights(batch, latents.shape[-2:], h.mask_floor)  # or None
+        pred = self(noisy, t, cond)
+        loss = diffusion.diffusion_loss(pred, target, weights, h.loss, c, mask_w, h.mask_normalize)
 
         self.count_skipped(batch)
         # a progress-bar metric is read back (.item(), a host sync) on every step: only with a bar
