@@ -317,7 +317,8 @@ class ImageMetrics(EveryNSteps):
         pl_module.eval()
         images: list[Image.Image] = []
         try:
-            with pl_module.ema_weights() if self.use_ema else nullcontext(), eager():
+            weights = pl_module.ema_weights() if self.use_ema else nullcontext()
+            with pl_module.frozen_on_device(), weights, eager():  # offloaded VAE, text encoder in
                 for start in range(0, len(padded), self.batch_size):
                     idx = padded[start : start + self.batch_size]
                     seeds = [self.seed + i for i in idx]

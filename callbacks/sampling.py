@@ -89,7 +89,8 @@ class SampleImages(EveryNSteps):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with pl_module.ema_weights() if self.use_ema else nullcontext(False) as ema, eager():
+            weights = pl_module.ema_weights() if self.use_ema else nullcontext(False)
+            with pl_module.frozen_on_device(), weights as ema, eager():  # VAE, text encoder in
                 images = generate(pipe, self.prompts, **self.kwargs)
         finally:
             pl_module.train(was_training)

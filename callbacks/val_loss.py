@@ -70,7 +70,9 @@ class ValidationLoss(EveryNSteps):
             forward_context=trainer.precision_plugin.forward_context,
         )
         weights = {VAL_LOSS: validation.current_weights, VAL_LOSS_EMA: pl_module.ema_weights}
-        with eager():  # a compiled U-Net would recompile for the last, smaller batch
+        # eager: a compiled U-Net would recompile for the last, smaller batch; held-out images
+        # and captions need the VAE and text encoder on the device (`sdtrain.training.offload`)
+        with eager(), pl_module.frozen_on_device():
             values = validation.evaluate_weights(pl_module, self._batches, weights, **kw)
         metrics = {k: v for k, v in values.items() if v is not None}
         for key, value in list(metrics.items()):

@@ -2,7 +2,8 @@
 
 A mixin of `sdtrain.training.module.StableDiffusionModule`, kept apart from the step and the optimizer;
 it reads the module's `family`, `text_encoder`, `tokenizer`, `vae`, `device` and
-`text_encoder_trains`.
+`text_encoder_trains`, and brings an offloaded part in with its `frozen_on_device`
+(`sdtrain.training.offload`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class Encoders:
     def encode_text(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Token ids -> the family's text conditioning in float32: {"context": (B, 77, D)}, CLIP's
         last hidden states for SD, plus "pooled" for SDXL (with grad if the text encoder trains)."""
-        with torch.set_grad_enabled(self.text_encoder_trains and torch.is_grad_enabled()):
-            cond = self.family.condition(self.text_encoder, input_ids)
+        grad = self.text_encoder_trains and torch.is_grad_enabled()
+        with self.frozen_on_device(["text_encoder"], "token ids"), torch.set_grad_enabled(grad):
+            cond = self.family.condition(self.text_encoder, input_ids)  # offloaded: rounds only
         return {k: v.float() for k, v in cond.items()}
 
     def text_condition(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -45,14 +47,16 @@ class Encoders:
         """The conditioning of a dropped caption, batch `batch_size`: the unconditional input for
         CFG (SD: the empty caption's CLIP embedding; SDXL: zeros).
 
-        Computed once per device while the text encoder is frozen; every step while it trains.
+        Computed once per device while the text encoder is frozen (an offloaded one comes to
+        the device for it: `sdtrain.training.offload`); every step while it trains.
         """
         if (
             self.text_encoder_trains
             or self._empty_context is None
             or any(v.device != self.device for v in self._empty_context.values())
         ):
-            with torch.set_grad_enabled(self.text_encoder_trains and torch.is_grad_enabled()):
+            grad = self.text_encoder_trains and torch.is_grad_enabled()
+            with self.frozen_on_device(["text_encoder"]), torch.set_grad_enabled(grad):
                 empty = self.family.unconditional(self.text_encoder, self.tokenizer, self.device)
             if self.text_encoder_trains:
                 return {k: v.expand(batch_size, *v.shape[1:]) for k, v in empty.items()}
@@ -73,7 +77,7 @@ class Encoders:
             kind = pixels.device.type
             if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
                 scope = torch.autocast(kind, enabled=False)
-        with scope:
+        with scope, self.frozen_on_device(["vae"], "pixels"):  # offloaded: rounds only
             dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 

@@ -27,12 +27,13 @@ from sdtrain.training.encoding import Encoders, posterior_from_moments
 from sdtrain.training.lr_schedule import hold_after_horizon
 from sdtrain.training.masked_loss import batch_weights, check_floor
 from sdtrain.training.nonfinite import NonFiniteGuard, clip_with_norm, skips_on_device
+from sdtrain.training.offload import FrozenOffload, Offloading
 from sdtrain.training.skips import SkipTally
 
 log = logging.getLogger(__name__)
 
 
-class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule):
+class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.LightningModule):
     """Trains a U-Net to denoise VAE latents conditioned on CLIP text embeddings.
 
     Args:
@@ -74,6 +75,10 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
             "bfloat16"; `sdtrain.training.sharding`).
         fsdp_param_dtype: under trainer=fsdp, None computes under the trainer's autocast as DDP
             does; "bfloat16" gathers and computes the U-Net in bf16 (`sdtrain.training.sharding`).
+        offload_frozen: "auto", true or false: keep the VAE (and the frozen text encoder) in host
+            memory between steps when the data is a latent cache (with the text conditioning):
+            they come to the device for sampling and validation rounds only
+            (`sdtrain.training.offload`).
         seed: base of the training draws (timesteps, noise, caption dropout), mixed with the rank
             and step (see `diffusion.step_generator`).
     """
@@ -108,6 +113,7 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         max_bad_data_fraction: float | None = 0.5,
         fsdp_reduce_dtype: str = "float32",
         fsdp_param_dtype: str | None = None,
+        offload_frozen: bool | str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -143,6 +149,7 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema = ema
+        self.offload = FrozenOffload(offload_frozen)  # parts kept off the device (configure_model)
         self._fast = False  # compile / channels-last applied (configure_model runs once)
         self.strict_loading = False  # checkpoints hold what trains; the frozen parts reload
         self.skips = SkipTally(max_bad_data_fraction)  # unusable data samples, all ranks
@@ -219,6 +226,7 @@ class StableDiffusionModule(Encoders, Draws, CheckpointHooks, L.LightningModule)
         if self._fast:
             return
         self._fast = True
+        self.offload_frozen_parts()  # before the strategy moves the module to its device
         fsdp = self._trainer is not None and sharding.is_fsdp(self._trainer.strategy)
         if fsdp and self.text_encoder_trains:  # only the U-Net is sharded (and its grads reduced)
             raise ValueError("a training text encoder needs trainer=ddp, not trainer=fsdp")
