@@ -24,6 +24,10 @@ _SLOW_DEADLINE = pytest.StashKey[float]()
 # CI's limit is 90 min with the install; a slow test starts only within this many seconds of
 # the session's start, so the longest one (~10 min) still ends inside the limit.
 CI_SLOW_BUDGET_S = float(os.environ.get("SDTRAIN_CI_SLOW_BUDGET_S", "3900"))
+LEARNING_CHECKS = {
+    "test_demo.py",
+    "test_parity.py",
+}  # slow tests CI runs before the other slow ones
 
 
 def _marks_given(args: list[str]) -> bool:
@@ -48,9 +52,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In CI the default tests run first and the slow ones after them, in their own order."""
+    """In CI the default tests run first, then the slow learning checks (the judged demos and the
+    parity run), then the other slow ones, each group in its own order."""
+
+    def group(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 0
+        return 1 if item.path.name in LEARNING_CHECKS else 2
+
     if config.stash.get(_CI_RUNS_SLOW, False):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+        items.sort(key=group)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
