@@ -237,6 +237,6 @@ class Endless(IterableDataset):
             self.cursor.next_pass()
         raise RuntimeError(
             f"rank {self.rank}: {self.max_empty} passes over its shards in a row gave no batch: "
-            "they hold no usable sample (an image or latents, with a caption; the warnings above "
-            "name the skipped ones)"
+            "they hold no usable sample (an image or latents, with a caption, and a mask under "
+            "data.mask=file; the warnings above name the skipped ones)"
         )

@@ -360,6 +360,10 @@ SLOW_BLOCKS = {
     # ~124 s, 3 runs (a busy 2-core CPU): each optimizer and the host-held EMA train, checkpoint
     # and resume in tests/training/test_optimizers.py and test_ema_device.py
     "memory-savers-and-other-optimizers",
+    # ~90 s, 4 commands: masks packed by sdtrain-shards, carried through buckets, crops, flips and
+    # the latent cache, and the masked step of SD and SDXL in tests/datamodules/test_masks.py and
+    # tests/training/test_masked_loss.py (the config keys there too)
+    "masked-loss",
 }
 
 
@@ -384,6 +388,11 @@ def test_readme_block_runs(
     for i, (w, h) in enumerate([(48, 24), (24, 48)] * 4):  # "images of any shapes"
         Image.new("RGB", (w, h), (200, 40 + 20 * i, 40)).save(tmp_path / "my_images" / f"s{i}.png")
         (tmp_path / "my_images" / f"s{i}.txt").write_text("a red rectangle")
+    if block.id == "masked-loss":  # a mask beside every image: its left half trains
+        for img in list((tmp_path / "my_images").glob("*.png")):
+            mask = Image.new("L", Image.open(img).size, 0)
+            mask.paste(255, (0, 0, mask.width // 2, mask.height))
+            mask.save(img.with_name(f"{img.stem}.mask.png"))
     path = os.pathsep.join([str(shims), str(Path(sys.executable).parent), os.environ["PATH"]])
     # One thread a process: the tiny model gains nothing from more, and on a 2-core machine two
     # threads per process thrash (10x slower) once another process (DDP's second rank) shares it.

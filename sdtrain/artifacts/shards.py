@@ -14,6 +14,10 @@ img2dataset's are of the web; `--keep-order` writes them in sorted path order.
 Files that do not open as images, or have no caption, are left out and reported at the end (how
 many, and the first few paths): one bad file in a folder of thousands should not cost the rest.
 `--strict` stops on the first instead.
+
+A loss mask beside an image, `NAME.mask.png` for `NAME.jpg|png|webp` (white trains, black does
+not: `data.mask=file`, `sdtrain.datamodules.masks`), goes into the shard as `KEY.mask.png`;
+`*.mask.png` files are masks, never images of their own.
 """
 
 from __future__ import annotations
@@ -29,12 +33,20 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdtrain.datamodules.masks import MASK_EXT
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 CAPTION_SUFFIXES = (".txt", ".caption")  # the first that exists beside the image wins
 EXIF_ORIENTATION = 0x0112  # values 5-8 turn the image a quarter: width and height swap
 REPORT_FIRST = 5  # paths named in the report of files left out
+MASK_SUFFIX = f".{MASK_EXT}"  # NAME.mask.png: the loss mask of NAME.jpg|png|webp
+
+
+def mask_file(img: Path) -> Path:
+    """Where the loss mask of image `img` would be: NAME.mask.png beside NAME.<ext>."""
+    return img.with_name(img.stem + MASK_SUFFIX)
 
 
 class BadFile(ValueError):
@@ -111,7 +123,11 @@ def captioned_images(
     if not src.is_dir():
         raise NotADirectoryError(f"SRC {src} is not a folder")
     meta = _read_metadata(src)
-    images = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(
+        p
+        for p in src.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(MASK_SUFFIX)
+    )
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {src}")
     for img in images:
@@ -188,6 +204,8 @@ def write_shards(
             sample = {"__key__": key, ext: img.read_bytes(), "json": json.dumps(meta).encode()}
             if caption:
                 sample["txt"] = caption.encode("utf-8")
+            if mask_file(img).is_file():  # its loss mask (data.mask=file)
+                sample[MASK_EXT] = mask_file(img).read_bytes()
             sink.write(sample)
     return sorted(out.glob("*.tar"))
 

@@ -15,6 +15,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from sdtrain.artifacts.shards import write_shards
 from sdtrain.cli.cache_latents import main as cache_main
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.buckets import BucketTransform
@@ -150,3 +151,21 @@ def test_latent_cache_keeps_the_latent_grid_mask(tmp_path: Path, tiny_model: Pat
                 "--num-workers", "0", "--accelerator", "cpu"])  # fmt: skip
     with pytest.raises(ValueError, match="holds no masks.*--mask file"):
         WebDataModule(str(plain), str(tiny_model), mask="file", **kw).setup("fit")
+
+
+def test_sdtrain_shards_packs_masks_beside_their_images(tmp_path: Path):
+    src = tmp_path / "images"
+    src.mkdir()
+    for name in ("a", "b"):
+        pattern(24, 16, seed=ord(name)).convert("RGB").save(src / f"{name}.png")
+        (src / f"{name}.txt").write_text(f"image {name}")
+    pattern(24, 16, seed=9).save(src / "a.mask.png")  # a's mask; b has none
+    left_out: list = []
+    (shard,) = write_shards(src, tmp_path / "out", strict=False, left_out=left_out)
+    assert left_out == []  # the mask is no uncaptioned image of its own
+    samples = {
+        s["__key__"].split("_", 1)[1]: s for s in wds.WebDataset(str(shard), shardshuffle=False)
+    }
+    assert sorted(samples) == ["a", "b"]
+    assert samples["a"]["mask.png"] == (src / "a.mask.png").read_bytes()
+    assert "mask.png" not in samples["b"]
