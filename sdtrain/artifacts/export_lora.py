@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sdtrain.artifacts import lora_layouts as layouts
 from sdtrain.artifacts.export import DIFFUSERS_NAME, EXPORT, EXPORTED, KOHYA_NAME
 from sdtrain.artifacts.outputs import check_folder, new_folder
 from sdtrain.models import lora
@@ -40,10 +41,10 @@ def export_lora(
     pretrained: str | Path | None = None,
     single_file_config: str | Path | None = None,
     overwrite: bool = False,
-) -> tuple[Path, Path]:
-    """Write the diffusers and kohya LoRA files of the checkpoint's run into the folder `out`
-    (new or empty, or an earlier export's with `overwrite`: `sdtrain.artifacts.outputs`); return
-    them."""
+) -> tuple[Path, ...]:
+    """Write the LoRA files of the checkpoint's run into the folder `out` (new or empty, or an
+    earlier export's with `overwrite`: `sdtrain.artifacts.outputs`): diffusers' (LoRA, LoCon,
+    DoRA) and kohya's (every type); return them."""
     import diffusers
     from safetensors.torch import save_file
 
@@ -56,55 +57,71 @@ def export_lora(
             f"{ckpt_path}: the run trained no LoRA (model.lora was null); export it without --lora"
         )
     family = parts.family
-    unet = adapter_weights(parts.unet)
+    unet, alphas = layouts.scaled_weights(parts.unet)
     text = text_adapter_weights(parts.text_encoder, family.text_encoders)
-    layers = {f"{name}_lora_layers": to_diffusers(weights) for name, weights in text.items()}
-    sgm = family.name in SGM_FAMILIES
-    unet_kohya = sgm_names(unet, parts.unet.config) if sgm else unet
-    pipeline = getattr(diffusers, family.pipeline_class)
+    kohya_unet = unet | alphas
+    if family.name in SGM_FAMILIES:
+        kohya_unet = sgm_names(kohya_unet, parts.unet.config)
+    kohya_text = {name: weights | text_alphas for name, (weights, text_alphas) in text.items()}
+    kohya = to_kohya(kohya_unet, kohya_text, len(family.text_encoders))
+    written = (out / KOHYA_NAME,)
     with new_folder(out) as tmp:
-        pipeline.save_lora_weights(tmp, unet_lora_layers=to_diffusers(unet), **layers)
-        save_file(to_kohya(unet_kohya, text, len(family.text_encoders)), tmp / KOHYA_NAME)
-    return out / DIFFUSERS_NAME, out / KOHYA_NAME
+        if diffusers_loads(parts.unet):
+            layers = {f"{name}_lora_layers": for_transformers(w) for name, (w, _) in text.items()}
+            pipeline = getattr(diffusers, family.pipeline_class)
+            pipeline.save_lora_weights(tmp, unet_lora_layers=to_diffusers(unet), **layers)
+            written = (out / DIFFUSERS_NAME, *written)
+        save_file(kohya, tmp / KOHYA_NAME)
+    return written
 
 
-def adapter_weights(model) -> dict[str, torch.Tensor]:
-    """peft's adapter weights of `model` (`...to_q.lora_A.weight`), with alpha / rank folded
-    into each B: the update B @ A then needs no scale."""
-    from peft.utils import get_peft_model_state_dict
+def diffusers_loads(unet) -> bool:
+    """Whether diffusers' `load_lora_weights` reads this run's adapters from a file: LoRA, LoCon
+    and DoRA (peft-named, `lora_magnitude_vector`) yes; LoHa and LoKr of SD / SDXL no (its
+    LoKr conversions are other models')."""
+    from peft import LoraConfig
 
-    cfg = model.peft_config["default"]
-    scale = cfg.lora_alpha / cfg.r
-    state = get_peft_model_state_dict(model)
-    return {k: (v * scale if ".lora_B." in k else v).contiguous() for k, v in state.items()}
+    return isinstance(unet.peft_config["default"], LoraConfig)
 
 
 def to_diffusers(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
     """diffusers' names (`lora.down` / `lora.up`, as its training scripts save them) where it has
     them for every adapter, else peft's (`lora_A` / `lora_B`) for all: adapters beyond the
     attention projections (`conv1`, `proj_in`, ...) keep peft's names in the conversion, and
-    diffusers' loader reads one naming per file (it dropped the attention adapters of a mix)."""
+    diffusers' loader reads one naming per file (it dropped the attention adapters of a mix).
+    DoRA keeps peft's names too: diffusers' loader dropped a text encoder's magnitudes under its
+    own."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
     if not state:
         return None
     converted = convert_state_dict_to_diffusers(state)
     mixed = any(".lora_A." in k or ".lora_B." in k for k in converted)
-    return state if mixed else converted
+    dora = any(k.endswith(".lora_magnitude_vector") for k in state)
+    return state if mixed or dora else converted
+
+
+def for_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A text encoder's `to_diffusers` tensors with DoRA's magnitudes named as transformers'
+    `load_adapter` (which diffusers calls) looks them up, `….lora_magnitude_vector.weight`: under
+    peft's saved name it left them at their initial values (transformers 5.25, peft 0.21)."""
+    magnitude = ".lora_magnitude_vector"
+    state = to_diffusers(state)
+    return state and {(f"{k}.weight" if k.endswith(magnitude) else k): v for k, v in state.items()}
 
 
 def text_adapter_weights(
     text_encoder, components: tuple[str, ...]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Each adapted text encoder's `adapter_weights`, keyed by its diffusers component
-    (`text_encoder`, SDXL's `text_encoder_2`), its names under `text_model.`."""
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Each adapted text encoder's `lora_layouts.scaled_weights` (tensors, kohya alphas), keyed by
+    its diffusers component (`text_encoder`, SDXL's `text_encoder_2`), names under `text_model.`."""
     text = {}
     for model, component in zip(lora.encoders(text_encoder).values(), components, strict=True):
         if lora.has_adapter(model):
-            weights = adapter_weights(model)
+            pair = layouts.scaled_weights(model)
             if not hasattr(model, "text_model"):  # the name every reader knows
-                weights = {f"{TEXT_MODEL}{k}": v for k, v in weights.items()}
-            text[component] = weights
+                pair = tuple({f"{TEXT_MODEL}{k}": v for k, v in d.items()} for d in pair)
+            text[component] = pair
     return text
 
 
@@ -121,15 +138,12 @@ def to_kohya(
     text: dict[str, dict[str, torch.Tensor]],
     text_encoders: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """kohya-ss keys from the U-Net's adapters and each text encoder's (keyed by component) of a
-    family of `text_encoders` encoders: SD-1/2's one is `lora_te_`, SDXL's `lora_te1_` and
-    `lora_te2_`."""
-    from diffusers.utils import convert_state_dict_to_kohya
-
-    state = {f"unet.{k}": v for k, v in unet.items()}
+    """kohya-ss keys (`lora_layouts.kohya_names`) from the U-Net's adapters and each text
+    encoder's (keyed by component) of a family of `text_encoders` encoders: SD-1/2's one is
+    `lora_te_`, SDXL's `lora_te1_` and `lora_te2_`."""
+    prefixes = {"text_encoder": "lora_te_" if text_encoders == 1 else "lora_te1_"}
+    prefixes["text_encoder_2"] = "lora_te2_"
+    kohya = layouts.kohya_names(unet, "lora_unet_")
     for component, weights in text.items():
-        state |= {f"{component}.{k}": v for k, v in weights.items()}
-    kohya = convert_state_dict_to_kohya(state)
-    if text_encoders == 1:
-        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
-    return {k: v.contiguous() for k, v in kohya.items()}
+        kohya |= layouts.kohya_names(weights, prefixes[component])
+    return kohya

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sdtrain.models import lora_family
 from sdtrain.models import textual_inversion as ti
 from sdtrain.models.parts import Parts
 
@@ -33,7 +34,9 @@ UNET_PREFIX = (
 )
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
-KEYS = ("rank", "alpha", "dropout", "target_modules", "text_encoder", "text_encoder_target_modules")
+# model.lora's keys: these and the LoRA family's (`sdtrain.models.lora_family`: type, dora, ...)
+BASE_KEYS = ("rank", "alpha", "target_modules", "text_encoder", "text_encoder_target_modules")
+KEYS = (*BASE_KEYS, *lora_family.KEYS)
 
 
 def load_parts(
@@ -77,36 +80,47 @@ def add_lora(
     parts: Parts,
     rank: int = 4,
     alpha: float | None = None,
-    dropout: float = 0.0,
     target_modules: Iterable[str] = UNET_TARGETS,
     text_encoder: bool | str = False,
     text_encoder_target_modules: Iterable[str] = TEXT_TARGETS,
+    type: str = "lora",
+    **options: Any,
 ) -> Parts:
-    """Freeze the U-Net (and text encoder) base weights and add trainable LoRA adapters, in place.
+    """Freeze the U-Net (and text encoder) base weights and add trainable adapters, in place.
 
     Args:
         rank: the adapters' rank r (4-128 is usual; parameters grow linearly with it).
         alpha: the update is scaled by alpha / rank; None: alpha = rank (scale 1).
-        dropout: dropout on the adapters' input while training.
         target_modules: U-Net module names (suffixes) that get adapters.
         text_encoder: add adapters to the text encoder too (`true`: to both of SDXL's; `te1` /
             `te2`: to that one of SDXL's only; see `picked`).
         text_encoder_target_modules: text-encoder module names that get adapters.
+        type: `lora`, `locon`, `loha` or `lokr` (`sdtrain.models.lora_family`).
+        options: the type's own keys (`lora_family.OPTIONS`: dropout and dora for LoRA / LoCon,
+            conv_target_modules, LoHa / LoKr's rank_dropout, ...); a ValueError names any the
+            type does not take.
     """
     if int(rank) < 1:
         raise ValueError(f"model.lora.rank={rank} must be >= 1")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.lora.dropout={dropout} is not in [0, 1)")
+    options = lora_family.check(type, **options)
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        if not 0.0 <= options.get(key, 0.0) < 1.0:
+            raise ValueError(f"model.lora.{key}={options[key]} is not in [0, 1)")
     alpha = float(rank if alpha is None else alpha)
     parts.unet.requires_grad_(False)
-    _adapt(parts.unet, rank, alpha, dropout, target_modules, "model.lora.target_modules")
+    unet_targets = [*target_modules, *options.get("conv_target_modules", [])]
+    config = lora_family.peft_config(type, rank, alpha, unet_targets, **options)
+    _adapt(parts.unet, config, "model.lora.target_modules")
     chosen = picked(parts.text_encoder, text_encoder, "model.lora.text_encoder")
     if chosen:
         parts.text_encoder.requires_grad_(False)
     where = "model.lora.text_encoder_target_modules"
     for name in chosen:
         model = encoders(parts.text_encoder)[name]
-        _adapt(model, rank, alpha, dropout, text_encoder_target_modules, where)
+        text = lora_family.peft_config(
+            type, rank, alpha, list(text_encoder_target_modules), **options
+        )
+        _adapt(model, text, where)
     return parts
 
 
@@ -139,28 +153,19 @@ def picked(text_encoder, value: Any, key: str) -> list[str]:
     )
 
 
-def _adapt(model, rank: int, alpha: float, dropout: float, targets: Iterable[str], where: str):
-    """Adapters with Gaussian A and zero B, so the adapted model starts out as the base model.
+def _adapt(model, config, where: str) -> None:
+    """Add the adapters of peft `config`: to the U-Net through diffusers' `add_adapter`, to a text
+    encoder through peft's `inject_adapter_in_model` (what transformers' `add_adapter` calls,
+    without its peft version gate: transformers 5 asks for peft >= 0.22)."""
+    from peft import inject_adapter_in_model
 
-    The U-Net through diffusers' `add_adapter`; the text encoder through peft's
-    `inject_adapter_in_model` (what transformers' `add_adapter` calls, without its peft version
-    gate: transformers 5 asks for peft >= 0.22)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    targets = list(targets)
-    config = LoraConfig(
-        r=int(rank),
-        lora_alpha=alpha,
-        lora_dropout=float(dropout),
-        init_lora_weights="gaussian",
-        target_modules=targets,
-    )
     try:
         if hasattr(model, "fuse_lora"):  # diffusers' PeftAdapterMixin
             model.add_adapter(config)
         else:
             inject_adapter_in_model(config, model)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        targets = sorted(config.target_modules)
         raise ValueError(f"{where}={targets}: {str(e).splitlines()[0]}") from e
 
 
@@ -179,11 +184,9 @@ def describe(unet, text_encoder) -> dict[str, Any] | None:
     models = encoders(text_encoder)
     adapted = [name for name, model in models.items() if has_adapter(model)]
     text = models[adapted[0]].peft_config["default"] if adapted else None
-    return {
-        "rank": int(cfg.r),
-        "alpha": float(cfg.lora_alpha),
-        "dropout": float(cfg.lora_dropout),
-        "target_modules": sorted(cfg.target_modules),
+    return lora_family.describe(cfg, unet) | {
+        "target_modules": sorted(cfg.target_modules),  # the conv targets of LoCon among them
+        "conv_target_modules": [],
         # true (all of them), false, or SDXL's te1 / te2 alone
         "text_encoder": adapted[0] if 0 < len(adapted) < len(models) else bool(adapted),
         "text_encoder_target_modules": sorted(text.target_modules) if text else list(TEXT_TARGETS),

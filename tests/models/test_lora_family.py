@@ -1,0 +1,186 @@
+"""The LoRA family (`model.lora.type` locon / loha / lokr, `model.lora.dora`) on the tiny SD model:
+a few real AdamW steps, then the exported kohya / LyCORIS file rebuilt into the base model by the
+published formulas (`tests/models/lora_formulas.py`, written apart from sdtrain and peft) gives the
+trained U-Net's and text encoder's outputs; where diffusers reads the type (LoRA, LoCon, DoRA),
+`pipe.load_lora_weights` on the export gives them too. Every run has alpha != rank, so a scale
+dropped or applied twice shows."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdtrain.artifacts import checkpoint
+from sdtrain.artifacts.export_lora import DIFFUSERS_NAME, KOHYA_NAME, export_lora
+from sdtrain.artifacts.sampling import build_pipeline
+from sdtrain.models import lora
+from sdtrain.models.loader import load_parts
+from sdtrain.models.lora_family import LOCON_TARGETS
+from sdtrain.models.parts import tokenize
+from sdtrain.training.module import StableDiffusionModule
+from tests.conftest import cpu_trainer
+from tests.models import lora_formulas as formulas
+
+HADA = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}
+CONV = {"conv_target_modules": list(LOCON_TARGETS)}
+# name -> (model.lora, the tensor names the kohya file holds for its modules)
+VARIANTS = {
+    "locon": ({"type": "locon"}, {"lora_down.weight", "lora_up.weight", "alpha"}),
+    "dora": ({"dora": True}, {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}),
+    "locon-dora": (
+        {"type": "locon", "dora": True},
+        {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+    ),
+    "loha": ({"type": "loha", **CONV}, HADA),
+    "loha-cp": (
+        {"type": "loha", "use_effective_conv2d": True, **CONV},
+        {*HADA, "hada_t1", "hada_t2"},
+    ),
+    "lokr": ({"type": "lokr", **CONV}, {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}),
+    "lokr-both": (
+        {"type": "lokr", "rank": 2, "decompose_both": True, "decompose_factor": 16, **CONV},
+        {"lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},
+    ),
+    "lokr-cp": (
+        {"type": "lokr", "rank": 2, "use_effective_conv2d": True, **CONV},
+        {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+    ),
+}
+DIFFUSERS_READS = ("locon", "dora", "locon-dora")
+
+
+def batches(tokenizer, n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = tokenize(tokenizer, ["a red circle", "a blue square"])
+    return [{"pixels": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, "input_ids": ids}] * n
+
+
+def fit(m: StableDiffusionModule, steps: int, root: Path) -> Path:
+    """`steps` AdamW steps with Lightning on the CPU; the checkpoint it then saves."""
+    trainer = cpu_trainer(max_steps=steps, default_root_dir=root)
+    trainer.fit(m, torch.utils.data.DataLoader(batches(m.tokenizer, steps), batch_size=None))
+    trainer.save_checkpoint(root / "last.ckpt")
+    return root / "last.ckpt"
+
+
+def train(model: Path, settings: dict, root: Path) -> StableDiffusionModule:
+    """model.lora `settings` (rank 4, alpha 8: scale 2 unless given) on the U-Net and the text
+    encoder, 3 steps; exported (raw weights) into `root / "lora"`."""
+    settings = {"rank": 4, "alpha": 8.0, "text_encoder": True} | settings
+    parts = lora.load_parts(settings, pretrained=model)
+    opt = partial(torch.optim.AdamW, lr=3e-2)
+    m = StableDiffusionModule(parts, optimizer=opt, caption_dropout=0.0, text_encoder_lr=3e-2)
+    export_lora(fit(m, 3, root), root / "lora", ema=False)
+    return m.eval()
+
+
+def inputs(unet) -> tuple:
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), c
+
+
+@torch.no_grad()
+def outputs(unet, text_encoder, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The U-Net's noise prediction for fixed inputs and the text encoder's context of a prompt."""
+    x, t, c = inputs(unet)
+    ids = tokenize(tokenizer, ["a red circle"])
+    return unet(x, t, encoder_hidden_states=c).sample, text_encoder(ids)[0]
+
+
+def kohya_table(model, prefix: str, text_model: bool = False) -> dict[str, str]:
+    """kohya name -> module path of every module of `model` (kohya-ss: `.` -> `_`; CLIP's under
+    `text_model.` as readers know it)."""
+    lead = "text_model." if text_model and not hasattr(model, "text_model") else ""
+    return {f"{prefix}{lead}{n}".replace(".", "_"): n for n, _ in model.named_modules() if n}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_each_type_exported_and_rebuilt_gives_the_trained_outputs(
+    name: str, tiny_model: Path, tmp_path: Path
+):
+    """The kohya file holds the type's tensors for every adapted module (convolutions too where
+    asked) under kohya's names; the base model with the formulas' weights gives the trained U-Net's
+    noise prediction and the trained text encoder's context; diffusers' file, for the types it
+    reads, gives them through `load_lora_weights`."""
+    settings, tensors = VARIANTS[name]
+    m = train(tiny_model, settings, tmp_path)
+    want = outputs(m.unet, m.text_encoder, m.tokenizer)
+    recorded = checkpoint.run_info(checkpoint.load(tmp_path / "last.ckpt"))["lora"]
+    assert recorded["type"] == settings.get("type", "lora")
+
+    file = load_file(tmp_path / "lora" / KOHYA_NAME)
+    modules = formulas.by_module(file)
+    base = load_parts(tiny_model)
+    before = outputs(base.unet, base.text_encoder, base.tokenizer)
+    unet = {k: v for k, v in modules.items() if k.startswith("lora_unet_")}
+    text = {k: v for k, v in modules.items() if k.startswith("lora_te_")}
+    assert len(unet) + len(text) == len(modules)
+    # one entry per adapted module of each model, under the name of that module
+    assert {formulas_name(p, "lora_unet_") for p in lora_paths(m.unet)} == set(unet)
+    text_paths = lora_paths(m.text_encoder)
+    assert {formulas_name(f"text_model.{p}", "lora_te_") for p in text_paths} == set(text)
+    assert set().union(*modules.values()) == tensors  # the type's tensors, and only those
+    kinds = {type(m.unet.get_submodule(n).get_base_layer()).__name__ for n in lora_paths(m.unet)}
+    assert ("Conv2d" in kinds) == (name != "dora")  # convolutions adapted where asked
+
+    formulas.apply(base.unet, unet, kohya_table(base.unet, "lora_unet_"))
+    formulas.apply(base.text_encoder, text, kohya_table(base.text_encoder, "lora_te_", True))
+    got = outputs(base.unet, base.text_encoder, base.tokenizer)
+    for g, w, b in zip(got, want, before, strict=True):
+        assert (w - b).abs().max() > 1e-3  # training changed the outputs measurably
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "lora" / DIFFUSERS_NAME).exists() == (name in DIFFUSERS_READS)
+    if name in DIFFUSERS_READS:  # diffusers reads its own file into the base pipeline
+        p = load_parts(tiny_model)
+        pipe = build_pipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, p.noise_scheduler, "ddim")
+        pipe.load_lora_weights(str(tmp_path / "lora"))
+        got = outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def formulas_name(path: str, prefix: str) -> str:
+    return f"{prefix}{path}".replace(".", "_")
+
+
+def lora_paths(model) -> list[str]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [n for n, mod in model.named_modules() if isinstance(mod, BaseTunerLayer)]
+
+
+def test_unsupported_combinations_are_named(tiny_model: Path):
+    cases = {
+        "type": ({"type": "glora"}, r"model.lora.type='glora': takes one of lora, locon, loha"),
+        "dora": (
+            {"type": "loha", "dora": True},
+            r"model.lora.dora=True with model.lora.type=loha: peft has DoRA for LoRA only",
+        ),
+        "dropout": (
+            {"type": "lokr", "dropout": 0.1},
+            r"model.lora.dropout=0.1 with model.lora.type=lokr: .* use rank_dropout",
+        ),
+        "conv": (
+            {"conv_target_modules": ["conv1"]},
+            r"model.lora.conv_target_modules=\['conv1'\] with model.lora.type=lora: .* type locon",
+        ),
+        "lokr": (
+            {"type": "loha", "decompose_factor": 4},
+            r"model.lora.decompose_factor=4 with model.lora.type=loha: decompose_factor is for type lokr",
+        ),
+        "range": ({"type": "loha", "rank_dropout": 1.5}, r"model.lora.rank_dropout=1.5 is not in"),
+    }
+    for settings, message in cases.values():
+        with pytest.raises(ValueError, match=message):
+            lora.load_parts(settings, pretrained=tiny_model)
+    # null options are the type's defaults, and the "off" value of another type's key is no error
+    parts = lora.load_parts(
+        {"type": "loha", "dropout": 0.0, "dora": False, "decompose_factor": None},
+        pretrained=tiny_model,
+    )
+    assert lora.describe(parts.unet, parts.text_encoder)["type"] == "loha"
