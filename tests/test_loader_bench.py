@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
-from scripts import loader_bench
+from tests.conftest import ROOT
 
 PX = 64  # both families' images at 64 px: SD's and SDXL's VAEs give (8, 8, 8) moments
 BATCH, BATCHES = 2, 3  # timed batches: at least 3 a worker
@@ -19,7 +21,11 @@ def test_loader_bench_reads_each_kind_from_each_source(tmp_path: Path):
     argv += ["--kinds", "images-sd", "latents-sdxl", "--workers", "1", "--samples", "8"]
     argv += ["--per-shard", "4", "--batch-size", str(BATCH), "--warmup", "2"]
     argv += ["--batches", str(BATCHES), "--shuffle-buffer", "4", "--json", str(out)]
-    result = loader_bench.main(argv)
+    script = ROOT / "scripts" / "loader_bench.py"
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "| images-sd | 64 | http | 1 |" in proc.stdout  # the table
 
     rows = {(r["kind"], r["source"]): r for r in result["rows"]}
     assert sorted(rows) == sorted(
@@ -37,8 +43,10 @@ def test_loader_bench_reads_each_kind_from_each_source(tmp_path: Path):
             assert r["shape"] == [BATCH, 8, PX // 8, PX // 8]
             # SDXL's context (77, 2048) fp16 in each sample, as the released encoders give
             assert r["kb_per_sample"] * 1024 > 77 * 2048 * 2
-    for need in result["workers_needed"]:
+    assert len(result["workers_needed"]) == len(rows)
+    for need in result["workers_needed"]:  # SD at 150 images/s, SDXL at 15
         rate = {"images-sd": 150, "latents-sdxl": 15}[need["kind"]]
-        per_worker = rows[(need["kind"], need["source"])]["per_worker"]
-        assert need["workers"] == math.ceil(rate / per_worker) and need["gpu_rate"] == rate
-    assert json.loads(out.read_text()) == result
+        row = rows[(need["kind"], need["source"])]
+        assert row["per_core"] > 0 and need["gpu_rate"] == rate
+        assert need["workers"] == math.ceil(rate / row["per_core"])
+        assert need["workers_here"] == math.ceil(rate / row["per_worker"])
