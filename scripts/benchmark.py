@@ -12,6 +12,8 @@ Variants, one process each (so one variant's compile caches and memory never hel
                       reading latent shards (made by sdtrain-cache-latents) from disk, EMA, grad
                       clipping, CSV logging, the same fast settings. Throughput, MFU, data wait and
                       memory come from its own monitor (sdtrain.callbacks.throughput).
+                      With --serve-http the latent shards come over HTTP instead: Python's
+                      http.server on this machine serves them (a subprocess of this script).
 
 The model is random with SD-1.5's shapes (U-Net 860 M, VAE, CLIP ViT-L/14), built once (no
 download). MFU = U-Net training FLOPs per image (counted with torch's FlopCounterMode) x img/s over
@@ -21,6 +23,7 @@ the card's dense bf16 peak. Rows are appended to `--out` (JSON list); a table is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -34,7 +37,8 @@ import time
 from pathlib import Path
 
 import torch
-from shaped_models import build_shaped  # scripts/ is on the path: this file runs as a script
+from bench_shards import http_server, shard_url  # scripts/ is on the path: runs as a script
+from shaped_models import build_shaped
 
 VARIANTS = ("raw_eager_onthefly", "raw_fast_cached", "pipeline")
 CUDA = torch.cuda.is_available()
@@ -79,7 +83,7 @@ def pipeline(a: argparse.Namespace) -> dict:
             "model=finetune",
             f"model.pretrained={a.folder}",
             "data=latents",
-            f"data.train_shards={a.cache}",
+            f"data.train_shards='{a.cache}'",  # quoted: an http:// brace pattern
             f"data.batch_size={a.batch}",
             f"data.num_workers={a.workers}",
             ("trainer=gpu" if CUDA else "trainer=cpu") if a.gpus == 1 else f"trainer={a.strategy}",
@@ -142,6 +146,9 @@ def child(a: argparse.Namespace) -> None:
         "mfu": round(r["flops_per_img"] * r["img_per_s"] / peak, 3) if peak else None,
         "peak_mem_gb": round(r["peak_mem_gb"], 1),
         "data_wait_frac": round(r["data_wait_frac"], 4),
+        "shards_from": ("http" if a.cache.startswith("http") else "disk")
+        if a.child == "pipeline"
+        else None,
         "strategy": "single" if a.gpus == 1 else a.strategy,
         "channels_last": a.channels_last if a.child == "pipeline" else None,
         "state_mem_gb": round(r["state_mem_gb"], 2) if r.get("state_mem_gb") else None,
@@ -156,7 +163,7 @@ def child(a: argparse.Namespace) -> None:
 
 
 def run_variant(
-    a, spec: str, case: str, folder: Path, cache: Path | None, work: Path
+    a, spec: str, case: str, folder: Path, cache: Path | str | None, work: Path
 ) -> dict | None:
     """One variant in its own process; its output goes to a log file; returns its row.
 
@@ -211,6 +218,26 @@ def run_variant(
     return found[0]
 
 
+def run_case(a, case: str, folder: Path, work: Path, base: str | None) -> list[dict]:
+    """Every variant at `case` (PXxBATCH); the pipeline's latent shards from `base` (an HTTP
+    server of `work`) when given, else from disk."""
+    px, rows = int(case.split("x")[0]), []
+    wants_cache = any(v.startswith("pipeline") for v in a.variants)
+    cache = build_latent_cache(folder, work, px, a.images) if wants_cache else None
+    if cache is not None and base is not None:
+        cache = shard_url(cache, work, "http", base)
+    for spec in a.variants:
+        row = run_variant(a, spec, case, folder, cache, work)
+        if row is None:
+            continue
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if a.out:
+            old = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else []
+            Path(a.out).write_text(json.dumps(old + [row], indent=1) + "\n")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cases", nargs="+", default=["512x32", "256x64"], help="PXxBATCH")
@@ -241,6 +268,9 @@ def main() -> None:
     p.add_argument("--logs", help="folder for each variant's log (default: --work)")
     p.add_argument("--family", default="sd", choices=["sd", "sdxl"], help="the model's shapes")
     p.add_argument("--tiny", action="store_true", help="toy widths: a CPU dry run of the script")
+    p.add_argument(
+        "--serve-http", action="store_true", help="pipeline: latent shards over HTTP (localhost)"
+    )
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--px", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -262,28 +292,20 @@ def main() -> None:
         torch.cuda.empty_cache()  # built on the GPU: give its memory back to the variants
         print(f"built {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
-    for case in a.cases:
-        px = int(case.split("x")[0])
-        wants_cache = any(v.startswith("pipeline") for v in a.variants)
-        cache = build_latent_cache(folder, work, px, a.images) if wants_cache else None
-        for spec in a.variants:
-            row = run_variant(a, spec, case, folder, cache, work)
-            if row is None:
-                continue
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if a.out:
-                old = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else []
-                Path(a.out).write_text(json.dumps(old + [row], indent=1) + "\n")
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(http_server(work)) if a.serve_http else None
+        for case in a.cases:
+            rows += run_case(a, case, folder, work, base)
     print(
         f"\n{'variant':<20} {'compile':>7} {'gpus':>4} {'strategy':>8} {'px':>4} {'batch':>5} "
-        f"{'img/s':>7} {'MFU':>6} {'wait':>6} {'GB':>5} {'stateGB':>7}  gpu"
+        f"{'img/s':>7} {'MFU':>6} {'wait':>6} {'GB':>5} {'stateGB':>7} {'shards':>6}  gpu"
     )
     for r in rows:
         print(
             f"{r['variant']:<20} {str(r['compile']):>7} {r['gpus']:>4} {r['strategy']:>8} "
             f"{r['px']:>4} {r['batch']:>5} {r['img_per_s']:>7} {r['mfu'] or '-':>6} "
-            f"{r['data_wait_frac']:>6} {r['peak_mem_gb']:>5} {r.get('state_mem_gb') or '-':>7}  "
+            f"{r['data_wait_frac']:>6} {r['peak_mem_gb']:>5} {r.get('state_mem_gb') or '-':>7} "
+            f"{r.get('shards_from') or '-':>6}  "
             f"{r['gpu']}"
         )
 
