@@ -21,6 +21,7 @@ from sdtrain.models import lora
 from sdtrain.models.loader import load_parts
 from sdtrain.models.lora_family import LOCON_TARGETS
 from sdtrain.models.parts import tokenize
+from sdtrain.models.sdxl import TextEncoderPair
 from sdtrain.training.module import StableDiffusionModule
 from tests.conftest import cpu_trainer
 from tests.models import lora_formulas as formulas
@@ -184,3 +185,122 @@ def test_unsupported_combinations_are_named(tiny_model: Path):
         pretrained=tiny_model,
     )
     assert lora.describe(parts.unet, parts.text_encoder)["type"] == "loha"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"type": "loha", **CONV},
+        {"type": "lokr", "rank": 2, **CONV},
+        {"type": "locon", "dora": True},
+    ],
+    ids=["loha", "lokr", "locon-dora"],
+)
+def test_sdxl_types_rebuilt_from_the_kohya_file(settings: dict, tiny_sdxl: Path, tmp_path: Path):
+    """On SDXL, with adapters on the U-Net and both text encoders: the kohya file names the U-Net's
+    modules as generative-models' U-Net does (`lora_unet_input_blocks_…`) and the encoders
+    `lora_te1_` / `lora_te2_`; rebuilt by the formulas it gives the trained outputs, and diffusers'
+    file (DoRA) read by `StableDiffusionXLPipeline.load_lora_weights` gives them too."""
+    from sdtrain.models.single_file import UNET_PREFIX, unet_to_original
+    from tests.models.test_lora_sdxl import batches as sdxl_batches
+    from tests.models.test_lora_sdxl import fresh
+
+    settings = {"rank": 4, "alpha": 8.0, "text_encoder": True} | settings
+    m = StableDiffusionModule(
+        lora.load_parts(settings, pretrained=tiny_sdxl),
+        optimizer=partial(torch.optim.AdamW, lr=3e-2),
+        caption_dropout=0.0,
+    )
+    trainer = cpu_trainer(max_steps=2, default_root_dir=tmp_path)
+    trainer.fit(m, torch.utils.data.DataLoader(sdxl_batches(m.tokenizer, 2), batch_size=None))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    export_lora(tmp_path / "last.ckpt", tmp_path / "lora", ema=False)
+    want = sdxl_outputs(m.eval().unet, m.text_encoder)
+
+    modules = formulas.by_module(load_file(tmp_path / "lora" / KOHYA_NAME))
+    assert {k.split("_")[1] for k in modules} == {"unet", "te1", "te2"}
+    assert not any("down_blocks" in k or "up_blocks" in k for k in modules)
+    base = load_parts(tiny_sdxl)
+    before = sdxl_outputs(base.unet, base.text_encoder)
+    sgm = {}
+    for path, layer in base.unet.named_modules():
+        if isinstance(getattr(layer, "weight", None), torch.Tensor):
+            (key,) = unet_to_original({f"{path}.weight": layer.weight}, base.unet.config)
+            sgm[
+                f"lora_unet_{key.removeprefix(UNET_PREFIX).removesuffix('.weight')}".replace(
+                    ".", "_"
+                )
+            ] = path
+    pair = base.text_encoder
+    for part, model, table in (
+        ("lora_unet_", base.unet, sgm),
+        ("lora_te1_", pair.te1, kohya_table(pair.te1, "lora_te1_", True)),
+        ("lora_te2_", pair.te2, kohya_table(pair.te2, "lora_te2_", True)),
+    ):
+        formulas.apply(model, {k: v for k, v in modules.items() if k.startswith(part)}, table)
+    got = sdxl_outputs(base.unet, base.text_encoder)
+    for g, w, b in zip(got, want, before, strict=True):
+        assert (w - b).abs().max() > 1e-3
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+    if settings.get("dora"):
+        pipe = fresh(tiny_sdxl)
+        pipe.load_lora_weights(str(tmp_path / "lora"))
+        got = sdxl_outputs(pipe.unet, TextEncoderPair(pipe.text_encoder, pipe.text_encoder_2))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def sdxl_outputs(unet, pair) -> tuple[torch.Tensor, ...]:
+    """The SDXL U-Net's noise prediction for fixed inputs, and each text encoder's last hidden
+    states for fixed token ids."""
+    x, t, c = inputs(unet)
+    g = torch.Generator().manual_seed(2)
+    cond = {
+        "text_embeds": torch.randn(2, pair.te2.config.projection_dim, generator=g),
+        "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32], [48, 40, 8, 4, 32, 32]]),
+    }
+    ids = torch.randint(0, 40, (1, 77), generator=g)
+    return (
+        unet(x, t, encoder_hidden_states=c, added_cond_kwargs=cond).sample,
+        pair.te1(ids).last_hidden_state,
+        pair.te2(ids).last_hidden_state,
+    )
+
+
+def test_lokr_run_from_the_config_exports_both_ways(tiny_model: Path, shards: str, tmp_path: Path):
+    """`sdtrain-train experiment=lora model.lora.type=lokr ...` on shards, then `sdtrain-export
+    --lora` (the kohya file alone: diffusers reads no SD LoKr) and the plain export (adapters
+    merged): the merged U-Net's weights are the formulas' of the kohya file, EMA weights both."""
+    from diffusers import UNet2DConditionModel
+
+    from sdtrain.cli.export import main as export_main
+    from sdtrain.cli.train import train as train_main
+    from tests.conftest import compose_cfg, tiny_overrides
+    from tests.models.test_lora import CPU
+
+    lokr = ["model.lora.type=lokr", "model.lora.conv_target_modules=[conv1,conv2]"]
+    lokr += ["model.lora.decompose_factor=4", "model.lora.rank=2", "model.lora.alpha=6"]
+    train_main(compose_cfg(tmp_path, tiny_overrides(tiny_model, shards, 2) + CPU + lokr))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    recorded = checkpoint.run_info(checkpoint.load(ckpt))["lora"]
+    assert (recorded["type"], recorded["decompose_factor"], recorded["alpha"]) == ("lokr", 4, 6.0)
+
+    export_main([str(ckpt), str(tmp_path / "lora"), "--lora"])
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [KOHYA_NAME]
+    modules = formulas.by_module(load_file(tmp_path / "lora" / KOHYA_NAME))
+    assert any(k.endswith("_conv1") for k in modules) and all(
+        "lokr_w1" in t for t in modules.values()
+    )
+    export_main([str(ckpt), str(tmp_path / "fused")])
+    fused = UNet2DConditionModel.from_pretrained(tmp_path / "fused" / "unet").state_dict()
+    base = load_parts(tiny_model).unet
+    table = kohya_table(base, "lora_unet_")
+    moved = 0
+    for name, tensors in modules.items():
+        weight = f"{table[name]}.weight"
+        want = formulas.merged(base.state_dict()[weight], tensors)
+        torch.testing.assert_close(fused[weight].double(), want, rtol=0, atol=1e-6)
+        moved += not torch.equal(fused[weight], base.state_dict()[weight])
+    assert moved == len(modules)
