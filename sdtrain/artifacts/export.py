@@ -11,8 +11,9 @@ from the model folder the run trained with (recorded in the checkpoint; --pretra
 --single-file writes one .safetensors in the original SD layout (AUTOMATIC1111, ComfyUI,
 diffusers' from_single_file). A run that trained from a single file reloads it with the folder of
 configs and tokenizer it recorded (model.single_file_config; --single-file-config if it moved).
-A LoRA run (model.lora) exports with its adapters merged in; --lora writes the adapters alone
-(`sdtrain.artifacts.export_lora`: diffusers' and kohya's LoRA files).
+A LoRA run (model.lora, any type of the family) exports with its adapters merged in; --lora writes
+the adapters alone (`sdtrain.artifacts.export_lora`: kohya's file, and diffusers' for LoRA, LoCon and
+DoRA).
 A textual-inversion run (model.textual_inversion) exports a folder whose tokenizer holds the new
 tokens and whose text encoder their rows (a single file keeps the original vocabulary: its
 tokens travel as embedding files); --embedding writes one embedding file per token

@@ -1,21 +1,24 @@
-"""Export a LoRA run's adapters as the two files LoRA users load (`sdtrain-export CKPT OUT --lora`).
+"""Export a LoRA-family run's adapters as the files their users load (`sdtrain-export CKPT OUT --lora`).
 
-- `OUT/pytorch_lora_weights.safetensors`: diffusers' layout (`unet.` / `text_encoder.` keys, SDXL's
-  second encoder `text_encoder_2.`; `lora.down` / `lora.up`), written by the family's pipeline's
-  `save_lora_weights` (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) as diffusers'
-  train_text_to_image_lora.py and train_text_to_image_lora_sdxl.py write it;
-  `pipe.load_lora_weights(OUT)` reads it.
-- `OUT/pytorch_lora_weights_kohya.safetensors`: kohya-ss' layout (`lora_unet_..._to_q.lora_down.weight`,
-  `.lora_up.weight`, `.alpha`; `lora_te_...` for SD's text encoder, `lora_te1_...` / `lora_te2_...`
-  for SDXL's two), what AUTOMATIC1111, ComfyUI and `pipe.load_lora_weights(FILE)` read, made with
-  diffusers' `convert_state_dict_to_kohya`. kohya-ss trains SD-1/2 on diffusers' U-Net and SDXL on
-  generative-models' (sgm), so an SDXL file names the U-Net's modules as that one does
-  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `sgm_names`), and diffusers'
-  loader maps them back (`_maybe_map_sgm_blocks_to_diffusers`).
+- `OUT/pytorch_lora_weights_kohya.safetensors`, every type (`model.lora.type` lora, locon, loha,
+  lokr; `model.lora.dora`): kohya-ss' / LyCORIS' layout, what AUTOMATIC1111 and ComfyUI read
+  (`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha`, DoRA's `.dora_scale`, LoHa's
+  `.hada_w1_a` ..., LoKr's `.lokr_w1` ...: `sdtrain.artifacts.lora_layouts`; `lora_te_...` for SD's
+  text encoder, `lora_te1_...` / `lora_te2_...` for SDXL's two). kohya-ss trains SD-1/2 on
+  diffusers' U-Net and SDXL on generative-models' (sgm), so an SDXL file names the U-Net's modules
+  as that one does (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `sgm_names`).
+  `pipe.load_lora_weights(FILE)` reads it for LoRA and LoCon (diffusers maps the sgm names back,
+  `_maybe_map_sgm_blocks_to_diffusers`); it drops a `dora_scale` and reads no SD LoHa / LoKr.
+- `OUT/pytorch_lora_weights.safetensors`, LoRA, LoCon and DoRA: diffusers' layout (`unet.` /
+  `text_encoder.` keys, SDXL's second encoder `text_encoder_2.`; `lora.down` / `lora.up`, or
+  peft's `lora_A` / `lora_B` / `lora_magnitude_vector` where diffusers' names leave some out),
+  written by the family's pipeline's `save_lora_weights` (`StableDiffusionPipeline`,
+  `StableDiffusionXLPipeline`) as diffusers' train_text_to_image_lora.py and
+  train_text_to_image_lora_sdxl.py write it; `pipe.load_lora_weights(OUT)` reads it.
 
-The adapters' scale alpha / rank is folded into the up (B) weights and both files say alpha = rank:
-diffusers' file has no place for alpha, so a reader gets the images the run trained either way.
-EMA weights by default (`ema=False`: the raw ones).
+The adapters' scale alpha / rank is folded into one factor (LoRA's up weights) and the kohya file
+says alpha = rank: diffusers' file has no place for alpha, so a reader gets the images the run
+trained either way. EMA weights by default (`ema=False`: the raw ones).
 """
 
 from __future__ import annotations

@@ -269,23 +269,33 @@ def sdxl_outputs(unet, pair) -> tuple[torch.Tensor, ...]:
     )
 
 
-def test_lokr_run_from_the_config_exports_both_ways(tiny_model: Path, shards: str, tmp_path: Path):
-    """`sdtrain-train experiment=lora model.lora.type=lokr ...` on shards, then `sdtrain-export
-    --lora` (the kohya file alone: diffusers reads no SD LoKr) and the plain export (adapters
-    merged): the merged U-Net's weights are the formulas' of the kohya file, EMA weights both."""
+def test_lokr_run_from_the_config_resumes_and_exports_both_ways(
+    tiny_model: Path, shards: str, tmp_path: Path
+):
+    """`sdtrain-train experiment=lora model.lora.type=lokr ...` on shards resumes with its LoKr
+    factors as saved; `sdtrain-export --lora` writes the kohya file alone (diffusers reads no SD
+    LoKr) and the plain export merges the adapters: the merged U-Net's weights are the formulas'
+    of the kohya file (EMA weights both)."""
     from diffusers import UNet2DConditionModel
 
     from sdtrain.cli.export import main as export_main
-    from sdtrain.cli.train import train as train_main
-    from tests.conftest import compose_cfg, tiny_overrides
-    from tests.models.test_lora import CPU
+    from tests.conftest import tiny_overrides
+    from tests.models.test_lora import CPU, run
 
     lokr = ["model.lora.type=lokr", "model.lora.conv_target_modules=[conv1,conv2]"]
     lokr += ["model.lora.decompose_factor=4", "model.lora.rank=2", "model.lora.alpha=6"]
-    train_main(compose_cfg(tmp_path, tiny_overrides(tiny_model, shards, 2) + CPU + lokr))
+    run(tmp_path, tiny_overrides(tiny_model, shards, 2) + CPU + lokr)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    recorded = checkpoint.run_info(checkpoint.load(ckpt))["lora"]
+    saved = checkpoint.load(ckpt)
+    recorded = checkpoint.run_info(saved)["lora"]
     assert (recorded["type"], recorded["decompose_factor"], recorded["alpha"]) == ("lokr", 4, 6.0)
+    assert saved["state_dict"] and all(".lokr_" in k for k in saved["state_dict"])
+    resumed = run(
+        tmp_path / "resumed",
+        tiny_overrides(tiny_model, shards, 3) + CPU + lokr + [f"ckpt_path={ckpt}"],
+    )
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(resumed.start_unet[key.removeprefix("unet.")], value), key
 
     export_main([str(ckpt), str(tmp_path / "lora"), "--lora"])
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [KOHYA_NAME]
