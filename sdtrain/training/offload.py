@@ -6,7 +6,7 @@ runs the text encoder(s) either. Only the rounds between steps do: sampling
 (`callbacks.sample_images`), the image metrics and the validation loss on held-out images. So
 those parts wait in host memory and come to the GPU for a round only; the step's memory holds
 the U-Net, its gradients, optimizer state and activations alone. In fp32, as they load: SD-1.5's
-VAE 0.33 GB + CLIP ViT-L 0.49 GB; SDXL's VAE 0.33 GB + both encoders 3.28 GB.
+VAE 0.33 GB + CLIP ViT-L 0.49 GB; SDXL's VAE 0.33 GB + both encoders 3.27 GB.
 
 How: in `configure_model`, before Lightning's strategy moves the module to its device, an
 offloaded part is taken out of the module's registered submodules (it stays `module.vae` /
