@@ -117,6 +117,8 @@ class WebDataModule(L.LightningDataModule):
             "alpha" (the image's alpha channel); from a latent cache, the masks it stores.
     """
 
+    mixture_class = Mixture  # data.sources; DreamBooth's draws its two in a fixed turn
+
     def __init__(
         self,
         train_shards: str | list[str],
@@ -166,7 +168,7 @@ class WebDataModule(L.LightningDataModule):
         expand = partial(expand_shards, allow_pipe=allow_pipe, remote=self.remote)
         mixed = parse_sources(sources, train_shards, expand)
         read_cache = partial(read_latent_cache, remote=self.remote)
-        self.mixture = None if mixed is None else Mixture(mixed, read_cache)  # data.sources
+        self.mixture = None if mixed is None else self.mixture_class(mixed, read_cache)
         if self.mixture is None:
             self.urls = expand_shards(train_shards, allow_pipe, self.remote)
         else:

@@ -57,6 +57,10 @@ def test_config_composes_and_instantiates(
     if choice == "data=mixture":  # a mixture names its shards per source, not in train_shards
         overrides = [o for o in overrides if not o.startswith("data.train_shards=")]
         overrides += [f"data.sources.{i}.shards='{shards}'" for i in range(2)]
+    if "dreambooth" in choice:  # its instance and class sets name the shards
+        overrides = [o for o in overrides if not o.startswith("data.train_shards=")]
+        overrides += [f"data.dreambooth.{k}_shards='{shards}'" for k in ("instance", "class")]
+        overrides += ["data.dreambooth.class_images.prompt=a square"]
     cfg = compose_cfg(tmp_path, overrides + ["trainer.accelerator=cpu"])
     # every interpolation resolves
     OmegaConf.to_container(

@@ -166,6 +166,10 @@ def stand_in(command: str, s: StandIns, block_id: str) -> tuple[str, str]:
         if "model.pretrained=" not in command:  # an SDXL experiment trains the tiny SDXL
             extra.append(f"model.pretrained={s.sdxl if SDXL.search(command) else s.model}")
         named = "data.train_shards=" in command or "data.sources" in command  # or a mixture's
+        named = named or "data.dreambooth." in command  # or DreamBooth's sets
+        if "data.dreambooth." in command:  # 4 class images in 2 sampler steps, drawn once
+            extra += ["data.dreambooth.class_images.num_images=4"]
+            extra += ["data.dreambooth.class_images.steps=2"]
         if not named:  # the demo's data group on the test shards:
             extra.append(f"data.train_shards={s.shard_dir}/")  # and held out from them too
             if "data.val_shards=" not in command:  # (the demo's own shapes with your shards stop;
@@ -359,6 +363,9 @@ SLOW_BLOCKS = {
     # ~49 s: textual inversion's training through the config, data path and --embedding export
     # in tests/models/test_textual_inversion.py
     "textual-inversion",
+    # ~110 s, 3 runs and the tiny SDXL: DreamBooth's runs (full, LoRA, SDXL) and the class images
+    # drawn once and reused in tests/test_dreambooth.py
+    "dreambooth",
     # ~124 s, 3 runs (a busy 2-core CPU): each optimizer and the host-held EMA train, checkpoint
     # and resume in tests/training/test_optimizers.py and test_ema_device.py
     "memory-savers-and-other-optimizers",

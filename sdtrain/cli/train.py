@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdtrain.artifacts import checkpoint
 from sdtrain.artifacts.checkpoint_io import put_back
+from sdtrain.artifacts.class_images import fill_class_shards
 from sdtrain.callbacks.progress_bar import with_step_bar
 from sdtrain.callbacks.progress_log import ProgressLog, run_folder_line
 from sdtrain.callbacks.stop import GroupStop
@@ -233,6 +234,7 @@ def prepare(cfg: DictConfig) -> Prepared | None:
         del saved  # memory-mapped; Lightning reads the file again in fit
     L.seed_everything(cfg.seed, workers=True)
     speed.set_float32_matmul_precision(cfg.get("float32_matmul_precision"))
+    fill_class_shards(cfg.data)  # DreamBooth: the base model draws its class images (once)
     try:
         datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     except InstantiationException as e:  # show the datamodule's own message, naming key and value

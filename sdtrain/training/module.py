@@ -19,7 +19,7 @@ from sdtrain.datamodules.position import DataPosition
 from sdtrain.models import lora, speed, textual_inversion
 from sdtrain.models.parts import Parts
 from sdtrain.runtime import devices
-from sdtrain.training import diffusion, optimizers, sharding
+from sdtrain.training import diffusion, optimizers, prior, sharding
 from sdtrain.training.checkpoint_hooks import CheckpointHooks
 from sdtrain.training.draws import Draws
 from sdtrain.training.ema import EMA
@@ -75,6 +75,8 @@ class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.Ligh
             "bfloat16"; `sdtrain.training.sharding`).
         fsdp_param_dtype: under trainer=fsdp, None computes under the trainer's autocast as DDP
             does; "bfloat16" gathers and computes the U-Net in bf16 (`sdtrain.training.sharding`).
+        prior_loss_weight: DreamBooth's lambda: the class samples' mean loss (`data=dreambooth`)
+            counts this much beside the instance samples' (`sdtrain.training.prior`); None: off.
         offload_frozen: "auto", true or false: keep the VAE (and the frozen text encoder) in host
             memory between steps when the data is a latent cache (with the text conditioning):
             they come to the device for sampling and validation rounds only
@@ -113,6 +115,7 @@ class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.Ligh
         max_bad_data_fraction: float | None = 0.5,
         fsdp_reduce_dtype: str = "float32",
         fsdp_param_dtype: str | None = None,
+        prior_loss_weight: float | None = None,
         offload_frozen: bool | str = "auto",
         seed: int = 0,
     ) -> None:
@@ -120,6 +123,7 @@ class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.Ligh
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
         speed.check(compile, attention)
+        prior.check_weight(prior_loss_weight)
         num_train = parts.noise_scheduler.config.num_train_timesteps
         diffusion.check_options(loss, huber_c, huber_schedule, input_perturbation,
                                 timestep_sampling, logit_normal, timestep_range, num_train)  # fmt: skip
@@ -261,6 +265,7 @@ class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.Ligh
             weights = diffusion.min_snr_weights(
                 snr_t, self.hparams.min_snr_gamma, self.noise_scheduler.config.prediction_type
             )
+        weights = prior.times_prior_weights(weights, batch, h.prior_loss_weight, latents.device)
         c = None
         if h.loss != "mse":
             num_train = self.noise_scheduler.config.num_train_timesteps
