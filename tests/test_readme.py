@@ -369,6 +369,9 @@ SLOW_BLOCKS = {
     # ~124 s, 3 runs (a busy 2-core CPU): each optimizer and the host-held EMA train, checkpoint
     # and resume in tests/training/test_optimizers.py and test_ema_device.py
     "memory-savers-and-other-optimizers",
+    # ~80 s: the cache with --text and the offloaded run; tests/training/test_offload.py trains
+    # with offload on a cached set (rounds, samples and validation against a run without)
+    "memory-savers-and-other-optimizers-2",
     # ~90 s, 4 commands: masks packed by sdtrain-shards, carried through buckets, crops, flips and
     # the latent cache, and the masked step of SD and SDXL in tests/datamodules/test_masks.py and
     # tests/training/test_masked_loss.py (the config keys there too)
