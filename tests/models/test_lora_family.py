@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtrain.artifacts import checkpoint
+from sdtrain.artifacts.export import export
 from sdtrain.artifacts.export_lora import DIFFUSERS_NAME, KOHYA_NAME, export_lora
 from sdtrain.artifacts.sampling import build_pipeline
 from sdtrain.models import lora
@@ -107,7 +108,7 @@ def test_each_type_exported_and_rebuilt_gives_the_trained_outputs(
     """The kohya file holds the type's tensors for every adapted module (convolutions too where
     asked) under kohya's names; the base model with the formulas' weights gives the trained U-Net's
     noise prediction and the trained text encoder's context; diffusers' file, for the types it
-    reads, gives them through `load_lora_weights`."""
+    reads, gives them through `load_lora_weights`; the plain export (adapters merged) too."""
     settings, tensors = VARIANTS[name]
     m = train(tiny_model, settings, tmp_path)
     want = outputs(m.unet, m.text_encoder, m.tokenizer)
@@ -143,6 +144,13 @@ def test_each_type_exported_and_rebuilt_gives_the_trained_outputs(
         got = outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+    export(tmp_path / "last.ckpt", tmp_path / "fused", ema=False)  # no --lora: merged weights
+    fused = load_parts(tmp_path / "fused")
+    assert not lora.has_adapter(fused.unet) and not lora.has_adapter(fused.text_encoder)
+    got = outputs(fused.unet, fused.text_encoder, fused.tokenizer)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def formulas_name(path: str, prefix: str) -> str:
