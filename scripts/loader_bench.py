@@ -10,7 +10,7 @@ subprocess) and S3 (moto's server, a subprocess, when `moto[server]` is installe
 kind of shard, each source (local disk, http://, s3://) and each worker count, builds the train
 dataloader from conf/ exactly as `sdtrain-train` does (Hydra compose of train.yaml with `data=webdataset`
 or `data=latents`, so the decode, resize, crop, tokenizer and collate are a run's own), reads
-`--warmup` batches, then times `--batches` more. Prints a table and the workers a GPU needs at
+`--warmup` batches, then times `--batches` more (and on for at least `--min-seconds`). Prints a table and the workers a GPU needs at
 150 images/s (SD, 512 px) and at 15 images/s (SDXL, 1024 px): ceil(rate / per-worker rate).
 
 Shards, the model folder made for the loader and the servers: scripts/bench_shards.py (what the
@@ -79,9 +79,10 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measure(dm, warmup: int, batches: int) -> dict:
-    """Wall seconds, the workers' CPU seconds and the samples of `batches` batches after `warmup`
-    (workers started, shuffle buffers filled), and the first batch's image tensor shape."""
+def measure(dm, warmup: int, batches: int, min_seconds: float) -> dict:
+    """Wall seconds, the workers' CPU seconds and the samples of `batches` batches (more until
+    `min_seconds` have passed) after `warmup` (workers started, shuffle buffers filled), and the
+    first batch's image tensor shape."""
     from sdtrain.datamodules import batch as B
 
     dm.setup("fit")
@@ -93,8 +94,9 @@ def measure(dm, warmup: int, batches: int) -> dict:
             next(it)
         pids = [w.pid for w in it._workers]
         t0, cpu0, samples = time.perf_counter(), cpu_seconds(pids), 0
-        for _ in range(batches):
+        while batches > 0 or time.perf_counter() - t0 < min_seconds:
             samples += len(next(it)[B.CAPTIONS])
+            batches -= 1
         wall, cpu = time.perf_counter() - t0, cpu_seconds(pids) - cpu0
         return dict(seconds=wall, cpu_seconds=cpu, samples=samples, shape=list(image.shape))
     finally:
@@ -106,7 +108,7 @@ def bench(kind: str, source: str, url: str, data: dict, workers: int, a) -> dict
     from the workers' CPU time (what a worker with a core to itself makes)."""
     folder, model, px, per_sample = data[kind]
     dm = datamodule(overrides(kind, url, model, px, workers, a))
-    m = measure(dm, max(a.warmup, 2 * workers), max(a.batches, 3 * workers))
+    m = measure(dm, max(a.warmup, 2 * workers), max(a.batches, 3 * workers), a.min_seconds)
     rate = m["samples"] / m["seconds"]
     row = dict(kind=kind, px=px, source=source, workers=workers, batch=a.batch_size)
     row |= dict(samples=m["samples"], seconds=round(m["seconds"], 2))
@@ -158,7 +160,8 @@ def run(a) -> dict:
             for source in (s for s in SOURCES if s in a.sources and s in base):
                 url = shard_url(data[kind][0], work, source, base[source])
                 rows += [bench(kind, source, url, data, w, a) for w in a.workers]
-    return {"rows": rows, "workers_needed": workers_needed(rows), "cpu": cpu_name()}
+    load = [round(x, 1) for x in os.getloadavg()]  # 1, 5, 15 min: how shared the CPU was
+    return {"rows": rows, "workers_needed": workers_needed(rows), "cpu": cpu_name(), "load": load}
 
 
 def cpu_name() -> str:
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shuffle-buffer", type=int, default=200, help="samples (raw bytes) a worker")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches (at least 2 x workers)")
     p.add_argument("--batches", type=int, default=12, help="timed batches (at least 3 x workers)")
+    p.add_argument("--min-seconds", type=float, default=4.0, help="time at least this long")
     p.add_argument("--json", help="write the rows and workers needed here")
     a = p.parse_args(argv)
     a.endpoint = None

@@ -20,7 +20,8 @@ def test_loader_bench_reads_each_kind_from_each_source(tmp_path: Path):
     argv = ["--work", str(tmp_path / "work"), "--px", str(PX), "--px-xl", str(PX)]
     argv += ["--kinds", "images-sd", "latents-sdxl", "--workers", "1", "--samples", "8"]
     argv += ["--per-shard", "4", "--batch-size", str(BATCH), "--warmup", "2"]
-    argv += ["--batches", str(BATCHES), "--shuffle-buffer", "4", "--json", str(out)]
+    argv += ["--batches", str(BATCHES), "--min-seconds", "0", "--shuffle-buffer", "4"]
+    argv += ["--json", str(out)]
     script = ROOT / "scripts" / "loader_bench.py"
     proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
