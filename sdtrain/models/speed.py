@@ -121,6 +121,10 @@ def apply(unet: nn.Module, h, fsdp: bool) -> None:
         from sdtrain.models import attention
 
         attention.fuse_projections(unet)
+    if h.get("fp8"):  # before compile, so the compiled graph holds the FP8 casts
+        from sdtrain.models import fp8
+
+        fp8.convert(unet, h.fp8)
     nhwc = h.channels_last and not fsdp
     compile_unet(unet, h.compile, drop_layout_copies=h.drop_layout_copies and nhwc)
 

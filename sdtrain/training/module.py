@@ -16,6 +16,7 @@ from sdtrain.artifacts import checkpoint
 from sdtrain.artifacts.cache import check_latent_cache
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.position import DataPosition
+from sdtrain.models import fp8 as fp8_matmuls
 from sdtrain.models import lora, speed, textual_inversion
 from sdtrain.models.parts import Parts
 from sdtrain.runtime import devices
@@ -67,6 +68,8 @@ class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.Ligh
             "cudnn" (`speed.set_attention`).
         fuse_projections: one matmul for each attention's q/k/v (k/v for cross-attention), the
             same parameters (`sdtrain.models.attention`).
+        fp8: FP8 matmuls in the U-Net's linear layers: None, "tensorwise" or "rowwise"
+            (`sdtrain.models.fp8`, torchao).
         max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
             stops; each such step is skipped on every rank (`sdtrain.training.nonfinite`).
         max_bad_data_fraction: stop with an error naming the worst shards once more than this
@@ -111,6 +114,7 @@ class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.Ligh
         drop_layout_copies: bool = True,
         attention: str | None = None,
         fuse_projections: bool = False,
+        fp8: str | None = None,
         max_nonfinite_in_a_row: int = 10,
         max_bad_data_fraction: float | None = 0.5,
         fsdp_reduce_dtype: str = "float32",
@@ -123,6 +127,7 @@ class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.Ligh
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
         speed.check(compile, attention)
+        fp8_matmuls.check(fp8, lora=lora.has_adapter(parts.unet))
         prior.check_weight(prior_loss_weight)
         num_train = parts.noise_scheduler.config.num_train_timesteps
         diffusion.check_options(loss, huber_c, huber_schedule, input_perturbation,
@@ -235,6 +240,7 @@ class StableDiffusionModule(Encoders, Offloading, Draws, CheckpointHooks, L.Ligh
         if fsdp and self.text_encoder_trains:  # only the U-Net is sharded (and its grads reduced)
             raise ValueError("a training text encoder needs trainer=ddp, not trainer=fsdp")
         h = self.hparams
+        fp8_matmuls.check(h.fp8, lora=False, fsdp=fsdp)
         if fsdp:
             mesh = self.device_mesh["data_parallel"]
             sharding.shard_unet(self.unet, mesh, h.fsdp_reduce_dtype, h.fsdp_param_dtype)
