@@ -107,8 +107,9 @@ def test_step_memory_excludes_the_frozen_parts_on_cuda(
     tiny_model: Path, shards: str, text_cache: Path, tmp_path: Path
 ):
     """On the GPU: the parts' parameters are on the CPU during steps and on CUDA in rounds, and
-    the bytes allocated at each step's start are the run without offload's less exactly the
-    VAE's and CLIP's tensors (each rounded up to the caching allocator's 512-byte blocks)."""
+    the bytes allocated at each step's start are the run without offload's less the VAE's and
+    CLIP's tensors (each rounded up to the caching allocator's 512-byte blocks; < 1 MiB more
+    for a large one)."""
     val = shards.replace("{00000..00003}", "00003")
     gpu = ["trainer.accelerator=gpu", "trainer.devices=1"]
     _, on = run(tmp_path / "on", tiny_model, text_cache, val, "true", *gpu)
@@ -124,6 +125,8 @@ def test_step_memory_excludes_the_frozen_parts_on_cuda(
     tensors = [t for m in (vae, text_encoder) for t in (*m.parameters(), *m.buffers())]
     exact = sum(t.numel() * t.element_size() for t in tensors)
     blocks = sum(-(-t.numel() * t.element_size() // 512) * 512 for t in tensors)
+    # a block over 1 MiB whose free rest would be under 1 MiB is not split: allocated whole
+    blocks += sum(2**20 for t in tensors if t.numel() * t.element_size() > 2**20)
     for a, b in zip(on.steps, off.steps, strict=True):
         assert a["step"] == b["step"]
         assert exact <= b["allocated"] - a["allocated"] <= blocks, a["step"]
