@@ -12,10 +12,13 @@ key they consume:
   CheckpointLoaderSimple does after reading the file): the model class its detection picked, the
   keys no part took, and the loaded U-Net and text encoder(s) as `OUT/<name>.safetensors`
   (ComfyUI's names: `diffusion_model.*`, `clip_l.*` / `clip_g.*`).
-- `{"kind": "lora", "file", "lora", "name"}`: the checkpoint, then `comfy.sd.load_lora_for_models`
-  (LoraLoader) at strength 1; ComfyUI logs each file key it did not use ("lora key not loaded")
-  and each patch no model took ("NOT LOADED"); the patched weights, applied by the model
-  patchers, as `OUT/<name>.safetensors`.
+- `{"kind": "lora", "file", "lora", "name", "merged"?}`: the checkpoint, then
+  `comfy.sd.load_lora_for_models` (LoraLoader) at strength 1; ComfyUI logs each file key it did
+  not use ("lora key not loaded") and each patch no model took ("NOT LOADED"); the weights it
+  patches, before (`base.<key>`) and after (`patched.<key>`) the model patchers apply them, and
+  as the checkpoint `merged` holds them (`merged.<key>`), as `OUT/<name>.safetensors`.
+- `sdxl-checkpoint`, `sdxl-lora`, `sdxl-embedding`: the same for an SDXL of any size, through
+  ComfyUI's SDXL pieces past its detection (`load_sdxl`).
 - `{"kind": "embedding", "file", "dir", "embedding", "prompt", "name"}`: the checkpoint's CLIP with
   `embedding_directory=dir` tokenizes `prompt` (which says `embedding:<embedding>`, ComfyUI's
   syntax) and encodes it; the rows its tokenizer put in the token stream and the conditioning as
@@ -94,32 +97,46 @@ def checkpoint_job(job: dict, out: Path) -> dict:
     }
 
 
-def patched(patcher, model) -> dict:
-    """The weights `patcher` patches, with its patches applied as ComfyUI applies them before it
-    runs a model (`load_models_gpu`; its CPU here), in the model's own names."""
+def patched(patcher, model) -> tuple[dict, dict]:
+    """The weights `patcher` patches, before and after its patches are applied as ComfyUI applies
+    them before it runs a model (`load_models_gpu`; its CPU here), in the model's own names."""
     import comfy.model_management
 
+    before = {k: v.detach().clone() for k, v in model.state_dict().items() if k in patcher.patches}
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     state = model.state_dict()
-    return {k: state[k].detach().clone().contiguous() for k in patcher.patches}
+    return before, {k: state[k].detach().clone() for k in patcher.patches}
+
+
+def save_roles(roles: dict[str, dict], file: Path) -> None:
+    """{role: {key: tensor}} as one file of `role.key` tensors."""
+    from safetensors.torch import save_file
+
+    flat = {
+        f"{role}.{k}": v.contiguous() for role, state in roles.items() for k, v in state.items()
+    }
+    save_file(flat, file)
 
 
 def lora_job(job: dict, out: Path) -> dict:
+    """LoraLoader on the checkpoint; with `merged` (a checkpoint of the merged weights) its
+    values of the patched weights too."""
     import comfy.sd
     import comfy.utils
-    from safetensors.torch import save_file
 
     model, clip, _, left_over = load_checkpoint(job["file"])
     lora = comfy.utils.load_torch_file(job["lora"], safe_load=True)
     model_l, clip_l = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     unet = patched(model_l, model_l.model)
     text = patched(clip_l.patcher, clip_l.cond_stage_model)
-    save_file(unet | text, out / f"{job['name']}.safetensors")
-    return {
-        "left_over": left_over,
-        "lora_keys": len(lora),
-        "patched": {"unet": len(unet), "clip": len(text)},
-    }
+    roles = {"base": unet[0] | text[0], "patched": unet[1] | text[1]}
+    if job.get("merged"):
+        merged, merged_clip, _, merged_left_over = load_checkpoint(job["merged"])
+        state = merged.model.state_dict() | merged_clip.cond_stage_model.state_dict()
+        roles["merged"] = {k: state[k] for k in roles["patched"]}
+        left_over += merged_left_over
+    save_roles(roles, out / f"{job['name']}.safetensors")
+    return {"left_over": left_over, "patched": {"unet": len(unet[1]), "clip": len(text[1])}}
 
 
 def embedding_job(job: dict, out: Path) -> dict:
@@ -139,7 +156,94 @@ def embedding_job(job: dict, out: Path) -> dict:
     return {"left_over": left_over, "rows": {k: list(v.shape) for k, v in rows.items()}}
 
 
-JOBS = {"checkpoint": checkpoint_job, "lora": lora_job, "embedding": embedding_job}
+def load_sdxl(file: str):
+    """An SDXL single file of any size through ComfyUI's SDXL pieces, past its detection (which
+    takes SDXL at its full depth alone): the U-Net config read from the keys' shapes
+    (`detect_unet_config`), `supported_models.SDXL`'s model built and loaded
+    (`load_model_weights`), its CLIP key conversion (`process_clip_state_dict`) checked against
+    the names of ComfyUI's full-size CLIP ViT-L + bigG (built on the meta device: names alone),
+    its VAE prefix taken off. (U-Net, {CLIP name: tensor}, unexpected CLIP keys, keys left over)."""
+    import comfy.model_detection
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.utils
+    import torch
+
+    sd = comfy.utils.load_torch_file(file)
+    prefix = "model.diffusion_model."
+    config = comfy.supported_models.SDXL(comfy.model_detection.detect_unet_config(sd, prefix))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(sd, prefix)
+    model.load_model_weights(sd, prefix)  # logs "unet missing" / "unet unexpected"
+    clip_sd = config.process_clip_state_dict(sd)
+    clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16)
+    unexpected = sorted(set(clip_sd) - set(clip.state_dict()))
+    comfy.utils.state_dict_prefix_replace(sd, {k: "" for k in config.vae_key_prefix}, True)
+    return model, clip, clip_sd, unexpected, sorted(sd)
+
+
+def sdxl_checkpoint_job(job: dict, out: Path) -> dict:
+    from safetensors.torch import save_file
+
+    model, _, clip_sd, unexpected, left_over = load_sdxl(job["file"])
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("diffusion_model.")}
+    save_file(state | clip_sd, out / f"{job['name']}.safetensors")
+    return {"config": type(model.model_config).__name__, "left_over": left_over + unexpected}
+
+
+def sdxl_lora_job(job: dict, out: Path) -> dict:
+    """`load_lora_for_models`' steps on the `load_sdxl` parts: ComfyUI's key maps of the U-Net
+    and of its full-size CLIP pair, `load_lora`, the patches added to each model (applied to the
+    U-Net; the meta CLIP holds names alone)."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.utils
+
+    model, clip, _, _, _ = load_sdxl(job["file"])
+    key_map = comfy.lora.model_lora_keys_clip(clip, comfy.lora.model_lora_keys_unet(model, {}))
+    lora = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(job["lora"]))
+    loaded = comfy.lora.load_lora(lora, key_map)  # logs "lora key not loaded"
+    cpu = comfy.model_management.get_torch_device()
+    unet = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    text = comfy.model_patcher.ModelPatcher(clip, load_device=cpu, offload_device=cpu)
+    taken = set(unet.add_patches(loaded, 1.0)) | set(text.add_patches(loaded, 1.0))
+    for key in set(loaded) - taken:
+        logging.warning("NOT LOADED %s", key)
+    base, after = patched(unet, model)
+    merged, _, _, unexpected, left_over = load_sdxl(job["merged"])
+    state = merged.state_dict()
+    roles = {"base": base, "patched": after, "merged": {k: state[k] for k in after}}
+    save_roles(roles, out / f"{job['name']}.safetensors")
+    patches = {"unet": len(unet.patches), "clip": len(text.patches)}
+    return {"left_over": left_over + unexpected, "patched": patches}
+
+
+def sdxl_embedding_job(job: dict, out: Path) -> dict:
+    """ComfyUI's SDXL tokenizer (CLIP ViT-L's `clip_l`, bigG's `clip_g` rows) on the prompt."""
+    import comfy.sdxl_clip
+    import torch
+    from safetensors.torch import save_file
+
+    tokenizer = comfy.sdxl_clip.SDXLTokenizer(embedding_directory=job["dir"])
+    tokens = tokenizer.tokenize_with_weights(job["prompt"])
+    rows = {}
+    for encoder, batches in tokens.items():
+        found = [t[0] for batch in batches for t in batch if isinstance(t[0], torch.Tensor)]
+        rows[f"rows.{encoder}"] = torch.stack(found).float()
+    save_file(rows, out / f"{job['name']}.safetensors")
+    return {"left_over": [], "rows": {k: list(v.shape) for k, v in rows.items()}}
+
+
+JOBS = {
+    "checkpoint": checkpoint_job,
+    "lora": lora_job,
+    "embedding": embedding_job,
+    "sdxl-checkpoint": sdxl_checkpoint_job,
+    "sdxl-lora": sdxl_lora_job,
+    "sdxl-embedding": sdxl_embedding_job,
+}
 
 
 def main(jobs_file: str, out: str) -> None:

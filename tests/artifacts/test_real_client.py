@@ -12,9 +12,7 @@ ComfyUI picks the model class by the shapes of the U-Net's keys (320 base channe
 OpenCLIP ViT-H/14 (SD-2.x) text encoders and the SD VAE (128 channels). The tiny models are none of
 these, so the models here have those text encoders and that VAE at full size, and a U-Net with the
 detected widths at a shallower depth (two levels, one layer each: ComfyUI reads the depth from the
-keys). SDXL is not here: ComfyUI recognises it only at its full 2.6 B-weight U-Net depth
-(transformer depth [0, 0, 2, 2, 10, 10]) beside the 695 M-weight OpenCLIP bigG, more than a CPU test
-can build and train.
+keys). SDXL, which ComfyUI recognises only at its full depth, is test_real_client_sdxl.py's.
 
 Each model trains real AdamW steps under a Lightning Trainer on random pixels, and sdtrain's
 exporters write the files: the single file (`sdtrain-export --single-file`), the kohya-layout LoRA
@@ -33,6 +31,7 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -52,6 +51,7 @@ from sdtrain.models.single_file import save_single_file
 from sdtrain.models.tokens import tokenize
 from sdtrain.training.module import StableDiffusionModule
 from tests.conftest import cpu_trainer
+from tests.models.lora_formulas import by_module
 
 CLIENT_ENV = "SDTRAIN_COMFY_PYTHON"
 CLIENT = Path(__file__).with_name("comfy_client.py")
@@ -120,11 +120,17 @@ def comfy_shaped(family: str, out: Path) -> Path:
     return out
 
 
-def fit(m: StableDiffusionModule, root: Path, captions: list[str], steps: int = 2) -> Path:
-    """`steps` AdamW steps under a Lightning Trainer on random 32 px pixels; the checkpoint."""
+def fit(
+    m: StableDiffusionModule, root: Path, captions: list[str], steps: int = 2, sdxl: bool = False
+) -> Path:
+    """`steps` AdamW steps under a Lightning Trainer on random 32 px pixels (SDXL: with sizes and
+    crops); the checkpoint."""
     g = torch.Generator().manual_seed(0)
-    ids = tokenize(m.tokenizer, captions)
-    data = [{"pixels": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, "input_ids": ids}] * steps
+    batch = {"pixels": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1}
+    batch["input_ids"] = tokenize(m.tokenizer, captions)
+    if sdxl:
+        batch |= {"original_size": torch.tensor([[32, 32]] * 2), "crop_top_left": torch.zeros(2, 2)}
+    data = [batch] * steps
     trainer = cpu_trainer(max_steps=steps, default_root_dir=root)
     trainer.fit(m, torch.utils.data.DataLoader(data, batch_size=None))
     trainer.save_checkpoint(root / "last.ckpt")
@@ -142,6 +148,7 @@ def full_run(folder: Path, root: Path, jobs: list, keep: dict) -> None:
     ckpt = fit(m, root, ["a red circle", "a blue square"])
     keep["trained"] = {k: v.detach().clone() for k, v in m.unet.state_dict().items()}
     file = export_single_file(ckpt, root / "model.safetensors", ema=False)
+    ckpt.unlink()  # ~1 GB with AdamW's state: no longer needed
     jobs.append({"kind": "checkpoint", "file": str(file), "name": f"{root.name}"})
 
 
@@ -152,16 +159,15 @@ def lora_run(folder: Path, base: Path, root: Path, extra: dict, jobs: list) -> N
     ckpt = fit(m, root, ["a red circle", "a blue square"])
     export_lora(ckpt, root / "lora", ema=False)
     merged = export_single_file(ckpt, root / "merged.safetensors", ema=False, dtype="fp32")
+    ckpt.unlink()
     lora_file = root / "lora" / KOHYA_NAME
-    jobs.append({"kind": "lora", "file": str(base), "lora": str(lora_file), "name": root.name})
-    jobs.append({"kind": "checkpoint", "file": str(merged), "name": f"{root.name}-merged"})
+    job = {"kind": "lora", "file": str(base), "lora": str(lora_file), "name": root.name}
+    jobs.append(job | {"merged": str(merged)})
     factors = {k: v for k, v in load_file(str(lora_file)).items() if not k.endswith(".dora_scale")}
     if len(factors) < len(load_file(str(lora_file))):  # DoRA: W + dW alone, ComfyUI's norm's input
         save_file(factors, root / "without-magnitude.safetensors")
         plain = str(root / "without-magnitude.safetensors")
-        jobs.append(
-            {"kind": "lora", "file": str(base), "lora": plain, "name": f"{root.name}-plain"}
-        )
+        jobs.append(job | {"lora": plain, "name": f"{root.name}-plain"})
 
 
 def embedding_run(folder: Path, base: Path, root: Path, jobs: list, keep: dict) -> None:
@@ -172,6 +178,7 @@ def embedding_run(folder: Path, base: Path, root: Path, jobs: list, keep: dict) 
     ckpt = fit(m, root, [f"a photo of {TOKEN}", f"a red {TOKEN}"])
     keep["trained"] = ti.embedding_files(m.text_encoder)[TOKEN]["emb_params"]
     (file,) = export_embedding(ckpt, root / "embeddings", ema=False)
+    ckpt.unlink()
     name, prompt = file.stem, f"a photo of embedding:{file.stem}"
     jobs.append(
         {"kind": "embedding", "file": str(base), "dir": str(file.parent), "name": root.name}
@@ -180,9 +187,15 @@ def embedding_run(folder: Path, base: Path, root: Path, jobs: list, keep: dict) 
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory) -> dict:
-    """Every run exported and loaded by one ComfyUI process: {"report", "out", "keep", "folders"}."""
+def comfy(tmp_path_factory):
+    """Every run exported and loaded by one ComfyUI process: {"report", "out", "keep", "folders"};
+    its models and files (about 11 GB at their largest) removed after the tests."""
     root = tmp_path_factory.mktemp("comfy")
+    yield runs(root)
+    shutil.rmtree(root)
+
+
+def runs(root: Path) -> dict:
     jobs: list[dict] = []
     keep: dict[str, dict] = {}
     folders = {}
@@ -193,10 +206,14 @@ def comfy(tmp_path_factory) -> dict:
     base = save_single_file(
         root / "base.safetensors", parts.unet, parts.vae, parts.text_encoder, "fp32"
     )
-    jobs.append({"kind": "checkpoint", "file": str(base), "name": "base"})
     for name, extra in LORA_TYPES.items():
         lora_run(folders["sd1"], base, root / f"lora-{name}", extra, jobs)
     embedding_run(folders["sd1"], base, root / "embedding", jobs, keep.setdefault("embedding", {}))
+    return run_client(root, jobs) | {"keep": keep, "folders": folders}
+
+
+def run_client(root: Path, jobs: list[dict]) -> dict:
+    """`jobs` done by one ComfyUI process (`comfy_client.py`): {"report": by name, "out": dir}."""
     (root / "jobs.json").write_text(json.dumps(jobs))
     out = root / "out"
     cmd = [client_python(), str(CLIENT), str(root / "jobs.json"), str(out)]
@@ -204,7 +221,7 @@ def comfy(tmp_path_factory) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = {job["name"]: job for job in json.loads((out / "report.json").read_text())}
-    return {"report": report, "out": out, "keep": keep, "folders": folders}
+    return {"report": report, "out": out}
 
 
 # What ComfyUI's CLIP has beyond a checkpoint's text encoder: CLIP's contrastive-training scale
@@ -268,13 +285,23 @@ COMFY_DORA = pytest.mark.xfail(
 )
 def test_comfyui_applies_every_key_of_the_lora_as_merged(comfy: dict, kind: str):
     result = comfy["report"][f"lora-{kind}"]
-    assert_all_consumed(result)
+    assert_all_consumed(result)  # of the LoRA file, and of both checkpoints
     kohya = load_file(str(comfy["out"].parent / f"lora-{kind}" / "lora" / KOHYA_NAME))
     modules = {k.split(".")[0] for k in kohya}
-    patched = loaded(comfy, f"lora-{kind}")
-    assert len(patched) == len(modules)  # one patched weight per adapted module
-    assert result["patched"]["unet"] and result["patched"]["clip"]
-    merged, base = loaded(comfy, f"lora-{kind}-merged"), loaded(comfy, "base")
+    text = {m for m in modules if m.startswith("lora_te_")}
+    assert result["patched"] == {"unet": len(modules - text), "clip": len(text)}
+    assert_patched_as_merged(roles(loaded(comfy, f"lora-{kind}")))
+
+
+def roles(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`comfy_client.save_roles`' file back: {role: {key: tensor}}."""
+    return by_module(state)  # `role.key`: split at the first dot, as a kohya file's names
+
+
+def assert_patched_as_merged(state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """ComfyUI's patched weights are its load of our merged export's, every one changed."""
+    base, patched, merged = state["base"], state["patched"], state["merged"]
+    assert patched.keys() == merged.keys() == base.keys()
     for key, value in patched.items():
         # the base, the patched and the merged weight each rounded at most half a step; the
         # update computed in ComfyUI's order, not peft's: 1e-5 of its largest element
@@ -299,15 +326,16 @@ def test_comfyui_reads_the_dora_magnitude_and_factors_as_trained(comfy: dict):
     result = comfy["report"]["lora-dora"]
     assert_all_consumed(result)
     assert_all_consumed(comfy["report"]["lora-dora-plain"])
-    dora, plain = loaded(comfy, "lora-dora"), loaded(comfy, "lora-dora-plain")
-    merged, base = loaded(comfy, "lora-dora-merged"), loaded(comfy, "base")
-    assert dora.keys() == plain.keys()
-    for key, value in dora.items():
-        comfy_formula = merged[key].float() * rows(plain[key]) / rows(base[key])
+    dora, plain = roles(loaded(comfy, "lora-dora")), roles(loaded(comfy, "lora-dora-plain"))
+    merged, base = dora["merged"], dora["base"]
+    assert dora["patched"].keys() == plain["patched"].keys()
+    for key, value in dora["patched"].items():
+        with_dw = plain["patched"][key]
+        comfy_formula = merged[key].float() * rows(with_dw) / rows(base[key])
         # four tensors rounded, two row norms and their ratio: 8 steps (4 measured in fp32)
-        operands = (merged[key], plain[key], base[key])
+        operands = (merged[key], with_dw, base[key])
         assert_rounded_alike(value, comfy_formula, operands, key, steps=8)
-        assert not torch.allclose(rows(plain[key]), rows(base[key])), key  # dW moved the norm
+        assert not torch.allclose(rows(with_dw), rows(base[key])), key  # dW moved the norm
 
 
 def assert_rounded_alike(
