@@ -223,10 +223,10 @@ def test_fused_adamw_with_grad_clipping_under_bf16_autocast(shards: str, tiny_mo
         optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True),
         caption_dropout=0.0,
     )
-    import sdtrain.training.module
+    import sdtrain.training.optimizer_hooks as hooks
 
     norms = []
-    clip = sdtrain.training.module.clip_with_norm
+    clip = hooks.clip_with_norm
 
     def spy(params, max_norm, total):  # the non-finite check's norm, reused
         norms.append((float(total), max_norm))
@@ -243,11 +243,11 @@ def test_fused_adamw_with_grad_clipping_under_bf16_autocast(shards: str, tiny_mo
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    sdtrain.training.module.clip_with_norm = spy
+    hooks.clip_with_norm = spy
     try:
         trainer.fit(m, datamodule=dm)
     finally:
-        sdtrain.training.module.clip_with_norm = clip
+        hooks.clip_with_norm = clip
     assert trainer.global_step == 2
     assert len(norms) == 2 and all(mx == 1e-3 and n > 1e-3 for n, mx in norms)
     # the last step's gradients stay after fit (zeroed only at a next step's start): every
