@@ -91,18 +91,16 @@ def text_encoder(tokenizer, width: int, act: str, projection: bool = False):
     """A one-layer CLIP text encoder of the released `width` (the cached context's size)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from sdtrain.demo.tiny import token_fields
+
     cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=width,
         num_hidden_layers=1,
         num_attention_heads=width // 64,
-        max_position_embeddings=tokenizer.model_max_length,
         hidden_act=act,
         projection_dim=width,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **token_fields(tokenizer),
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 

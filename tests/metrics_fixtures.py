@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdtrain.demo.tiny import build_tokenizer
+from sdtrain.demo.tiny import build_tokenizer, token_fields
 
 
 def make_tiny_clip(out: str | Path, image_px: int = 32, seed: int = 0) -> Path:
@@ -21,15 +21,11 @@ def make_tiny_clip(out: str | Path, image_px: int = 32, seed: int = 0) -> Path:
 
     tokenizer = build_tokenizer()
     text = dict(
-        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_attention_heads=4,
         num_hidden_layers=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **token_fields(tokenizer),
     )
     vision = dict(
         hidden_size=32,

@@ -82,19 +82,27 @@ def build_tokenizer(words: list[str] = WORDS, max_length: int = 77):
         return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
 
 
-def build_text_encoder(tokenizer, hidden: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig(
+def token_fields(tokenizer) -> dict:
+    """The CLIP text config's fields that `tokenizer` fixes: vocabulary size, context length
+    (position embeddings) and the ids of its special tokens."""
+    return dict(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_attention_heads=4,
-        num_hidden_layers=2,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_text_encoder(tokenizer, hidden: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        **token_fields(tokenizer),
     )
     return CLIPTextModel(cfg)
 
@@ -116,7 +124,9 @@ def build_vae(resolution: int):
     )
 
 
-def build_unet(latent_size: int, cross_attention_dim: int = 32):
+def build_unet(latent_size: int, cross_attention_dim: int = 32, **family):
+    """The tiny U-Net; `family`: what a model family adds to UNet2DConditionModel's arguments
+    (SDXL's conditioning: `sdtrain.demo.tiny_sdxl.build_unet`)."""
     from diffusers import UNet2DConditionModel
 
     # Three levels, 16 -> 8 -> 4 for the demo's (4, 16, 16) latents, attention only at 8x8 and
@@ -135,6 +145,7 @@ def build_unet(latent_size: int, cross_attention_dim: int = 32):
         norm_num_groups=16,
         attention_head_dim=8,
         cross_attention_dim=cross_attention_dim,
+        **family,
     )
 
 

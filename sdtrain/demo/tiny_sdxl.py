@@ -27,17 +27,13 @@ def build_text_encoders(tokenizer, hidden: int = 32, hidden_2: int = 48):
 
     def config(act: str, hidden: int) -> CLIPTextConfig:
         return CLIPTextConfig(
-            vocab_size=len(tokenizer),
             hidden_size=hidden,
             intermediate_size=4 * hidden,
             num_attention_heads=4,
             num_hidden_layers=3,
-            max_position_embeddings=tokenizer.model_max_length,
             hidden_act=act,
             projection_dim=hidden,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            **tiny.token_fields(tokenizer),
         )
 
     te2 = CLIPTextModelWithProjection(config("gelu", hidden_2))
@@ -46,20 +42,10 @@ def build_text_encoders(tokenizer, hidden: int = 32, hidden_2: int = 48):
 
 def build_unet(latent_size: int, context_dim: int, pooled_dim: int):
     """The SD demo's U-Net levels with SDXL's extra conditioning (`text_time`)."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
+    return tiny.build_unet(
+        latent_size,
+        context_dim,
         transformer_layers_per_block=(1, 1, 2),
-        norm_num_groups=16,
-        attention_head_dim=8,
-        cross_attention_dim=context_dim,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
