@@ -208,7 +208,10 @@ def runs(root: Path) -> dict:
     )
     for name, extra in LORA_TYPES.items():
         lora_run(folders["sd1"], base, root / f"lora-{name}", extra, jobs)
-    embedding_run(folders["sd1"], base, root / "embedding", jobs, keep.setdefault("embedding", {}))
+    for family in DETECTED:  # SD-2's on its fine-tuned single file: its CLIP is the folder's
+        file = base if family == "sd1" else root / f"full-{family}" / "model.safetensors"
+        out = root / f"embedding-{family}"
+        embedding_run(folders[family], file, out, jobs, keep.setdefault(out.name, {}))
     return run_client(root, jobs) | {"keep": keep, "folders": folders}
 
 
@@ -352,11 +355,14 @@ def assert_rounded_alike(
     assert ((tensors[0] - tensors[1]).abs() <= steps * step + order).all(), key
 
 
-def test_comfyui_puts_the_trained_embedding_in_the_prompt(comfy: dict):
-    result = comfy["report"]["embedding"]
+@pytest.mark.parametrize("family", list(DETECTED))
+def test_comfyui_puts_the_trained_embedding_in_the_prompt(comfy: dict, family: str):
+    result = comfy["report"][f"embedding-{family}"]
     assert_all_consumed(result)
-    rows = loaded(comfy, "embedding")
-    keep = comfy["keep"]["embedding"]
-    assert torch.equal(rows["rows.l"], keep["trained"])  # both vectors, in order
+    rows = loaded(comfy, f"embedding-{family}")
+    keep = comfy["keep"][f"embedding-{family}"]
+    encoder = {"sd1": "l", "sd2": "h"}[family]  # ComfyUI's name of the family's CLIP
+    assert torch.equal(rows[f"rows.{encoder}"], keep["trained"])  # both vectors, in order
     assert not torch.allclose(keep["trained"], keep["init"])  # they trained
-    assert rows["cond"].shape == (1, 77, 768) and torch.isfinite(rows["cond"]).all()
+    width = {"sd1": 768, "sd2": 1024}[family]  # CLIP ViT-L's, OpenCLIP ViT-H's
+    assert rows["cond"].shape == (1, 77, width) and torch.isfinite(rows["cond"]).all()
