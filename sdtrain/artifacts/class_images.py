@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -202,6 +203,8 @@ def draw_set(spec, folder: Path, pretrained, single_file_config, fingerprint: st
         for i, img in enumerate(draw(spec, pretrained, single_file_config)):
             img.save(images / f"{i:06d}.png")
             (images / f"{i:06d}.txt").write_text(spec.prompt)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the pipeline's blocks back to the driver before training
         shards = write_shards(images, tmp / "shards", samples_per_shard=1000, shuffle=False)
         for shard in shards:
             shard.rename(tmp / shard.name)
@@ -231,8 +234,9 @@ def draw(spec: ClassImages, pretrained, single_file_config=None):
     from sdtrain.models.loader import load_parts
 
     device = spec.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # this process's GPU under DDP or torchrun (LOCAL_RANK), else the first
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     p = load_parts(pretrained, single_file_config=single_file_config)
     modules = (p.vae, p.text_encoder, p.tokenizer, p.unet, p.noise_scheduler)
     pipe = build_pipeline(*modules, spec.sampler, family=p.family).to(device)
