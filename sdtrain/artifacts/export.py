@@ -57,8 +57,7 @@ def export(
     from sdtrain.models.parts import assemble_pipeline, load_scheduler
     from sdtrain.models.single_file import is_single_file
 
-    out = check_folder(out, overwrite, EXPORTED, EXPORT)
-    parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config)
+    out, parts = folder_parts(out, overwrite, ckpt_path, ema, pretrained, single_file_config)
     textual_inversion.merge(parts.text_encoder)  # new tokens: their rows in a larger vocabulary
     configs = parts.single_file_config if is_single_file(parts.pretrained) else parts.pretrained
     scheduler = sampler_for(load_scheduler(configs), parts.noise_scheduler)
@@ -67,6 +66,17 @@ def export(
     with new_folder(out) as tmp:
         save_folder(pipe, tmp)
     return out
+
+
+def folder_parts(
+    out: str | Path, overwrite: bool, ckpt_path: str | Path, *source, fuse: bool = True
+) -> tuple[Path, Parts]:
+    """The export folder `out`, checked (new or empty, or an earlier export's with `overwrite`:
+    `sdtrain.artifacts.outputs`), then the parts of the checkpoint at `ckpt_path`
+    (`checkpoint_parts`; `source`: its ema, pretrained and single_file_config), in that order: a
+    refused folder costs no checkpoint read."""
+    out = check_folder(out, overwrite, EXPORTED, EXPORT)
+    return out, checkpoint_parts(ckpt_path, *source, fuse=fuse)
 
 
 def sampler_for(folder_scheduler, trained):

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdtrain.artifacts.export import EMBEDDINGS_INDEX, EXPORT, EXPORTED
-from sdtrain.artifacts.outputs import check_folder, new_folder
+from sdtrain.artifacts.export import EMBEDDINGS_INDEX, folder_parts
+from sdtrain.artifacts.outputs import new_folder
 from sdtrain.models import textual_inversion
 
 
@@ -37,10 +37,8 @@ def export_embedding(
     empty, or an earlier export's with `overwrite`: `sdtrain.artifacts.outputs`); return them."""
     from safetensors.torch import save_file
 
-    from sdtrain.artifacts.export import checkpoint_parts
-
-    out = check_folder(out, overwrite, EXPORTED, EXPORT)
-    parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config, fuse=False)
+    source = (ema, pretrained, single_file_config)
+    out, parts = folder_parts(out, overwrite, ckpt_path, *source, fuse=False)
     files = textual_inversion.embedding_files(parts.text_encoder)
     if not files:
         raise ValueError(

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from sdtrain.artifacts import lora_layouts as layouts
-from sdtrain.artifacts.export import DIFFUSERS_NAME, EXPORT, EXPORTED, KOHYA_NAME
-from sdtrain.artifacts.outputs import check_folder, new_folder
+from sdtrain.artifacts.export import DIFFUSERS_NAME, KOHYA_NAME, folder_parts
+from sdtrain.artifacts.outputs import new_folder
 from sdtrain.models import lora
 
 TEXT_MODEL = "text_model."  # CLIPTextModel's inner module: transformers 5 flattened it away
@@ -51,10 +51,8 @@ def export_lora(
     import diffusers
     from safetensors.torch import save_file
 
-    from sdtrain.artifacts.export import checkpoint_parts
-
-    out = check_folder(out, overwrite, EXPORTED, EXPORT)
-    parts = checkpoint_parts(ckpt_path, ema, pretrained, single_file_config, fuse=False)
+    source = (ema, pretrained, single_file_config)
+    out, parts = folder_parts(out, overwrite, ckpt_path, *source, fuse=False)
     if not lora.has_adapter(parts.unet):
         raise ValueError(
             f"{ckpt_path}: the run trained no LoRA (model.lora was null); export it without --lora"
