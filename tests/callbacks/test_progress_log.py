@@ -15,6 +15,7 @@ import torch
 from sdtrain.callbacks.progress_log import ProgressLog, duration
 from sdtrain.callbacks.report import smooth
 from sdtrain.cli.train import train
+from tests.callbacks.test_report import sigterm_overrides
 from tests.conftest import compose_cfg, tiny_overrides
 from tests.test_train import _cli
 
@@ -154,14 +155,7 @@ def test_a_signal_stop_summarises_and_names_the_checkpoint_it_saves(
     tiny_model: Path, shards: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     caplog.set_level(logging.INFO, logger="sdtrain.callbacks.progress_log")
-    overrides = [o for o in tiny_overrides(tiny_model, shards, 1000) if "sample_images" not in o]
-    overrides += [
-        "logger=none",
-        "~callbacks.sample_images",
-        "callbacks.model_checkpoint.every_n_train_steps=1000",
-        "+callbacks.stop._target_=tests.callbacks.test_report.SigtermAt",
-        "+callbacks.stop.step=2",
-    ]
+    overrides = sigterm_overrides(tiny_model, shards, 2, "none")
     assert train(compose_cfg(tmp_path, overrides)) is None
     lines = [r.getMessage() for r in caplog.records]
     (done,) = [m for m in lines if m.startswith("stopped (SIGTERMException) at step")]

@@ -43,6 +43,19 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this batch
 
 
+def sigterm_overrides(model: Path, shards: str, step: int, logger: str) -> list[str]:
+    """A tiny run of 1000 steps, no sampling, no checkpoint before the end, that `SigtermAt`
+    stops after step `step`."""
+    overrides = [o for o in tiny_overrides(model, shards, 1000) if "sample_images" not in o]
+    return overrides + [
+        f"logger={logger}",
+        "~callbacks.sample_images",
+        "callbacks.model_checkpoint.every_n_train_steps=1000",
+        "+callbacks.stop._target_=tests.callbacks.test_report.SigtermAt",
+        f"+callbacks.stop.step={step}",
+    ]
+
+
 def test_gallery_after_each_round_and_curves_at_the_end(
     tiny_model: Path, shards: str, tmp_path: Path
 ):
@@ -74,14 +87,7 @@ def test_gallery_after_each_round_and_curves_at_the_end(
 
 
 def test_a_sigterm_stop_still_plots_the_curves(tiny_model: Path, shards: str, tmp_path: Path):
-    overrides = [o for o in tiny_overrides(tiny_model, shards, 1000) if "sample_images" not in o]
-    overrides += [
-        "logger=csv",
-        "~callbacks.sample_images",
-        "callbacks.model_checkpoint.every_n_train_steps=1000",
-        "+callbacks.stop._target_=tests.callbacks.test_report.SigtermAt",
-        "+callbacks.stop.step=3",
-    ]
+    overrides = sigterm_overrides(tiny_model, shards, 3, "csv")
     assert train(compose_cfg(tmp_path, overrides)) is None  # stopped by the signal
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert 3 <= ckpt["global_step"] < 1000

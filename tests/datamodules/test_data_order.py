@@ -13,6 +13,7 @@ import torch
 from sdtrain.datamodules import order
 from sdtrain.datamodules.position import DataPosition
 from sdtrain.datamodules.webdataset import DataOrder, WebDataModule
+from tests.conftest import cpu_trainer
 
 SAMPLES, PER_SHARD = 96, 24  # the `shards` fixture: 4 shards x 24 samples
 
@@ -197,15 +198,7 @@ def fit(
     callbacks: list | None = None,
     model: KeyProbe | None = None,
 ) -> tuple[L.Trainer, KeyProbe]:
-    trainer = L.Trainer(
-        callbacks=callbacks,
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(callbacks=callbacks, max_steps=steps)
     model = model or KeyProbe()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
     return trainer, model

@@ -9,7 +9,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -25,6 +24,7 @@ from sdtrain.models.parts import tokenize
 from sdtrain.training import diffusion
 from sdtrain.training.ema import EMA
 from sdtrain.training.module import StableDiffusionModule
+from tests.conftest import cpu_trainer
 
 PROMPT = "a red circle"
 RANK, ALPHA = 4, 8.0  # scale 2: a scale dropped or applied twice shows
@@ -60,15 +60,7 @@ def module(parts, **kw) -> StableDiffusionModule:
 
 def fit(m: StableDiffusionModule, steps: int, root: Path) -> Path:
     """`steps` optimizer steps with Lightning on CPU; the checkpoint it then saves."""
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = cpu_trainer(max_steps=steps, default_root_dir=root)
     data = torch.utils.data.DataLoader(batches(m.tokenizer, steps), batch_size=None)
     trainer.fit(m, data)
     trainer.save_checkpoint(root / "last.ckpt")
