@@ -28,12 +28,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from sdtrain.datamodules import batch as B
+from sdtrain.datamodules.images import _open_checked, _to_8bit
 from sdtrain.datamodules.transforms import (
     ImageTextTransform,
     LatentTransform,
     SkipSample,
-    _open_checked,
-    _to_8bit,
     find_image,
 )
 

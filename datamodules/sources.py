@@ -42,8 +42,6 @@ def expand_shards(
         ValueError: nothing is named at all, a "pipe:" url without `allow_pipe`, a remote url
             whose client is not installed, or a listing that failed.
     """
-    import glob
-
     from braceexpand import braceexpand
 
     remote = remote or RemoteSettings()
@@ -62,20 +60,9 @@ def expand_shards(
         if "://" in url or url.startswith("pipe:"):
             out.append(url)
             continue
-        path = Path(url).expanduser()
-        if path.is_dir():
-            found = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
-            if not found:
-                raise FileNotFoundError(f"data.train_shards: folder {path} holds no *.tar shards")
-        elif glob.has_magic(str(path)):
-            found = sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
-            if not found:
-                raise FileNotFoundError(f"data.train_shards: {path} matches no files")
-        elif url.endswith(("/", os.sep)):
-            raise FileNotFoundError(f"data.train_shards: folder {url} does not exist")
-        else:
-            found = [str(path)]
-            missing += [] if path.is_file() else [url]
+        found = local_shards(url)
+        # a folder's and a glob's shards are files: only a plain path can be missing
+        missing += [] if Path(found[0]).is_file() else [url]
         out += found
     if not out:
         raise ValueError(f"data.train_shards={urls!r} names no shards")
@@ -86,6 +73,27 @@ def expand_shards(
         )
     check_clients(out)
     return out
+
+
+def local_shards(url: str) -> list[str]:
+    """The shards a local `data.train_shards` entry names: a folder's `*.tar` or a glob's files
+    (sorted, FileNotFoundError when none), else the path itself, existing or not."""
+    import glob
+
+    path = Path(url).expanduser()
+    if path.is_dir():
+        found = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
+        if not found:
+            raise FileNotFoundError(f"data.train_shards: folder {path} holds no *.tar shards")
+    elif glob.has_magic(str(path)):
+        found = sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
+        if not found:
+            raise FileNotFoundError(f"data.train_shards: {path} matches no files")
+    elif url.endswith(("/", os.sep)):
+        raise FileNotFoundError(f"data.train_shards: folder {url} does not exist")
+    else:
+        found = [str(path)]
+    return found
 
 
 def read_latent_cache(urls: list[str], remote: RemoteSettings | None = None) -> dict | None:

@@ -3,33 +3,20 @@ latent cache (sdtrain-cache-latents output) -> batches of VAE posterior moments 
 
 from __future__ import annotations
 
-import hashlib
-import logging
-from dataclasses import replace
 from functools import partial
 
 import lightning as L
-import torch
-import webdataset as wds
-from torch.utils.data import DataLoader
 
-from sdtrain.datamodules.buckets import BucketBatcher, BucketTransform, parse_buckets
+from sdtrain.datamodules.assembly import PipelineAssembly
+from sdtrain.datamodules.buckets import BucketTransform, parse_buckets
 from sdtrain.datamodules.captions import caption_processor
 from sdtrain.datamodules.decode import DecodeStage  # noqa: F401  (re-exported: sdtrain.artifacts.cache)
-from sdtrain.datamodules.heldout import HeldOut, heldout_transform, split_heldout
+from sdtrain.datamodules.heldout import split_heldout
 from sdtrain.datamodules.masks import check_mode, with_masks
-from sdtrain.datamodules.mixture import Mixture, MixtureCollate, MixtureTransform, parse_sources
-from sdtrain.datamodules.order import (  # noqa: F401  (DataOrder: part of this module's API)
-    Cursor,
-    DataOrder,
-    Endless,
-    PositionStage,
-    ResampledShardList,
-    ShuffleStage,
-    worker_info,
-)
-from sdtrain.datamodules.passes import pass_stages
+from sdtrain.datamodules.mixture import Mixture, MixtureTransform, parse_sources
+from sdtrain.datamodules.order import DataOrder  # part of this module's API too
 from sdtrain.datamodules.remote import RemoteSettings
+from sdtrain.datamodules.resuming import ResumableOrder
 from sdtrain.datamodules.sources import (  # noqa: F401  (re-exported: this module's API)
     CACHE_FILE,
     CACHE_FORMAT,
@@ -45,21 +32,36 @@ from sdtrain.datamodules.survey import (
     plan_buckets,
     survey_shards,
 )
-from sdtrain.datamodules.tars import TarSamples
-from sdtrain.datamodules.transforms import (
-    MAX_IMAGE_PIXELS,
-    Collate,
-    ImageTextTransform,
-    LatentTransform,
-)
+from sdtrain.datamodules.transforms import MAX_IMAGE_PIXELS, ImageTextTransform, LatentTransform
 from sdtrain.models.parts import load_tokenizers
 
-log = logging.getLogger(__name__)
+
+def check_counts(
+    batch_size: int,
+    num_workers: int,
+    shuffle_buffer: int,
+    resolution: int | None,
+    max_image_pixels: int | None,
+) -> None:
+    """Refuse a size or count that is not a whole number of at least its least, naming its key."""
+    for key, value, least in (
+        ("batch_size", batch_size, 1),
+        ("num_workers", num_workers, 0),
+        ("shuffle_buffer", shuffle_buffer, 0),
+        ("resolution", 8 if resolution is None else resolution, 8),
+        ("max_image_pixels", 1 if max_image_pixels is None else max_image_pixels, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"data.{key}={value!r} must be a whole number >= {least}")
 
 
-class WebDataModule(L.LightningDataModule):
+class WebDataModule(ResumableOrder, PipelineAssembly, L.LightningDataModule):
     """Streams image-text samples from WebDataset shards (img2dataset layout works as is), or
     VAE posterior moments from a latent cache (a folder sdtrain-cache-latents wrote).
+
+    Here: its settings, the shards and their survey, the transform for them. Beside it:
+    `resuming.ResumableOrder` (rank, start step, resume point: the data order) and
+    `assembly.PipelineAssembly` (the stages, the DataLoader, the held-out batches).
 
     A latent cache is recognised by the cache.json beside its shards, so the same
     `data.train_shards` key names either kind; `latent_cache_info` holds the parsed file (None for
@@ -151,20 +153,29 @@ class WebDataModule(L.LightningDataModule):
         mask: str | None = None,
     ) -> None:
         super().__init__()
-        for key, value, least in (
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-            ("shuffle_buffer", shuffle_buffer, 0),
-            ("resolution", 8 if resolution is None else resolution, 8),
-            ("max_image_pixels", 1 if max_image_pixels is None else max_image_pixels, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"data.{key}={value!r} must be a whole number >= {least}")
+        check_counts(batch_size, num_workers, shuffle_buffer, resolution, max_image_pixels)
         check_mode(mask)
         self.save_hyperparameters()
         self.remote = RemoteSettings.of(remote)
         self.buckets = parse_buckets(buckets, resolution, bucket_step, bucket_max_aspect)
-        self.captions = caption_processor(caption_template, shuffle_tags, keep_tags, tag_separator)
+        caption_args = (caption_template, shuffle_tags, keep_tags, tag_separator)
+        self.captions = caption_processor(*caption_args)
+        self._read_shards(
+            train_shards, sources, allow_pipe, val_shards, val_split_shards, caption_args
+        )
+        self.survey = self.survey_data()
+        self.tokenizer = None
+        self._rank: tuple[int, int] | None = None  # (rank, world size) from set_rank
+        self._start_step: int | None = None  # from set_start_step
+        self._resume: dict | None = None  # a checkpoint's data position (resume_at)
+        self.order: DataOrder | None = None  # the order of the last train_dataloader()
+
+    def _read_shards(
+        self, train_shards, sources, allow_pipe: bool, val_shards, val_split_shards: int,
+        caption_args: tuple,
+    ) -> None:  # fmt: skip
+        """Set `mixture` (`data.sources`, or None), `urls`, `val_urls`, `latent_cache_info` and
+        a mixture's `source_captions` (rewritten per `caption_args`)."""
         expand = partial(expand_shards, allow_pipe=allow_pipe, remote=self.remote)
         mixed = parse_sources(sources, train_shards, expand)
         read_cache = partial(read_latent_cache, remote=self.remote)
@@ -186,15 +197,7 @@ class WebDataModule(L.LightningDataModule):
             self.latent_cache_info = read_latent_cache(self.urls, self.remote)
         else:
             self.latent_cache_info = self.mixture.latent_cache_info()
-            self.source_captions = self.mixture.captions(
-                caption_template, shuffle_tags, keep_tags, tag_separator
-            )
-        self.survey = self.survey_data()
-        self.tokenizer = None
-        self._rank: tuple[int, int] | None = None  # (rank, world size) from set_rank
-        self._start_step: int | None = None  # from set_start_step
-        self._resume: dict | None = None  # a checkpoint's data position (resume_at)
-        self.order: DataOrder | None = None  # the order of the last train_dataloader()
+            self.source_captions = self.mixture.captions(*caption_args)
 
     @property
     def bucketed(self) -> bool:
@@ -230,95 +233,6 @@ class WebDataModule(L.LightningDataModule):
             return h.num_workers
         per_pass = self.batches_per_pass()
         return loader_workers(h.num_workers, per_pass, world_size, self.survey, h.batch_size, say)
-
-    def set_rank(self, rank: int, world_size: int) -> None:
-        """Use this rank and world size instead of the trainer's (a loader built without one)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self._rank = (rank, world_size)
-
-    def set_start_step(self, step: int) -> None:
-        """Use this start step instead of the trainer's global_step (a resume without a trainer)."""
-        self._start_step = step
-
-    def data_order(self) -> DataOrder:
-        """Seed, start step, rank, world size and resume point for the next train_dataloader().
-
-        Taken from the trainer unless set_rank/set_start_step fixed them; (rank 0 of 1, step 0)
-        without one. Lightning restores a checkpoint (and with it `resume_at`) before it asks
-        for the train dataloader, so global_step is the resumed run's first step there.
-        """
-        if self._rank is not None:
-            rank, world = self._rank
-        elif self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
-        else:
-            rank, world = 0, 1
-        if self._start_step is not None:
-            step = self._start_step
-        else:
-            step = self.trainer.global_step if self.trainer is not None else 0
-        order = DataOrder(seed=self.hparams.seed, start_step=step, rank=rank, world_size=world)
-        at = self._resume_point(rank, world)
-        if at is None:
-            return order
-        start_step, offset, resume = at
-        return replace(order, start_step=start_step, worker_offset=offset, resume=resume)
-
-    @property
-    def keeps_position(self) -> bool:
-        """Whether checkpoints keep the data position (`DataPosition`): not for resampled shards,
-        which a resumed run draws anew."""
-        return not self.hparams.resampled
-
-    def layout(self, world_size: int | None = None) -> dict:
-        """What a data position means only under: the shards, how they are split and batched."""
-        h = self.hparams
-        world = self.data_order().world_size if world_size is None else world_size
-        return {
-            "shards": hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16],
-            "num_shards": len(self.urls),
-            "seed": h.seed,
-            "resampled": h.resampled,
-            "batch_size": h.batch_size,
-            "shuffle_buffer": h.shuffle_buffer,
-            "workers": max(1, self.loader_workers(world)),
-            "world_size": world,
-            "buckets": None if self.buckets is None else [list(b) for b in self.buckets],
-            # what a position counts: the samples through a batch of the pass's whole batches
-            # (datamodules/passes.py); a checkpoint from before counted each worker's own draws
-            "deal": None if h.resampled else "batches",
-            "sources": None if self.mixture is None else self.mixture.layout(),
-        }
-
-    def resume_at(self, position: dict) -> None:
-        """Continue from a checkpoint's data position (`DataPosition.state_dict`) when the
-        layout allows; train_dataloader() then starts every worker where it left off."""
-        self._resume = position
-
-    def _resume_point(self, rank: int, world: int) -> tuple | None:
-        """(start step, worker offset, (pass, drawn) per worker) for this rank, or None (and a
-        warning naming why) when the restored position cannot be continued."""
-        position = self._resume
-        if not position:
-            return None
-        if self.hparams.resampled:
-            log.info(
-                "data.resampled=true draws shards with replacement: the resumed run draws anew "
-                "(set data.resampled=false to continue each pass where it stopped)"
-            )
-            return None
-        saved, now = position.get("layout") or {}, self.layout(world)
-        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
-        if changed:
-            log.warning(
-                "the checkpoint's data position cannot be continued (%s): the data order "
-                "starts anew, so some samples of this pass may repeat or be missed",
-                "; ".join(changed),
-            )
-            return None
-        row = position["ranks"][rank]
-        return int(position["start_step"]), int(row["next_worker"]), tuple(map(tuple, row["at"]))
 
     def setup(self, stage: str | None = None) -> None:
         self.check_shard_kind()
@@ -370,88 +284,3 @@ class WebDataModule(L.LightningDataModule):
             )
         files, shape = info["files"], info["latent_shape"]
         return LatentTransform(files, info["dtype"], shape, captions)
-
-    def pipeline(self, order: DataOrder | None = None) -> Endless:
-        """Shards -> samples -> batches for one rank; `order` defaults to data_order()."""
-        h = self.hparams
-        order = self.data_order() if order is None else order
-        cursor = Cursor(order)
-        decode = DecodeStage(self.transform(), order)
-        collate = Collate(self.tokenizer)
-        mixed = None  # a mixture's raw samples, drawn from its sources by weight
-        if self.mixture is not None:
-            collate = MixtureCollate(collate, self.mixture.names)
-            mixed = self.mixture.samples(
-                order, cursor, decode.transform, decode.shard_error, h.shuffle_buffer,
-                shared=not h.resampled, read=partial(TarSamples, settings=self.remote),
-            )  # fmt: skip
-        if h.resampled:  # each slot its own endless shard order, shuffle and batches
-            read = [mixed] if mixed is not None else [
-                ResampledShardList(self.urls, order, cursor),
-                TarSamples(decode.shard_error, self.remote),
-                ShuffleStage(h.shuffle_buffer, order, cursor),
-            ]  # fmt: skip
-            stages = [*read, PositionStage(cursor), decode, self.batcher(collate)]
-        else:  # one stream a pass for all slots, batches formed once and dealt whole
-            per_pass, size = self.batches_per_pass(), h.batch_size
-            stages = pass_stages(
-                self.urls, order, cursor, decode, collate, size, h.shuffle_buffer, per_pass,
-                samples=None if mixed is None else [mixed], remote=self.remote,
-            )  # fmt: skip
-        slots = order.world_size * max(1, self.loader_workers(order.world_size))
-        return Endless(wds.DataPipeline(*stages), cursor, order.rank, max(1000, 2 * slots))
-
-    def batcher(self, collate):
-        """Examples -> batches: `batch_size` in arrival order, or with buckets the first bucket
-        to hold `batch_size` (one shape per batch; partial buckets wait for the next pass)."""
-        if self.buckets is not None:
-            return BucketBatcher(self.hparams.batch_size, collate)
-        return wds.batched(self.hparams.batch_size, collation_fn=collate, partial=False)
-
-    def train_dataloader(self) -> DataLoader:
-        # read now: on resume the trainer has just restored its step and the data position
-        order = self.order = self.data_order()
-        log.info(
-            "data order: seed %d, start step %d, rank %d of %d%s",
-            order.seed,
-            order.start_step,
-            order.rank,
-            order.world_size,
-            ", continuing where the checkpoint left off" if order.resume else "",
-        )
-        workers = self.loader_workers(order.world_size, say=True)
-        # a plain DataLoader, not wds.WebLoader (a pipeline around one): Lightning shuts the
-        # persistent workers down when fit ends only if it can see the DataLoader; hidden in
-        # WebLoader they lived on until garbage collection (5 s a worker; a sweep's trials piled up)
-        return DataLoader(
-            self.pipeline(order),
-            batch_size=None,
-            num_workers=workers,
-            # persistent: each worker keeps its pipeline, and with it the pass counts
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            # DataLoader refuses a start method when there are no worker processes
-            multiprocessing_context=self.hparams.worker_start_method if workers > 0 else None,
-        )
-
-    def heldout_dataloader(self) -> HeldOut | None:
-        """This rank's held-out batches for `sdtrain.training.validation` (None without held-out shards):
-        read in order, centre-cropped, never flipped. Not named `val_dataloader`: the validation
-        loss runs from a callback at optimizer steps, not in Lightning's val loop."""
-        if not self.val_urls:
-            return None
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizers(self.hparams.tokenizer)
-        transform = heldout_transform(
-            self.val_urls, self.hparams, self.latent_cache_info, self.remote
-        )
-        order = self.data_order()
-        return HeldOut(
-            self.val_urls,
-            transform,
-            Collate(self.tokenizer),
-            self.hparams.batch_size,
-            order.rank,
-            order.world_size,
-            self.remote,
-        )
