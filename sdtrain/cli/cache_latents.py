@@ -65,6 +65,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def cache_recipe(a: argparse.Namespace) -> dict:
+    """What cache.json records of how the cache was made: model, source, size, dtype, options."""
+    return {
+        "pretrained": str(Path(a.pretrained).expanduser().resolve()),
+        "source": a.src
+        if a.src.startswith("pipe:")
+        else redact(a.src)  # no credentials of a presigned url in cache.json
+        if "://" in a.src
+        else str(Path(a.src).absolute()),
+        "resolution": a.resolution,
+        "dtype": a.dtype,
+        "text": a.text,
+        "mask": a.mask,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -78,18 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         vae, text_encoder, tokenizer, _ = load_frozen(a.pretrained)
     except (OSError, ValueError) as e:
         raise SystemExit(f"sdtrain-cache-latents: {e}") from e
-    recipe = {
-        "pretrained": str(Path(a.pretrained).expanduser().resolve()),
-        "source": a.src
-        if a.src.startswith("pipe:")
-        else redact(a.src)  # no credentials of a presigned url in cache.json
-        if "://" in a.src
-        else str(Path(a.src).absolute()),
-        "resolution": a.resolution,
-        "dtype": a.dtype,
-        "text": a.text,
-        "mask": a.mask,
-    }
+    recipe = cache_recipe(a)
     encoder = LatentEncoder(
         vae,
         text_encoder,
