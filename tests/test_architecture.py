@@ -134,7 +134,7 @@ def test_an_old_target_names_its_new_path(target: str, new: str):
 # The project's size rule (README, Architecture): a module past this is split by concern, and so
 # is a function. What is not split yet is named here; take its entry out once it is.
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
-LONG_FUNCTIONS = {"sdtrain.training.module.StableDiffusionModule.__init__"}
+LONG_FUNCTIONS: set[str] = set()  # "package.module.Class.method"
 
 
 def functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[str, ast.AST]]:

@@ -140,6 +140,18 @@ class StableDiffusionModule(
         )
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self._hold_parts(parts, train_text_encoder, gradient_checkpointing)
+        self.ema = ema
+        self.offload = FrozenOffload(offload_frozen)  # parts kept off the device (configure_model)
+        self._fast = False  # compile / channels-last applied (configure_model runs once)
+        self.strict_loading = False  # checkpoints hold what trains; the frozen parts reload
+        self._start_step_state(max_bad_data_fraction, max_nonfinite_in_a_row)
+
+    def _hold_parts(
+        self, parts: Parts, train_text_encoder: bool | str, gradient_checkpointing: bool
+    ) -> None:
+        """Take the built parts: the VAE frozen, the text encoder trained as asked, the U-Net
+        checkpointed if asked, the noise schedule in fp32, where they came from."""
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.family = parts.family  # what differs between model families (models/family.py)
@@ -156,10 +168,12 @@ class StableDiffusionModule(
         )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.ema = ema
-        self.offload = FrozenOffload(offload_frozen)  # parts kept off the device (configure_model)
-        self._fast = False  # compile / channels-last applied (configure_model runs once)
-        self.strict_loading = False  # checkpoints hold what trains; the frozen parts reload
+
+    def _start_step_state(
+        self, max_bad_data_fraction: float | None, max_nonfinite_in_a_row: int
+    ) -> None:
+        """The step's bookkeeping: the tally of unusable samples, the non-finite guard, and the
+        flags an optimizer step and its micro-batches share."""
         self.skips = SkipTally(max_bad_data_fraction)  # unusable data samples, all ranks
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
         self._skip_update = False  # this optimizer step's gradients were dropped

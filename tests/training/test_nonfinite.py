@@ -154,7 +154,7 @@ def test_clipping_reuses_the_checks_norm(fused, precision, shards, tiny_model, m
     """The gradients are read for their norm once a step (the non-finite check's norm serves the
     clipping), and the weights come out bit for bit as with clip_grad_norm_ (which reads them
     again)."""
-    import sdtrain.training.module
+    import sdtrain.training.optimizer_hooks
 
     norms = []
     foreach_norm = torch._foreach_norm
@@ -172,7 +172,7 @@ def test_clipping_reuses_the_checks_norm(fused, precision, shards, tiny_model, m
     reused = run()
     assert len(norms) == 3
     monkeypatch.setattr(
-        sdtrain.training.module,
+        sdtrain.training.optimizer_hooks,  # where the optimizer step calls it
         "clip_with_norm",
         lambda ps, v, _: torch.nn.utils.clip_grad_norm_(ps, v),
     )
