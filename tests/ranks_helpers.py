@@ -1,8 +1,35 @@
-"""A callback that fails one rank at one step, for the multi-process tests (tests/test_ranks.py)."""
+"""For the multi-process tests (tests/test_ranks.py, test_fsdp.py, test_sdxl_ranks.py): callbacks
+that fail a rank, signal a process or count gradient reductions, and the check that two
+strategies trained the same weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import torch
+
+
+def load_start(model: Path) -> dict[str, torch.Tensor]:
+    """The U-Net weights of the model folder `model`, where training started."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(model, subfolder="unet").state_dict()
+
+
+def assert_weights_close(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
+) -> int:
+    """Each of `want`'s tensors (a checkpoint's state_dict, `unet.` keys) equals `got`'s within
+    fp32 summation-order noise (rtol 1e-4, atol 2e-6); returns how many moved from `start`
+    (`load_start`), for the caller to check that the match is not trivial."""
+    moved = 0
+    for key, w in want.items():
+        torch.testing.assert_close(
+            got[key], w, rtol=1e-4, atol=2e-6, msg=lambda m, k=key: f"{k}: {m}"
+        )
+        moved += not torch.equal(w, start[key[len("unet.") :]])
+    return moved
 
 
 class RaiseAt(L.Callback):
@@ -61,7 +88,6 @@ class CountReductions(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         import json
-        from pathlib import Path
 
         Path(self.out).mkdir(parents=True, exist_ok=True)
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))

@@ -77,6 +77,24 @@ def load(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+def killed_and_whole(
+    tmp_path: Path, model: Path, shards: str, *extra: str, steps: int, rank: int = 0
+) -> tuple[Path, Path]:
+    """Two runs of `steps` steps with the `extra` overrides: one SIGKILLed once rank `rank`'s
+    ledger shows step 8 (checkpoint at 5: steps 5..8 are lost and redone) and resumed from `last`,
+    and one uninterrupted. Returns their folders (whole, killed)."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    proc = launch(command(killed, model, shards, *extra, steps=steps), log)
+    kill_at_step(proc, killed / "ledger" / f"rank{rank}.tsv", 8, log)
+    assert load(killed)["global_step"] == 5
+    resume = command(killed, model, shards, *extra, "ckpt_path=last", steps=steps)
+    finish(launch(resume, log), log)
+    whole_log = tmp_path / "whole.log"
+    finish(launch(command(whole, model, shards, *extra, steps=steps), whole_log), whole_log)
+    return whole, killed
+
+
 def assert_same(a, b, where: str = "") -> None:
     """Equal nested values; tensors bit for bit."""
     if isinstance(a, torch.Tensor):
@@ -150,16 +168,7 @@ def test_ddp_killed_and_resumed_ends_like_an_uninterrupted_run(
         "trainer.precision=32-true",
         "trainer.devices=2",
     ]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    log = tmp_path / "killed.log"
-    proc = launch(command(killed, tiny_model, shards, *ddp, steps=steps), log)
-    kill_at_step(proc, killed / "ledger" / "rank1.tsv", 8, log)  # checkpoint at 5
-    assert load(killed)["global_step"] == 5
-    resume = command(killed, tiny_model, shards, *ddp, "ckpt_path=last", steps=steps)
-    finish(launch(resume, log), log)
-    whole_log = tmp_path / "whole.log"
-    finish(launch(command(whole, tiny_model, shards, *ddp, steps=steps), whole_log), whole_log)
-
+    whole, killed = killed_and_whole(tmp_path, tiny_model, shards, *ddp, steps=steps, rank=1)
     a, b = load(whole), load(killed)
     for key in ("state_dict", "optimizer_states", "sdtrain"):
         assert_same(a[key], b[key], key)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_fsdp import load, load_start, run_two_ranks
-from tests.test_resume_parity import assert_same, command, finish, kill_at_step, launch
+from tests.ranks_helpers import assert_weights_close, load_start
+from tests.test_fsdp import load, run_two_ranks
+from tests.test_resume_parity import assert_same, killed_and_whole
 from tests.test_resume_parity import load as load_last
 
 
@@ -23,14 +24,7 @@ def test_sdxl_under_fsdp_trains_like_ddp(tiny_sdxl: Path, shards: str, tmp_path:
     assert a["global_step"] == b["global_step"] == 4
     start = load_start(tiny_sdxl)
     assert any(k.startswith("add_embedding.") for k in start)  # SDXL's size/crop + pooled input
-    moved = 0
-    for key, want in b["state_dict"].items():
-        got = a["state_dict"][key]
-        torch.testing.assert_close(
-            got, want, rtol=1e-4, atol=2e-6, msg=lambda m, k=key: f"{k}: {m}"
-        )
-        moved += not torch.equal(want, start[key[len("unet.") :]])
-    assert moved > len(start) // 2
+    assert assert_weights_close(a["state_dict"], b["state_dict"], start) > len(start) // 2
     for key in ("unet.add_embedding.linear_1.weight", "unet.add_embedding.linear_2.weight"):
         assert not torch.equal(b["state_dict"][key], start[key[len("unet.") :]]), key
 
@@ -61,16 +55,10 @@ def test_sdxl_killed_and_resumed_ends_bit_for_bit_like_an_uninterrupted_run(
 ):
     """Random crops and flips of wide images change each sample's crop conditioning: a resume must
     redraw them as the uninterrupted run drew them, or SDXL's time_ids (and weights) would differ."""
-    shards, steps, extra = wide_shards, 12, ("data.center_crop=false",)
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    log, ledger = tmp_path / "killed.log", killed / "ledger" / "rank0.tsv"
-    proc = launch(command(killed, tiny_sdxl, shards, *extra, steps=steps), log)
-    kill_at_step(proc, ledger, 8, log)  # checkpoint at 5: steps 5..8 are lost and redone
-    assert load_last(killed)["global_step"] == 5
-    resume = command(killed, tiny_sdxl, shards, *extra, "ckpt_path=last", steps=steps)
-    finish(launch(resume, log), log)
-    whole_log = tmp_path / "whole.log"
-    finish(launch(command(whole, tiny_sdxl, shards, *extra, steps=steps), whole_log), whole_log)
+    steps = 12
+    whole, killed = killed_and_whole(
+        tmp_path, tiny_sdxl, wide_shards, "data.center_crop=false", steps=steps
+    )
     a, b = load_last(whole), load_last(killed)
     assert a["global_step"] == b["global_step"] == steps
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "sdtrain"):
