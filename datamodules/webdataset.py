@@ -266,21 +266,10 @@ class WebDataModule(ResumableOrder, PipelineAssembly, L.LightningDataModule):
         self, captions, info: dict | None
     ) -> ImageTextTransform | LatentTransform:
         h = self.hparams
-        if info is None and self.buckets is not None:
-            return BucketTransform(
-                self.buckets,
-                h.center_crop,
-                h.random_flip,
-                max_pixels=h.max_image_pixels,
-                captions=captions,
-            )
-        if info is None:
-            return ImageTextTransform(
-                h.resolution,
-                h.center_crop,
-                h.random_flip,
-                max_pixels=h.max_image_pixels,
-                captions=captions,
-            )
+        if info is None:  # images: at one resolution, or in the bucket of their aspect ratio
+            images = ImageTextTransform if self.buckets is None else BucketTransform
+            size = h.resolution if self.buckets is None else self.buckets
+            flags = (h.center_crop, h.random_flip)
+            return images(size, *flags, max_pixels=h.max_image_pixels, captions=captions)
         files, shape = info["files"], info["latent_shape"]
         return LatentTransform(files, info["dtype"], shape, captions)
