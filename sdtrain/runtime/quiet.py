@@ -42,6 +42,16 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     # bitsandbytes (model.optimizer: its 8-bit AdamW) tries to fetch a CPU 4-bit matmul kernel from
     # the Hub at import; sdtrain uses only its optimizers, which need no such kernel.
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward"),
+    # torchao (model.fp8; diffusers and transformers import it when it is installed) tries its
+    # compiled kernels for MX formats and CUTLASS at import, which a CPU build of torch or another
+    # CUDA lacks; its float8 training, all sdtrain uses, is PyTorch code and needs none of them.
+    ("torchao", r"Failed to load .*\.so"),
+    # torchao registers its enums with torch's pytree, which torch 2.13 now supports natively.
+    ("torch.utils._pytree", r"is an Enum subclass and is now natively supported"),
+    # diffusers' torchao quantizer registers torchao's quantized tensor types for loading
+    # torchao-quantized checkpoints, and warns when a torchao release has moved them; sdtrain
+    # loads no quantized checkpoint.
+    ("diffusers.quantizers.torchao.torchao_quantizer", r"Unable to import `torchao` Tensor"),
 )
 
 # (message regex, category): Python warnings a user cannot act on.
