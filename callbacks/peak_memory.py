@@ -41,13 +41,17 @@ class PeakMemory(L.Callback):
             f"{prefix}_allocated": torch.cuda.max_memory_allocated(device),
         }
 
+    # The strategy's device, not the module's: by on_fit_end Lightning has moved the module back
+    # to the CPU, and the whole run's peak and the GPU's name went unrecorded (H100, 2026-12-07).
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.result |= self._peaks(pl_module.device, "steps") | {"steps": trainer.global_step}
+        device = trainer.strategy.root_device
+        self.result |= self._peaks(device, "steps") | {"steps": trainer.global_step}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.result |= self._peaks(pl_module.device, "run") | {"device": pl_module.device.type}
-        if pl_module.device.type == "cuda":
-            self.result["gpu"] = torch.cuda.get_device_name(pl_module.device)
+        device = trainer.strategy.root_device
+        self.result |= self._peaks(device, "run") | {"device": device.type}
+        if device.type == "cuda":
+            self.result["gpu"] = torch.cuda.get_device_name(device)
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.result, indent=1) + "\n")
