@@ -26,9 +26,8 @@ def check_weight(prior_loss_weight: float | None) -> None:
     """Refuse a negative or non-number `model.prior_loss_weight`."""
     if prior_loss_weight is None:
         return
-    if isinstance(prior_loss_weight, bool) or not isinstance(prior_loss_weight, (int, float)):
-        raise ValueError(f"model.prior_loss_weight={prior_loss_weight!r} must be a number >= 0")
-    if not prior_loss_weight >= 0:
+    number = isinstance(prior_loss_weight, (int, float)) and not isinstance(prior_loss_weight, bool)
+    if not number or not prior_loss_weight >= 0:
         raise ValueError(f"model.prior_loss_weight={prior_loss_weight!r} must be a number >= 0")
 
 
@@ -40,12 +39,12 @@ def prior_weights(
     sources = batch.get(B.SOURCES)
     if prior_loss_weight is None or not sources or CLASS not in sources:
         return None
-    is_class = torch.tensor([s == CLASS for s in sources], device=device)
-    n, m = len(sources), int(is_class.sum())
+    is_class = [s == CLASS for s in sources]  # counted on the host: no device sync per step
+    n, m = len(sources), sum(is_class)
     if m == n:  # a batch of class samples alone: their mean, times lambda
         return torch.full((n,), float(prior_loss_weight), device=device)
     instance, klass = n / (n - m), float(prior_loss_weight) * n / m
-    return torch.where(is_class, klass, instance).float()
+    return torch.tensor([klass if c else instance for c in is_class], device=device)
 
 
 def times_prior_weights(
