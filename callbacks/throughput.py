@@ -3,7 +3,10 @@
 Rank 0 logs `perf/img_per_s` (this rank's images x world size / wall time),
 `perf/img_per_s_per_device`, `perf/mfu` (U-Net training FLOPs per image x img/s per device / the
 device's peak bf16 FLOP/s), `perf/data_wait_frac`, `perf/peak_mem_gb` (CUDA:
-`torch.cuda.max_memory_allocated()` so far / 1e9), `perf/state_mem_gb` (this device's parameters,
+`torch.cuda.max_memory_allocated()` so far / 1e9), `perf/alloc_retries` (CUDA: the caching
+allocator's retries so far, each a cudaFree of its cache and a device sync after a failed
+cudaMalloc: a run near the card's limit slows there, and `PYTORCH_CUDA_ALLOC_CONF=
+expandable_segments:True` or a smaller batch helps), `perf/state_mem_gb` (this device's parameters,
 gradients, optimizer state and EMA: under FSDP its shards) and, once, `perf/flops_per_img`.
 
 The wait is the time from one step's `on_train_batch_end` to the next `on_train_batch_start`
@@ -217,6 +220,8 @@ class ThroughputMonitor(L.Callback):
             metrics["perf/mfu"] = mfu(self.flops_per_img, per_device, self._peak)
         if pl_module.device.type == "cuda":
             metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 1e9
+            stats = torch.cuda.memory_stats(pl_module.device)  # host counters: no sync
+            metrics["perf/alloc_retries"] = float(stats.get("num_alloc_retries", 0))
         state = training_state_bytes(trainer, pl_module)
         if state:  # a module with trainable parameters
             metrics["perf/state_mem_gb"] = state / 1e9

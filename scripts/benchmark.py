@@ -121,6 +121,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "data_wait_frac": statistics.median(col("perf/data_wait_frac", warm)),
         "peak_mem_gb": max(col("perf/peak_mem_gb", -1), default=0.0),
         "state_mem_gb": max(col("perf/state_mem_gb", -1)),
+        "alloc_retries": max(col("perf/alloc_retries", -1), default=0),
         "warmup_s": None,
         "run_wall_s": wall,
     }
@@ -152,6 +153,8 @@ def child(a: argparse.Namespace) -> None:
         "strategy": "single" if a.gpus == 1 else a.strategy,
         "channels_last": a.channels_last if a.child == "pipeline" else None,
         "state_mem_gb": round(r["state_mem_gb"], 2) if r.get("state_mem_gb") else None,
+        "alloc_retries": int(r.get("alloc_retries", 0)),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "compile": None if a.child == "raw_eager_onthefly" else a.compile,
         "tflop_per_img": round(r["flops_per_img"] / 1e12, 3),
         "warmup_s": None if r.get("warmup_s") is None else round(r["warmup_s"], 1),
@@ -168,9 +171,14 @@ def run_variant(
     """One variant in its own process; its output goes to a log file; returns its row.
 
     `spec` is VARIANT[:COMPILE][@GPUSxSTRATEGY][|OVERRIDE...], e.g. pipeline:None@4xfsdp or
-    'pipeline:unet|model.attention=cudnn' (overrides for this variant, after --extra's)."""
+    'pipeline:unet|model.attention=cudnn' (overrides for this variant, after --extra's); an
+    override `ENV:NAME=VALUE` sets an environment variable of the variant's process instead, e.g.
+    'pipeline:repeated|ENV:PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True'."""
     spec, *extra = spec.split("|")
-    label = "-".join(x.rpartition(".")[2] for x in extra)
+    env = dict(os.environ)
+    env.update(x[4:].split("=", 1) for x in extra if x.startswith("ENV:"))
+    label = "-".join(x.rpartition(".")[2].rpartition(":")[2] for x in extra)
+    extra = [x for x in extra if not x.startswith("ENV:")]
     spec, _, par = spec.partition("@")
     gpus, strategy = par.split("x") if par else (str(a.gpus), a.strategy)
     v, _, comp = spec.partition(":")
@@ -202,7 +210,9 @@ def run_variant(
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as f:
         # own process group: a timed-out pipeline's training process must not outlive it
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         try:
             proc.wait(timeout=a.timeout)
         except subprocess.TimeoutExpired:

@@ -122,4 +122,5 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
         "warmup_s": warm_s,
         "data_wait_frac": 0.0,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0,
     }
