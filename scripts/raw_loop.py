@@ -36,7 +36,9 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = fast
     checkpointing = "model.gradient_checkpointing=true" in a.extra
-    unet = UNet2DConditionModel.from_pretrained(a.folder, subfolder="unet").to(dev)
+    # train mode, as diffusers' training examples set it: from_pretrained returns eval mode, whose
+    # graph differs (diffusers' ResNets skip their training-mode .contiguous(); no dropout)
+    unet = UNet2DConditionModel.from_pretrained(a.folder, subfolder="unet").to(dev).train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
     ac = DDPMScheduler.from_pretrained(a.folder, subfolder="scheduler").alphas_cumprod.to(dev)

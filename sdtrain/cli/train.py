@@ -219,6 +219,7 @@ def prepare(cfg: DictConfig) -> Prepared | None:
             "e.g. model.pretrained=/models/sd15 \"data.train_shards='/data/{00000..00099}.tar'\" or a shard folder)"
         )
     check_targets(cfg)
+    speed.use_cuda_alloc_conf(cfg.get("cuda_alloc_conf"))  # before anything starts CUDA
     check_device(cfg.trainer)  # one line naming the CPU settings, before anything starts
     check_bucket_step(cfg.data)
     check_demo_data(cfg.data)  # your own shards under the demo's flips and size

@@ -16,6 +16,11 @@
   with diffusers' own parameters (`sdtrain.models.attention`).
 - `float32_matmul_precision`: "high" lets fp32 matmuls use TF32 on Ampere and later ("highest"
   keeps full fp32). Set once per process, before the first matmul.
+- `cuda_alloc_conf`: the CUDA caching allocator's settings, `PYTORCH_CUDA_ALLOC_CONF` unless the
+  user set that (or `PYTORCH_ALLOC_CONF`) already. The default, `expandable_segments:True`, grows
+  one mapped segment instead of caching blocks of fixed sizes: less fragmentation near the card's
+  limit (SDXL at batch 4 on an H100: 11.6 -> 12.6 images/s, docs/benchmarks.md). Set before CUDA
+  starts; DDP's children inherit it.
 """
 
 from __future__ import annotations
@@ -157,6 +162,29 @@ def _default_inductor_cache() -> str | None:
     import os
 
     return os.path.abspath(default_cache_dir())
+
+
+ALLOC_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def use_cuda_alloc_conf(value: str | None) -> str | None:
+    """Set `PYTORCH_CUDA_ALLOC_CONF` to `value` (the `cuda_alloc_conf` key) unless the user's
+    environment sets the allocator already; returns the setting in force (None: PyTorch's own)."""
+    import os
+
+    users = next((os.environ[k] for k in ALLOC_VARIABLES if os.environ.get(k)), None)
+    if users is not None or not value:
+        return users
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(
+            f"cuda_alloc_conf={value!r}: give PyTorch's allocator settings as 'key:value[,key:value]'"
+            " (e.g. expandable_segments:True), or null to leave PyTorch's default"
+        )
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # too late for the variable
+        log.warning("cuda_alloc_conf=%s not applied: CUDA had started already", value)
+        return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = value
+    return value
 
 
 def set_float32_matmul_precision(precision: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import pytest
@@ -146,3 +147,40 @@ def test_profiling_a_compiled_unet_records_no_module_hooks(caplog):
         speed.profile_compiled_whole(trainer, "unet")
     assert not trainer.profiler._record_module_names
     assert "record_module_names" in caplog.text
+
+
+def test_cuda_alloc_conf_is_set_unless_the_user_set_one(monkeypatch):
+    for k in speed.ALLOC_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    assert speed.use_cuda_alloc_conf(None) is None and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert speed.use_cuda_alloc_conf("expandable_segments:True") == "expandable_segments:True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.8")
+    assert (
+        speed.use_cuda_alloc_conf("expandable_segments:True") == "garbage_collection_threshold:0.8"
+    )
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.8"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # torch's newer name
+    assert speed.use_cuda_alloc_conf("expandable_segments:True") == "expandable_segments:False"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    with pytest.raises(ValueError, match="cuda_alloc_conf='yes'"):
+        speed.use_cuda_alloc_conf("yes")
+
+
+def test_train_sets_the_allocator_before_cuda(tiny_model, shards, tmp_path, monkeypatch):
+    """sdtrain-train's default config sets expandable segments for the run (and its DDP children,
+    which inherit the environment); a user's variable is left alone."""
+    from sdtrain.cli.train import train
+    from tests.conftest import compose_cfg, tiny_overrides
+
+    for k in speed.ALLOC_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
+    cfg = compose_cfg(tmp_path / "a", tiny_overrides(tiny_model, shards, steps=1))
+    assert cfg.cuda_alloc_conf == "expandable_segments:True"
+    train(cfg)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")
+    train(compose_cfg(tmp_path / "b", tiny_overrides(tiny_model, shards, steps=1)))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:256"
