@@ -76,6 +76,7 @@ def compile_unet(
         return
     if mode == "repeated":
         layers = [m for m in unet.modules() if type(m).__name__ in REPEATED]
+        checkpoint_inside(unet, layers)
         # one compiled graph per distinct (layer kind, shape): SDXL has ~20, past dynamo's
         # default of 8 recompiles per code object, beyond which the rest would run eagerly
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else None
@@ -90,6 +91,43 @@ def compile_unet(
         if block is not None:
             block.compile(**options)
     log.info("compiled %d U-Net blocks (regional compile)", len(blocks))
+
+
+def _call(module: nn.Module, *args):
+    return module(*args)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    """The layer's own forward under a checkpoint, as a frame Dynamo traces (a partial of
+    `checkpoint` would start in torch's skipped files and compile nothing); `self` stays a frame
+    input, so layers of one kind and shape share a graph as before."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_inside(unet: nn.Module, layers: list[nn.Module]) -> bool:
+    """With diffusers' gradient checkpointing on, move each checkpoint inside its compiled layer.
+
+    diffusers checkpoints exactly the layers `repeated` compiles (each ResnetBlock2D and
+    BasicTransformerBlock call, from their eager parents). A checkpoint around a compiled layer
+    reruns the layer's compiled forward in the backward and feeds its recomputed tensors to the
+    compiled backward, which asserts the strides it traced; on CUDA a channels-last convolution's
+    real strides can differ from the traced ones (PyTorch issue 171622), and the SDXL pipeline
+    failed so on an H100 (docs/benchmarks.md). Inside the compiled layer the checkpoint is one
+    graph: AOTAutograd saves the layer's inputs and recomputes the rest in its own backward, as
+    PyTorch recommends for compile with activation checkpointing. The parents then call each
+    layer directly; which tensors are kept, and the values, are unchanged. Returns whether it
+    applied."""
+    import types
+
+    if not getattr(unet, "is_gradient_checkpointing", False) or not layers:
+        return False
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=_call)  # parents: direct calls
+    for m in layers:
+        m.forward = types.MethodType(_checkpointed_forward, m)
+    log.info("gradient checkpointing inside %d compiled layers", len(layers))
+    return True
 
 
 def profile_compiled_whole(trainer, compile: str | None) -> None:

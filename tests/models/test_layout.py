@@ -74,3 +74,50 @@ def test_only_copies_feeding_convolutions_go():
     assert _contiguous_calls(gm) == 1
     x = torch.randn(2, 4, 3, 5)
     torch.testing.assert_close(gm(x), Net.forward(gm, x))
+
+
+def _all_contiguous_calls(gm: torch.fx.GraphModule) -> int:
+    return sum(_contiguous_calls(m) for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+
+
+def _checkpoint_regions(gm: torch.fx.GraphModule) -> int:
+    return sum(
+        n.op == "call_function" and "checkpoint" in str(n.target)
+        for m in gm.modules()
+        if isinstance(m, torch.fx.GraphModule)
+        for n in m.graph.nodes
+    )
+
+
+def test_repeated_compile_checkpoints_inside_each_layer_with_the_same_gradients():
+    """compile=repeated with gradient checkpointing: each ResNet / transformer layer's checkpoint
+    is in its own compiled graph (not around it), the layout copies leave the checkpointed body
+    too, and outputs and gradients are the eager checkpointed U-Net's."""
+    torch.manual_seed(0)
+    unet = build_unet(8).to(memory_format=torch.channels_last).train()
+    unet.enable_gradient_checkpointing()
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    t, ctx = torch.randint(0, 1000, (2,)), torch.randn(2, 77, 32)
+    want_out, want_grads = _step(unet, x, t, ctx)
+
+    seen = []  # per graph: (checkpoint regions, contiguous calls before, after)
+
+    def inner(gm, example_inputs):
+        seen[-1] += (_all_contiguous_calls(gm),)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def record(gm, example_inputs):
+        seen.append((_checkpoint_regions(gm), _all_contiguous_calls(gm)))
+        return layout.backend(inner)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    speed.compile_unet(unet, "repeated", drop_layout_copies=True, backend=record)
+    got_out, got_grads = _step(unet, x, t, ctx)
+    torch._dynamo.reset()
+
+    assert seen and all(regions == 1 for regions, _, _ in seen), seen  # one checkpoint a graph
+    assert sum(before for _, before, _ in seen) > 0, seen  # the ResNets' shortcut copies
+    assert all(after == 0 for _, _, after in seen), seen
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
