@@ -98,12 +98,17 @@ def _call(module: nn.Module, *args):
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
-    """The layer's own forward under a checkpoint, as a frame Dynamo traces (a partial of
-    `checkpoint` would start in torch's skipped files and compile nothing); `self` stays a frame
-    input, so layers of one kind and shape share a graph as before."""
+    """The layer's own forward under a checkpoint when gradients are on (directly otherwise), as a
+    frame Dynamo traces: a partial of `checkpoint` would start in torch's skipped files and compile
+    nothing. `self` stays a frame input, so layers of one kind and shape share a graph as before;
+    the forward is the plain function kept on the layer (`type(self).forward` breaks the graph:
+    diffusers marks BasicTransformerBlock allow-in-graph)."""
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+    forward = self._sdtrain_layer_forward
+    if not torch.is_grad_enabled():  # sampling, validation: nothing to recompute
+        return forward(self, *args, **kwargs)
+    return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
 
 
 def checkpoint_inside(unet: nn.Module, layers: list[nn.Module]) -> bool:
@@ -125,6 +130,7 @@ def checkpoint_inside(unet: nn.Module, layers: list[nn.Module]) -> bool:
         return False
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=_call)  # parents: direct calls
     for m in layers:
+        m._sdtrain_layer_forward = type(m).forward  # the plain function, not bound
         m.forward = types.MethodType(_checkpointed_forward, m)
     log.info("gradient checkpointing inside %d compiled layers", len(layers))
     return True
