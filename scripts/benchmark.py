@@ -37,8 +37,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from bench_shards import http_server, shard_url  # scripts/ is on the path: runs as a script
 from shaped_models import build_shaped
+
+from sdtrain.models.speed import environment_alloc_conf
 
 VARIANTS = ("raw_eager_onthefly", "raw_fast_cached", "pipeline")
 CUDA = torch.cuda.is_available()
@@ -109,7 +112,10 @@ def pipeline(a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - t0
-        rows = list(csv.DictReader(open(next(Path(run).glob("csv/*/metrics.csv")))))
+        logs = next(Path(run).glob("csv/*/metrics.csv")).parent
+        rows = list(csv.DictReader(open(logs / "metrics.csv")))
+        # the config the run logged: sdtrain-train sets the allocator from its cuda_alloc_conf
+        hparams = yaml.safe_load((logs / "hparams.yaml").read_text()) or {}
 
     def col(name: str, after: int) -> list[float]:
         return [float(r[name]) for r in rows if r.get(name) and int(r["step"]) > after]
@@ -122,6 +128,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "peak_mem_gb": max(col("perf/peak_mem_gb", -1), default=0.0),
         "state_mem_gb": max(col("perf/state_mem_gb", -1)),
         "alloc_retries": max(col("perf/alloc_retries", -1), default=0),
+        "alloc_conf": hparams.get("cuda_alloc_conf"),
         "warmup_s": None,
         "run_wall_s": wall,
     }
@@ -154,7 +161,8 @@ def child(a: argparse.Namespace) -> None:
         "channels_last": a.channels_last if a.child == "pipeline" else None,
         "state_mem_gb": round(r["state_mem_gb"], 2) if r.get("state_mem_gb") else None,
         "alloc_retries": int(r.get("alloc_retries", 0)),
-        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        # the environment's wins (as in sdtrain-train), else the pipeline's cuda_alloc_conf
+        "alloc_conf": environment_alloc_conf() or r.get("alloc_conf"),
         "compile": None if a.child == "raw_eager_onthefly" else a.compile,
         "tflop_per_img": round(r["flops_per_img"] / 1e12, 3),
         "warmup_s": None if r.get("warmup_s") is None else round(r["warmup_s"], 1),

@@ -66,11 +66,7 @@ def drop_layout_copies(gm: fx.GraphModule) -> int:
     """Remove each `.contiguous()` whose result only feeds layout-free calls; returns how many.
     Subgraphs (a checkpointed region's body, which Dynamo keeps as a GraphModule attribute of
     the graph) are edited too."""
-    dropped = sum(
-        drop_layout_copies(sub)
-        for name, sub in gm.named_children()
-        if isinstance(sub, fx.GraphModule)
-    )
+    dropped = sum(drop_layout_copies(m) for m in gm.children() if isinstance(m, fx.GraphModule))
     for node in list(gm.graph.nodes):
         if _is_plain_contiguous(node) and _layout_free(gm, node):
             node.replace_all_uses_with(node.args[0])

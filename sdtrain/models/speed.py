@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -184,8 +185,6 @@ def use_compile_cache(folder: str | None, compile: str | None) -> str | None:
     folder in use. Set in the launching process, so DDP's children inherit it. A later run of the
     same shapes (a resume, a sweep trial) reads the compiled kernels back: measured on a 2-core CPU,
     the tiny model's first step went from ~2 min to seconds (tests/test_compile_resume.py)."""
-    import os
-
     if compile is None or not folder:
         return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     root = Path(folder).expanduser()
@@ -203,20 +202,21 @@ def _default_inductor_cache() -> str | None:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # another torch layout: treat any value as the user's
         return None
-    import os
-
     return os.path.abspath(default_cache_dir())
 
 
 ALLOC_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
+def environment_alloc_conf() -> str | None:
+    """The allocator setting the environment gives (either variable), if any."""
+    return next((os.environ[k] for k in ALLOC_VARIABLES if os.environ.get(k)), None)
+
+
 def use_cuda_alloc_conf(value: str | None) -> str | None:
     """Set `PYTORCH_CUDA_ALLOC_CONF` to `value` (the `cuda_alloc_conf` key) unless the user's
     environment sets the allocator already; returns the setting in force (None: PyTorch's own)."""
-    import os
-
-    users = next((os.environ[k] for k in ALLOC_VARIABLES if os.environ.get(k)), None)
+    users = environment_alloc_conf()
     if users is not None or not value:
         return users
     if not isinstance(value, str) or ":" not in value:
@@ -224,7 +224,7 @@ def use_cuda_alloc_conf(value: str | None) -> str | None:
             f"cuda_alloc_conf={value!r}: give PyTorch's allocator settings as 'key:value[,key:value]'"
             " (e.g. expandable_segments:True), or null to leave PyTorch's default"
         )
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # too late for the variable
+    if torch.cuda.is_initialized():  # too late for the variable
         log.warning("cuda_alloc_conf=%s not applied: CUDA had started already", value)
         return None
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = value
