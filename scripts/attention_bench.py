@@ -3,7 +3,8 @@ per processor and SDPA kernel, and how much of that time is memory copies (docs/
 
     python scripts/attention_bench.py --batch 64 --px 512 --out attention.json
 
-Each row: processor ("diffusers": AttnProcessor2_0; "fused": sdtrain.models.attention.FusedProjections),
+Each row: processor ("diffusers": AttnProcessor2_0; "fused": sdtrain.models.attention.FusedProjections;
+"pad64" / "fused_pad64": heads zero-padded to 64 for the kernel, model.attention_pad_heads=64),
 kernel (PyTorch's choice, cudnn, flash, efficient), and the milliseconds of one U-Net step's worth
 of attention (each shape times how often SD-1.5 has it), of which copy kernels.
 """
@@ -64,8 +65,35 @@ def _copy_ms(fn) -> float:
     )
 
 
-def case(processor: str, kernel: str | None, a) -> dict:
+PROCESSORS = {
+    "diffusers": None,
+    "fused": (True, None),
+    "pad64": (False, 64),
+    "fused_pad64": (True, 64),
+}
+
+
+def _set(attn, processor: str):
     from sdtrain.models.attention import FusedProjections
+
+    if PROCESSORS[processor] is not None:
+        attn.set_processor(FusedProjections(*PROCESSORS[processor]))
+    return attn
+
+
+def max_diff(processor: str, a) -> float:
+    """Largest |difference| from diffusers' processor on SD-1.5's widest self-attention (40-wide
+    heads), forward, bf16 autocast, the same weights and input: bf16 noise is ~1e-2."""
+    torch.manual_seed(0)
+    attn = _module(320, False).cuda()
+    x = torch.randn(min(a.batch, 8), (a.px // 8) ** 2, 320, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = attn(x).float()
+        got = _set(attn, processor)(x).float()
+    return (got - want).abs().max().item()
+
+
+def case(processor: str, kernel: str | None, a) -> dict:
     from sdtrain.models.speed import set_attention
 
     torch.backends.cuda.enable_flash_sdp(True)
@@ -78,9 +106,7 @@ def case(processor: str, kernel: str | None, a) -> dict:
     for div, channels, count in LEVELS:
         tokens = (side // div) ** 2
         for cross in (False, True):
-            attn = _module(channels, cross).cuda()
-            if processor == "fused":
-                attn.set_processor(FusedProjections())
+            attn = _set(_module(channels, cross).cuda(), processor)
             x = torch.randn(a.batch, tokens, channels, device="cuda", requires_grad=True)
             ctx = torch.randn(a.batch, 77, 768, device="cuda") if cross else None
             fwd = torch.compile(lambda x, ctx, attn=attn: attn(x, encoder_hidden_states=ctx))
@@ -93,7 +119,8 @@ def case(processor: str, kernel: str | None, a) -> dict:
             total += _time(step, a.steps) * count
             copies += _copy_ms(step) * count
     return dict(processor=processor, kernel=kernel, batch=a.batch, px=a.px,
-                ms_per_unet_step=round(total, 2), copy_ms=round(copies, 2))  # fmt: skip
+                ms_per_unet_step=round(total, 2), copy_ms=round(copies, 2),
+                max_diff=max_diff(processor, a))  # fmt: skip
 
 
 def profile_one(a) -> None:
@@ -101,13 +128,9 @@ def profile_one(a) -> None:
     self-attention (64 x 64 latents, 320 channels) by GPU time, to see where its copies come from."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sdtrain.models.attention import FusedProjections
-
     for processor in a.processors:
         torch._dynamo.reset()
-        attn = _module(320, False).cuda()
-        if processor == "fused":
-            attn.set_processor(FusedProjections())
+        attn = _set(_module(320, False).cuda(), processor)
         x = torch.randn(a.batch, (a.px // 8) ** 2, 320, device="cuda", requires_grad=True)
         fwd = torch.compile(lambda x, attn=attn: attn(x))
 
@@ -129,7 +152,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--px", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--processors", nargs="+", default=["diffusers", "fused"])
+    p.add_argument("--processors", nargs="+", default=list(PROCESSORS), choices=list(PROCESSORS))
     p.add_argument("--kernels", nargs="+", default=["default", "cudnn", "flash", "efficient"])
     p.add_argument("--out", default=None)
     p.add_argument("--profile", action="store_true", help="print the largest case's profile")

@@ -25,7 +25,11 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     from sdtrain.models.speed import set_attention
 
-    drop_copies, fuse = True, False  # model.drop_layout_copies, model.fuse_projections
+    drop_copies, fuse, pad = (
+        True,
+        False,
+        None,
+    )  # model.drop_layout_copies, .fuse_projections, .attention_pad_heads
     for x in a.extra:  # the pipeline overrides the plain loop takes too
         if x.startswith("model.attention="):
             set_attention(None if x.split("=", 1)[1] in ("null", "None") else x.split("=", 1)[1])
@@ -33,6 +37,8 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
             drop_copies = x.split("=", 1)[1].lower() == "true"
         if x.startswith("model.fuse_projections="):
             fuse = x.split("=", 1)[1].lower() == "true"
+        if x.startswith("model.attention_pad_heads="):
+            pad = None if x.split("=", 1)[1] in ("null", "None") else int(x.split("=", 1)[1])
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = fast
     checkpointing = "model.gradient_checkpointing=true" in a.extra
@@ -57,10 +63,10 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
         unet.to(memory_format=torch.channels_last)
         from sdtrain.models.speed import compile_unet
 
-        if fuse:
+        if fuse or pad:
             from sdtrain.models.attention import fuse_projections
 
-            fuse_projections(unet)
+            fuse_projections(unet, fuse, pad)
 
         compile_unet(unet, a.compile, drop_layout_copies=drop_copies)
     else:

@@ -14,6 +14,8 @@
   kernel stays as the fallback for shapes it cannot take). Set per process, before compiling.
 - `fuse_projections`: one matmul for each attention's q, k and v (k and v for cross-attention),
   with diffusers' own parameters (`sdtrain.models.attention`).
+- `attention_pad_heads`: zero-pad the attention heads to a multiple of this width (64) for the
+  kernel call, the same values (`sdtrain.models.attention`): SD-1.x's heads are 40 wide.
 - `float32_matmul_precision`: "high" lets fp32 matmuls use TF32 on Ampere and later ("highest"
   keeps full fp32). Set once per process, before the first matmul.
 - `cuda_alloc_conf`: the CUDA caching allocator's settings, `PYTORCH_CUDA_ALLOC_CONF` unless the
@@ -41,7 +43,11 @@ REPEATED = ("BasicTransformerBlock", "ResnetBlock2D")
 ATTENTION = (None, "flash", "efficient", "cudnn")
 
 
-def check(compile: str | None, attention: str | None = None) -> None:
+def check(compile: str | None, attention: str | None = None, pad_heads: int | None = None) -> None:
+    if pad_heads is not None:
+        from sdtrain.models.attention import check_pad
+
+        check_pad(pad_heads)
     if compile not in COMPILE_MODES:
         raise ValueError(f"model.compile={compile!r} is not one of {list(COMPILE_MODES)}")
     if attention not in ATTENTION:
@@ -167,10 +173,11 @@ def apply(unet: nn.Module, h, fsdp: bool) -> None:
     elif h.channels_last:
         to_channels_last(unet)
     set_attention(h.attention)
-    if h.fuse_projections:
+    pad_heads = h.get("attention_pad_heads")
+    if h.fuse_projections or pad_heads:
         from sdtrain.models import attention
 
-        attention.fuse_projections(unet)
+        attention.fuse_projections(unet, h.fuse_projections, pad_heads)
     if h.get("fp8"):  # before compile, so the compiled graph holds the FP8 casts
         from sdtrain.models import fp8
 

@@ -67,6 +67,8 @@ class StableDiffusionModule(
             "cudnn" (`speed.set_attention`).
         fuse_projections: one matmul for each attention's q/k/v (k/v for cross-attention), the
             same parameters (`sdtrain.models.attention`).
+        attention_pad_heads: zero-pad attention heads to a multiple of this width (e.g. 64) for
+            the kernel call; the same values (`sdtrain.models.attention`). None: as they are.
         fp8: FP8 matmuls in the U-Net's linear layers: None, "tensorwise" or "rowwise"
             (`sdtrain.models.fp8`, torchao).
         max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
@@ -113,6 +115,7 @@ class StableDiffusionModule(
         drop_layout_copies: bool = True,
         attention: str | None = None,
         fuse_projections: bool = False,
+        attention_pad_heads: int | None = None,
         fp8: str | None = None,
         max_nonfinite_in_a_row: int = 10,
         max_bad_data_fraction: float | None = 0.5,
@@ -125,7 +128,7 @@ class StableDiffusionModule(
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
-        speed.check(compile, attention)
+        speed.check(compile, attention, attention_pad_heads)
         fp8_matmuls.check(fp8, lora=lora.has_adapter(parts.unet))
         prior.check_weight(prior_loss_weight)
         num_train = parts.noise_scheduler.config.num_train_timesteps
