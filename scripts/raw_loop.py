@@ -42,6 +42,7 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = fast
     checkpointing = "model.gradient_checkpointing=true" in a.extra
+    graphs = cuda and "model.cuda_graphs=true" in a.extra  # model.compile's regions as CUDA graphs
     # train mode, as diffusers' training examples set it: from_pretrained returns eval mode, whose
     # graph differs (diffusers' ResNets skip their training-mode .contiguous(); no dropout)
     unet = UNet2DConditionModel.from_pretrained(a.folder, subfolder="unet").to(dev).train()
@@ -68,7 +69,7 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
 
             fuse_projections(unet, fuse, pad)
 
-        compile_unet(unet, a.compile, drop_layout_copies=drop_copies)
+        compile_unet(unet, a.compile, drop_layout_copies=drop_copies, cuda_graphs=graphs)
     else:
         vae = AutoencoderKL.from_pretrained(a.folder, subfolder="vae").to(dev, bf16)
         text, tokenizer = family.load_text(a.folder)
@@ -84,6 +85,8 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
 
     def step(i: int) -> None:
         x, c = sets[i % len(sets)]
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             if fast:
                 mean, logvar = x.float().chunk(2, dim=1)

@@ -14,6 +14,8 @@
   kernel stays as the fallback for shapes it cannot take). Set per process, before compiling.
 - `fuse_projections`: one matmul for each attention's q, k and v (k and v for cross-attention),
   with diffusers' own parameters (`sdtrain.models.attention`).
+- `cuda_graphs`: with `compile`, the compiled regions' forward and backward recorded as CUDA
+  graphs and replayed (`sdtrain.models.cuda_graphs`): a step's kernel launches cost no CPU time.
 - `attention_pad_heads`: zero-pad the attention heads to a multiple of this width (64) for the
   kernel call, the same values (`sdtrain.models.attention`): SD-1.x's heads are 40 wide.
 - `float32_matmul_precision`: "high" lets fp32 matmuls use TF32 on Ampere and later ("highest"
@@ -43,7 +45,15 @@ REPEATED = ("BasicTransformerBlock", "ResnetBlock2D")
 ATTENTION = (None, "flash", "efficient", "cudnn")
 
 
-def check(compile: str | None, attention: str | None = None, pad_heads: int | None = None) -> None:
+def check(
+    compile: str | None,
+    attention: str | None = None,
+    pad_heads: int | None = None,
+    cuda_graphs: bool = False,
+) -> None:
+    from sdtrain.models import cuda_graphs as graphs
+
+    graphs.check(cuda_graphs, compile)
     if pad_heads is not None:
         from sdtrain.models.attention import check_pad
 
@@ -67,13 +77,26 @@ def set_attention(name: str | None) -> None:
 
 
 def compile_unet(
-    unet: nn.Module, mode: str | None, drop_layout_copies: bool = False, **options
+    unet: nn.Module,
+    mode: str | None,
+    drop_layout_copies: bool = False,
+    cuda_graphs: bool = False,
+    **options,
 ) -> None:
     """Compile the U-Net in place: whole ("unet") or block by block ("blocks"); with
-    `drop_layout_copies` (for a channels-last U-Net) through `sdtrain.models.layout.backend`."""
+    `drop_layout_copies` (for a channels-last U-Net) through `sdtrain.models.layout.backend`;
+    with `cuda_graphs`, Inductor records CUDA graphs (`sdtrain.models.cuda_graphs`)."""
     check(mode)
     if mode is None:
         return
+    if cuda_graphs:
+        from sdtrain.models import cuda_graphs as graphs
+
+        graphs.watch_skips()
+        if drop_layout_copies:  # a backend of its own: Inductor with graphs inside it
+            options.setdefault("inner_backend", graphs.inductor())
+        else:
+            options.setdefault("mode", "reduce-overhead")
     if drop_layout_copies:
         from sdtrain.models import layout
 
@@ -166,8 +189,9 @@ def to_channels_last(unet: nn.Module) -> None:
     unet.to(memory_format=torch.channels_last)
 
 
-def apply(unet: nn.Module, h, fsdp: bool) -> None:
-    """The module's fast settings (`h`: its hparams), in place, in the order they need."""
+def apply(unet: nn.Module, h, fsdp: bool, device: torch.device | None = None) -> bool:
+    """The module's fast settings (`h`: its hparams), in place, in the order they need; returns
+    whether CUDA graphs are in use (`model.cuda_graphs`, on a CUDA `device`)."""
     if h.channels_last and fsdp:  # FSDP2 shards need contiguous parameters
         log.warning("model.channels_last=true is ignored under trainer=fsdp")
     elif h.channels_last:
@@ -183,7 +207,16 @@ def apply(unet: nn.Module, h, fsdp: bool) -> None:
 
         fp8.convert(unet, h.fp8)
     nhwc = h.channels_last and not fsdp
-    compile_unet(unet, h.compile, drop_layout_copies=h.drop_layout_copies and nhwc)
+    graphs = bool(h.get("cuda_graphs")) and h.compile is not None
+    if graphs:
+        from sdtrain.models.cuda_graphs import unusable
+
+        reason = unusable(device)
+        if reason:
+            log.warning("model.cuda_graphs: ordinary launches (%s)", reason)
+            graphs = False
+    compile_unet(unet, h.compile, h.drop_layout_copies and nhwc, graphs)
+    return graphs
 
 
 def use_compile_cache(folder: str | None, compile: str | None) -> str | None:

@@ -13,8 +13,8 @@ import torch
 from sdtrain.artifacts.cache import check_latent_cache
 from sdtrain.datamodules import batch as B
 from sdtrain.datamodules.position import DataPosition
+from sdtrain.models import cuda_graphs, lora, speed, textual_inversion
 from sdtrain.models import fp8 as fp8_matmuls
-from sdtrain.models import lora, speed, textual_inversion
 from sdtrain.models.parts import Parts
 from sdtrain.runtime import devices
 from sdtrain.training import diffusion, optimizers, prior, sharding
@@ -71,6 +71,8 @@ class StableDiffusionModule(
             the kernel call; the same values (`sdtrain.models.attention`). None: as they are.
         fp8: FP8 matmuls in the U-Net's linear layers: None, "tensorwise" or "rowwise"
             (`sdtrain.models.fp8`, torchao).
+        cuda_graphs: with `compile`, record the compiled U-Net's forward and backward as CUDA
+            graphs and replay them (`sdtrain.models.cuda_graphs`); a one-line reason where not.
         max_nonfinite_in_a_row: optimizer steps with NaN/inf gradients in a row before the run
             stops; each such step is skipped on every rank (`sdtrain.training.nonfinite`).
         max_bad_data_fraction: stop with an error naming the worst shards once more than this
@@ -117,6 +119,7 @@ class StableDiffusionModule(
         fuse_projections: bool = False,
         attention_pad_heads: int | None = None,
         fp8: str | None = None,
+        cuda_graphs: bool = False,
         max_nonfinite_in_a_row: int = 10,
         max_bad_data_fraction: float | None = 0.5,
         fsdp_reduce_dtype: str = "float32",
@@ -128,7 +131,7 @@ class StableDiffusionModule(
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"model.caption_dropout={caption_dropout} is not in [0, 1]")
-        speed.check(compile, attention, attention_pad_heads)
+        speed.check(compile, attention, attention_pad_heads, cuda_graphs)
         fp8_matmuls.check(fp8, lora=lora.has_adapter(parts.unet))
         prior.check_weight(prior_loss_weight)
         num_train = parts.noise_scheduler.config.num_train_timesteps
@@ -146,8 +149,6 @@ class StableDiffusionModule(
         self._hold_parts(parts, train_text_encoder, gradient_checkpointing)
         self.ema = ema
         self.offload = FrozenOffload(offload_frozen)  # parts kept off the device (configure_model)
-        self._fast = False  # compile / channels-last applied (configure_model runs once)
-        self.strict_loading = False  # checkpoints hold what trains; the frozen parts reload
         self._start_step_state(max_bad_data_fraction, max_nonfinite_in_a_row)
 
     def _hold_parts(
@@ -177,6 +178,9 @@ class StableDiffusionModule(
     ) -> None:
         """The step's bookkeeping: the tally of unusable samples, the non-finite guard, and the
         flags an optimizer step and its micro-batches share."""
+        self._fast = False  # compile / channels-last applied (configure_model runs once)
+        self._graph_steps = None  # model.cuda_graphs in use: sdtrain.models.cuda_graphs.Steps
+        self.strict_loading = False  # checkpoints hold what trains; the frozen parts reload
         self.skips = SkipTally(max_bad_data_fraction)  # unusable data samples, all ranks
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
         self._skip_update = False  # this optimizer step's gradients were dropped
@@ -260,7 +264,9 @@ class StableDiffusionModule(
         if fsdp:
             mesh = self.device_mesh["data_parallel"]
             sharding.shard_unet(self.unet, mesh, h.fsdp_reduce_dtype, h.fsdp_param_dtype)
-        speed.apply(self.unet, h, fsdp)
+        device = self._trainer.strategy.root_device if self._trainer is not None else None
+        if speed.apply(self.unet, h, fsdp, device):
+            self._graph_steps = cuda_graphs.Steps()
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond):
         """U-Net prediction (epsilon or v) for noisy latents at `timesteps` given the conditioning

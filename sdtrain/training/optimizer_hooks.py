@@ -12,6 +12,7 @@ from typing import Any
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
 from sdtrain.artifacts import checkpoint
+from sdtrain.datamodules import batch as B
 from sdtrain.models import lora
 from sdtrain.training import optimizers, sharding
 from sdtrain.training.lr_schedule import hold_after_horizon
@@ -21,7 +22,8 @@ from sdtrain.training.nonfinite import clip_with_norm, skips_on_device
 class OptimizerHooks:
     """Needs from the module: `hparams.text_encoder_lr`, `optimizer_factory`,
     `lr_scheduler_factory`, `ema`, `nonfinite`, `trainable_parameters()`, the step's flags set in
-    its `__init__` (`_skip_update`, `_found_inf`, `_grad_norm`, `_lr_horizon`) and Lightning's hooks."""
+    its `__init__` (`_skip_update`, `_found_inf`, `_grad_norm`, `_lr_horizon`, `_graph_steps`) and
+    Lightning's hooks."""
 
     def configure_optimizers(self):
         lr = self.hparams.text_encoder_lr  # a group of its own when the text encoder trains
@@ -81,8 +83,12 @@ class OptimizerHooks:
             self.log("train/skipped_nonfinite", skipped, reduce_fx="max")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A schedule-free optimizer takes gradients at its training point (`sdtrain.training.optimizers`)."""
+        """A schedule-free optimizer takes gradients at its training point (`sdtrain.training.optimizers`);
+        with CUDA graphs, a new step of the graph trees (`sdtrain.models.cuda_graphs`)."""
         optimizers.train_mode(self._trainer.optimizers)
+        if self._graph_steps is not None:
+            image = batch.get(B.image_key(batch)) if isinstance(batch, dict) else None
+            self._graph_steps.begin(None if image is None else tuple(image.shape))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per micro-batch),
