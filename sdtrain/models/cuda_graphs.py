@@ -10,8 +10,8 @@ Where graphs cannot be used the run goes on with ordinary launches and says why 
 - no CUDA device (the CPU runs the compiled kernels directly);
 - a compiled region Inductor will not graph (its own reason: a CPU tensor in the graph, a
   mutated input, ...), once per reason;
-- batches whose shape changes (image buckets, a last short batch): each shape records its own
-  graphs, which costs memory and a recording per shape; said once, with the shapes.
+- batches whose shape changes (`data.buckets`): each shape records its own graphs, which costs
+  memory and a recording per shape; said once, with the shapes.
 
 What stays outside the graphs: the step's draws, the loss, the optimizer, clipping and the EMA
 (a few fused or foreach kernels each: `sdtrain.training.optimizer_hooks`). Sampling and the
@@ -109,8 +109,7 @@ class Steps:
         if len(self.shapes) == 2:
             log.warning(
                 "model.cuda_graphs: the batch shape changed (%s, then %s): graphs are recorded "
-                "per shape, each with its own memory; fixed-size batches (one resolution, "
-                "drop_last) record once",
+                "per shape, each with its own memory; batches of one resolution record once",
                 self.shapes[0],
                 self.shapes[1],
             )
