@@ -8,6 +8,8 @@ and small images. The values are those of the same compiled kernels.
 
 Where graphs cannot be used the run goes on with ordinary launches and says why in one line:
 - no CUDA device (the CPU runs the compiled kernels directly);
+- gradient accumulation (the backward graph's gradients live in the graphs' memory pool, which
+  the next micro-batch's replay reuses before they are summed);
 - a compiled region Inductor will not graph (its own reason: a CPU tensor in the graph, a
   mutated input, ...), once per reason;
 - batches whose shape changes (`data.buckets`): each shape records its own graphs, which costs
@@ -43,11 +45,17 @@ def check(enabled: bool, compile: str | None) -> None:
         )
 
 
-def unusable(device: torch.device | None) -> str | None:
-    """Why graphs cannot be used on `device` (None when they can)."""
+def unusable(device: torch.device | None, accumulate: int = 1) -> str | None:
+    """Why graphs cannot be used on `device` with `accumulate` micro-batches a step (None when
+    they can)."""
     if device is None or device.type != "cuda":
         where = "no device" if device is None else f"device {device}"
         return f"{where}: CUDA graphs need a CUDA device"
+    if accumulate > 1:  # a replay would overwrite the gradients the next micro-batch adds to
+        return (
+            f"trainer.accumulate_grad_batches={accumulate}: gradients summed over micro-batches "
+            "would live in memory the next replay reuses"
+        )
     return None
 
 

@@ -189,9 +189,12 @@ def to_channels_last(unet: nn.Module) -> None:
     unet.to(memory_format=torch.channels_last)
 
 
-def apply(unet: nn.Module, h, fsdp: bool, device: torch.device | None = None) -> bool:
+def apply(
+    unet: nn.Module, h, fsdp: bool, device: torch.device | None = None, accumulate: int = 1
+) -> bool:
     """The module's fast settings (`h`: its hparams), in place, in the order they need; returns
-    whether CUDA graphs are in use (`model.cuda_graphs`, on a CUDA `device`)."""
+    whether CUDA graphs are in use (`model.cuda_graphs`, on a CUDA `device`, `accumulate`
+    micro-batches a step)."""
     if h.channels_last and fsdp:  # FSDP2 shards need contiguous parameters
         log.warning("model.channels_last=true is ignored under trainer=fsdp")
     elif h.channels_last:
@@ -211,7 +214,7 @@ def apply(unet: nn.Module, h, fsdp: bool, device: torch.device | None = None) ->
     if graphs:
         from sdtrain.models.cuda_graphs import unusable
 
-        reason = unusable(device)
+        reason = unusable(device, accumulate)
         if reason:
             log.warning("model.cuda_graphs: ordinary launches (%s)", reason)
             graphs = False

@@ -264,8 +264,10 @@ class StableDiffusionModule(
         if fsdp:
             mesh = self.device_mesh["data_parallel"]
             sharding.shard_unet(self.unet, mesh, h.fsdp_reduce_dtype, h.fsdp_param_dtype)
-        device = self._trainer.strategy.root_device if self._trainer is not None else None
-        if speed.apply(self.unet, h, fsdp, device):
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else None
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        if speed.apply(self.unet, h, fsdp, device, accumulate):
             self._graph_steps = cuda_graphs.Steps()
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond):

@@ -69,6 +69,12 @@ def test_without_cuda_it_says_why_and_compiles_plain(compiled, caplog):
     assert speed.apply(unet, _hparams(cuda_graphs=False), fsdp=False, device=None) is False
 
 
+def test_gradient_accumulation_is_told_and_left_to_ordinary_launches():
+    why = cuda_graphs.unusable(torch.device("cuda", 0), accumulate=4)
+    assert why and "trainer.accumulate_grad_batches=4" in why
+    assert cuda_graphs.unusable(torch.device("cuda", 0), accumulate=1) is None
+
+
 def test_inductors_skip_reasons_are_told_once_each(caplog):
     """Inductor tells a region it will not graph to its own logger: the run says it once."""
     from torch._inductor import cudagraph_utils
