@@ -7,7 +7,8 @@ thousands of kernels: the per-step CPU time of launching goes, which is what lim
 and small images. The values are those of the same compiled kernels.
 
 Where graphs cannot be used the run goes on with ordinary launches and says why in one line:
-- no CUDA device (the CPU runs the compiled kernels directly);
+- no CUDA device (the CPU runs the compiled kernels directly), or trainer=fsdp (its gathers and
+  reduce-scatters run in hooks around each block);
 - gradient accumulation (the backward graph's gradients live in the graphs' memory pool, which
   the next micro-batch's replay reuses before they are summed);
 - a compiled region Inductor will not graph (its own reason: a CPU tensor in the graph, a
@@ -45,9 +46,11 @@ def check(enabled: bool, compile: str | None) -> None:
         )
 
 
-def unusable(device: torch.device | None, accumulate: int = 1) -> str | None:
-    """Why graphs cannot be used on `device` with `accumulate` micro-batches a step (None when
-    they can)."""
+def unusable(device: torch.device | None, accumulate: int = 1, fsdp: bool = False) -> str | None:
+    """Why graphs cannot be used on `device` with `accumulate` micro-batches a step, sharded or
+    not (None when they can)."""
+    if fsdp:  # each sharded block gathers its weights in hooks between the compiled regions
+        return "trainer=fsdp: the shards' gathers run between the U-Net's layers, outside any graph"
     if device is None or device.type != "cuda":
         where = "no device" if device is None else f"device {device}"
         return f"{where}: CUDA graphs need a CUDA device"

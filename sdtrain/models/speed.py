@@ -214,7 +214,7 @@ def apply(
     if graphs:
         from sdtrain.models.cuda_graphs import unusable
 
-        reason = unusable(device, accumulate)
+        reason = unusable(device, accumulate, fsdp)
         if reason:
             log.warning("model.cuda_graphs: ordinary launches (%s)", reason)
             graphs = False

@@ -69,10 +69,11 @@ def test_without_cuda_it_says_why_and_compiles_plain(compiled, caplog):
     assert speed.apply(unet, _hparams(cuda_graphs=False), fsdp=False, device=None) is False
 
 
-def test_gradient_accumulation_is_told_and_left_to_ordinary_launches():
+def test_accumulation_and_fsdp_are_told_and_left_to_ordinary_launches():
     why = cuda_graphs.unusable(torch.device("cuda", 0), accumulate=4)
     assert why and "trainer.accumulate_grad_batches=4" in why
     assert cuda_graphs.unusable(torch.device("cuda", 0), accumulate=1) is None
+    assert "trainer=fsdp" in cuda_graphs.unusable(torch.device("cuda", 0), fsdp=True)
 
 
 def test_inductors_skip_reasons_are_told_once_each(caplog):
