@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The pending one-GPU measurements, as named calls of at most ~9.5 minutes each, so a lent machine
+# runs a checked command, not one typed in a hurry. Each step has its own timeout and writes its
+# log and JSON under $OUT (a cut-off call still returns what it finished); rows go to
+# docs/benchmarks.md by hand, with the card named.
+#
+#   scripts/gpu_calls.sh CALL        on the GPU machine, from the project root, after
+#                                    scripts/gpu_wheels.sh here (carry .whlmem, or .whlbnb for
+#                                    `savers`)
+#   TINY=1 OUT=/tmp/o scripts/gpu_calls.sh CALL     the same steps at toy sizes on a CPU
+#
+# CALL:
+#   speed     issue 29: the fusion check on the GPU; attention processors (heads padded to 64)
+#             per kernel; the pipeline at 512 px x 64, then the same run again (the warm start:
+#             its first step with the compile cache), then with model.cuda_graphs=true
+#   sdxl      issues 28/29: SDXL at 1024 px x 4 with gradient checkpointing (the plain loop and
+#             the pipeline: the checkpoint-inside-compiled-layer fix), and the pipeline with FP8
+#   savers    issue 31: full fine-tunes with every memory saver (bitsandbytes: carry .whlbnb),
+#             and the CUDA tests (offload's memory, CUDA graphs)
+set -uo pipefail
+CALL=${1:?name a call: speed, sdxl or savers}
+OUT=${OUT:?set OUT (the device tool sets it)}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ind}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ "${TINY:-0}" = 1 ]; then
+  SIZE=(--family sdxl --tiny --cases 64x2 --images 8 --workers 1 --steps 3 --warmup 2)
+  SDXL=("${SIZE[@]}") COMPILE=None FUSION=(--tiny) EM=(--tiny) T=1
+else
+  SIZE=(--cases 512x64 --images 256 --workers 6 --steps 30 --warmup 10)
+  SDXL=(--family sdxl --cases 1024x4 --images 64 --workers 4 --steps 20 --warmup 10)
+  COMPILE=unet FUSION=() EM=() T=0
+fi
+BENCH=(scripts/benchmark.py --work /tmp/bench --logs "$OUT/logs")
+
+step() {  # step NAME SECONDS COMMAND...: run with a timeout, output teed to $OUT/NAME.log
+  local name=$1 secs=$2
+  shift 2
+  echo "== $name (at most ${secs}s)"
+  timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.log" | grep -E '^\{|^(variant|pipeline|raw_)|fused|Error|error:|passed|failed' | tail -12
+}
+
+case "$CALL" in
+  speed)
+    step fusion 90 $PY scripts/fusion_check.py "${FUSION[@]}" --json "$OUT/fusion.json"
+    if [ "$T" = 0 ]; then
+      step attention 100 $PY scripts/attention_bench.py --batch 64 --px 512 --steps 10 \
+        --processors diffusers pad64 --kernels default cudnn --out "$OUT/attention.json"
+    fi
+    # the same shapes twice: the second run's warmup_s is the warm start (compile cache)
+    for run in cold warm; do
+      step "pipeline_$run" 300 $PY "${BENCH[@]}" "${SIZE[@]}" --timeout 280 \
+        --out "$OUT/speed.json" --variants "pipeline:$COMPILE"
+    done
+    if [ "$COMPILE" != None ]; then
+      step cuda_graphs 240 $PY "${BENCH[@]}" "${SIZE[@]}" --timeout 220 --out "$OUT/speed.json" \
+        --variants "pipeline:$COMPILE|model.cuda_graphs=true"
+    fi
+    ;;
+  sdxl)
+    C=repeated
+    [ "$T" = 1 ] && C=None
+    step sdxl 560 $PY "${BENCH[@]}" "${SDXL[@]}" --timeout 250 --out "$OUT/sdxl.json" --variants \
+      "raw_fast_cached:$C|model.gradient_checkpointing=true" \
+      "pipeline:$C|model.gradient_checkpointing=true" "pipeline:$C|model.fp8=tensorwise"
+    ;;
+  savers)
+    step savers 380 $PY scripts/experiment_memory.py "${EM[@]}" --experiments finetune_sd15 \
+      sdxl_finetune --savers all --steps 3 --timeout 170 --work /tmp/em --json "$OUT/exp_mem.json"
+    step cuda_tests 180 $PY -m pytest -q -p no:cacheprovider tests/training/test_offload.py \
+      tests/models/test_cuda_graphs.py -k cuda
+    ;;
+  *)
+    echo "unknown call $CALL: speed, sdxl or savers" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,43 @@
+"""scripts/gpu_calls.sh, the pending GPU measurements as named calls: it parses, refuses an unknown
+call by name, and (slow) its steps run end to end at toy sizes on the CPU (TINY=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_calls.sh"
+
+
+def _run(call: str, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TINY="1", OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(out / "ind")
+    return subprocess.run(["bash", str(SCRIPT), call], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_it_parses_and_names_an_unknown_call(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    done = _run("fast", tmp_path, 60)
+    assert done.returncode == 2
+    assert "unknown call fast: speed, sdxl or savers" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("call", ["speed", "sdxl"])
+def test_a_call_runs_its_steps_at_toy_sizes(call, tmp_path):
+    done = _run(call, tmp_path, 1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / f"{call}.json").read_text())
+    want = {"speed": 2, "sdxl": 3}[call]  # speed: cold + warm (no compile on the toy run)
+    assert len(rows) == want, [r["variant"] for r in rows]
+    assert all(r["img_per_s"] > 0 for r in rows)
+    if call == "speed":
+        assert json.loads((tmp_path / "fusion.json").read_text())["groupnorm_silu"]["forward_fused"]
+        assert all(r["warmup_s"] is not None for r in rows)  # the first step's time was read
