@@ -52,13 +52,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In CI the default tests run first, then the slow learning checks (the judged demos and the
-    parity run), then the other slow ones, each group in its own order."""
+    """In CI the default tests run first, then those marked slow for time only
+    (`@pytest.mark.slow(ci="first")`: multi-process and end-to-end checks that would keep plain
+    `pytest` past ~10 minutes), then the slow learning checks (the judged demos and the parity
+    run), then the other slow ones, each group in its own order."""
 
     def group(item: pytest.Item) -> int:
-        if item.get_closest_marker("slow") is None:
+        slow = item.get_closest_marker("slow")
+        if slow is None:
             return 0
-        return 1 if item.path.name in LEARNING_CHECKS else 2
+        if slow.kwargs.get("ci") == "first":
+            return 1
+        return 2 if item.path.name in LEARNING_CHECKS else 3
 
     if config.stash.get(_CI_RUNS_SLOW, False):
         items.sort(key=group)

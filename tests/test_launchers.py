@@ -89,6 +89,7 @@ def step_of(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_torchrun_two_cpu_processes_over_gloo(
     tiny_model: Path, shards: str, tmp_path: Path, env: dict[str, str]
 ):
@@ -112,6 +113,7 @@ def test_torchrun_two_cpu_processes_over_gloo(
     assert last["global_step"] == 2 and last["sdtrain"]["drawn_total"] == 2 * 8
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_slurm_job_resumes_in_its_own_folder(
     tiny_model: Path, shards: str, tmp_path: Path, env: dict[str, str]
 ):

@@ -75,6 +75,31 @@ def test_ci_runs_the_slow_tests_unless_told_otherwise(
     assert got == want, out
 
 
+ORDERED = """
+import pytest
+
+@pytest.mark.slow
+def test_long():
+    pass
+
+@pytest.mark.slow(ci="first")
+def test_for_time():
+    pass
+
+def test_quick():
+    pass
+"""
+
+
+def test_ci_runs_the_tests_slow_for_time_only_right_after_the_default_ones(tmp_path: Path):
+    env = {"CI": "true", "SDTRAIN_CI_SLOW_BUDGET_S": "600"}
+    out = run_pytest(tmp_path, env, ["-v"], tests=ORDERED)
+    ran = [line.split("::", 1)[1].split()[0] for line in out.splitlines() if "%]" in line]
+    assert ran == ["test_quick", "test_for_time", "test_long"], out
+    plain = run_pytest(tmp_path, {}, ["--collect-only", "-q"], tests=ORDERED)
+    assert [x.rsplit("::", 1)[1] for x in plain.splitlines() if "::" in x] == ["test_quick"]
+
+
 @pytest.mark.parametrize("budget, long_runs", [("0", False), ("600", True)])
 def test_ci_runs_the_slow_tests_last_and_only_within_its_time_budget(
     budget: str, long_runs: bool, tmp_path: Path

@@ -49,7 +49,8 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:
     raise AssertionError(f"no {text!r} within {timeout} s:\n{''.join(lines)[-3000:]}")
 
 
-# SIGUSR1 is slow here: tests/test_launchers.py sends it under SLURM in the default suite
+# SIGUSR1 is slow here: tests/test_launchers.py sends it under SLURM (right after the default
+# tests in CI)
 # SIGINT: Ctrl-C stops as a preemption does (the resume line, exit 0); a second one stops at once
 @pytest.mark.parametrize(
     "sig",

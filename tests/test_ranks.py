@@ -163,7 +163,11 @@ def test_a_rank_killed_outright_ends_the_run(
 
 
 @pytest.mark.parametrize(
-    "launcher", ["lightning", pytest.param("torchrun", marks=pytest.mark.slow)]
+    "launcher",
+    [
+        pytest.param("lightning", marks=pytest.mark.slow(ci="first")),  # for time only
+        pytest.param("torchrun", marks=pytest.mark.slow),
+    ],
 )
 def test_a_stop_signal_to_the_whole_group_saves_once_at_a_step_boundary(
     launcher: str, tiny_model: Path, shards: str, tmp_path: Path

@@ -37,6 +37,7 @@ def step_of(run: Path) -> int:
     return torch.load(last, map_location="cpu", weights_only=True)["global_step"]
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_a_resume_trains_with_the_runs_recorded_overrides(first_run, tiny_model: Path, shards: str):
     root, run = first_run
     resume = [f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_steps=2"]

@@ -62,6 +62,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(folder.rglob("*"))}  # fmt: skip
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_grid_trials_share_one_latent_cache_and_one_wandb_group(
     tiny_model: Path, shards: str, tmp_path: Path
 ):

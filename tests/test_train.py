@@ -326,6 +326,7 @@ def test_config_errors_fail_before_a_model_is_built(
     assert built == []
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_uneven_shards_on_two_ranks_never_hang(tiny_model: Path, tmp_path: Path):
     """Shards of 50, 10 and 3 samples over 2 DDP processes, resampled=false, batch 16, more steps
     than one pass: every rank keeps stepping (the run ends), within a time limit."""

@@ -224,6 +224,7 @@ def tool(module: str, args: list[str], cwd: Path) -> list[str]:
     return (proc.stdout + proc.stderr).splitlines()
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_export_prints_only_what_it_wrote_unless_verbose(checkpoint: Path, tmp_path: Path):
     """No transformers/diffusers loading or saving bars, no torchvision notice."""
     args = [str(checkpoint), "model", "--single-file", "model.safetensors"]

@@ -154,6 +154,7 @@ def test_out_of_other_files_is_refused_even_with_overwrite(checkpoint: Path, tmp
         assert [p.name for p in out.iterdir()] == ["holiday.png"]
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_sample_prints_only_what_it_wrote(checkpoint: Path, tmp_path: Path):
     """No loading bars (transformers' and diffusers' pipeline bar) and no torchvision notice,
     from a checkpoint and from an exported folder."""

@@ -158,6 +158,7 @@ def kill_mid_save(proc: subprocess.Popen, folder: Path, scratch: Path, timeout: 
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_sigkill_during_a_save_leaves_loadable_checkpoints_and_last_resumes(
     tiny_model: Path, shards: str, tmp_path: Path
 ):

@@ -235,6 +235,7 @@ def test_buckets_are_refused_for_a_latent_cache(
 
 
 # not slow: an issue requirement (every DDP rank steps together with buckets) in ~17 s on 2 cores
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_ddp_ranks_step_together_with_one_shape_per_batch(
     shaped: tuple[str, Path], tiny_model: Path, tmp_path: Path
 ):

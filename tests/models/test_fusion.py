@@ -3,9 +3,12 @@ item 2), forward and backward, and the compiled modules match diffusers' eager o
 
 from __future__ import annotations
 
+import pytest
+
 from scripts import fusion_check
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_inductor_fuses_groupnorm_silu_and_geglu_in_diffusers_modules():
     report = fusion_check.run(tiny=True, device="cpu")
     for pattern in ("groupnorm_silu", "geglu"):

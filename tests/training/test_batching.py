@@ -218,6 +218,7 @@ def test_prepare_refuses_an_indivisible_global_batch(tiny_model: Path, shards: s
         prepare(cfg)
 
 
+@pytest.mark.slow(ci="first")  # for time only: CI runs it right after the default tests
 def test_two_ddp_processes_split_the_global_batch(tiny_model: Path, shards: str, tmp_path: Path):
     """A real 2-process CPU DDP run with global 16: 8 per device, no accumulation, and every
     optimizer step trains 16 samples (the checkpoint's step and samples drawn agree)."""
