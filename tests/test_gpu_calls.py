@@ -26,18 +26,21 @@ def test_it_parses_and_names_an_unknown_call(tmp_path):
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     done = _run("fast", tmp_path, 60)
     assert done.returncode == 2
-    assert "unknown call fast: speed, sdxl or savers" in done.stderr
+    assert "unknown call fast: speed, graphs, sdxl or savers" in done.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("call", ["speed", "sdxl"])
+@pytest.mark.parametrize("call", ["speed", "graphs", "sdxl"])
 def test_a_call_runs_its_steps_at_toy_sizes(call, tmp_path):
     done = _run(call, tmp_path, 1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / f"{call}.json").read_text())
-    want = {"speed": 2, "sdxl": 3}[call]  # speed: cold + warm (no compile on the toy run)
+    want = {"speed": 2, "graphs": 2, "sdxl": 2}[call]  # speed: cold + warm
     assert len(rows) == want, [r["variant"] for r in rows]
     assert all(r["img_per_s"] > 0 for r in rows)
     if call == "speed":
         assert json.loads((tmp_path / "fusion.json").read_text())["groupnorm_silu"]["forward_fused"]
         assert all(r["warmup_s"] is not None for r in rows)  # the first step's time was read
+    if call == "graphs":  # compiled; on the CPU the graphs fall back, and the run says why
+        logs = "".join(f.read_text() for f in (tmp_path / "logs").glob("*.log"))
+        assert "model.cuda_graphs: ordinary launches (device cpu" in logs
