@@ -19,19 +19,30 @@
 #             docs/benchmarks.md), and with FP8 (model.fp8=tensorwise)
 #   savers    issue 31: full fine-tunes with every memory saver (bitsandbytes: carry .whlbnb),
 #             and the CUDA tests (offload's memory, CUDA graphs)
+# On a machine of GPUS cards (default 4; TINY=1: 2 CPU processes over gloo):
+#   ddp       issue 29 item 5: the compiled pipeline at 512 px x 64 a GPU, 1 GPU then GPUS (DDP)
+#   fsdp      issue 29 item 5: the eager pipeline at 512 px x 32 a GPU, 1 GPU then GPUS (FSDP)
+#   sdxl_multi  issue 28: SDXL at 1024 px x 4 a GPU with checkpointing, 1 GPU, GPUS DDP, GPUS FSDP
+#   sdxl_curves issue 28: SDXL's 200-step loss, 1 GPU (two seeds: the noise band), GPUS DDP and
+#             FSDP, at 256 px and one global batch (scripts/loss_curves.py)
 set -uo pipefail
-CALL=${1:?name a call: speed, graphs, sdxl or savers}
+CALL=${1:?name a call: speed, graphs, sdxl, savers, ddp, fsdp, sdxl_multi or sdxl_curves}
 OUT=${OUT:?set OUT (the device tool sets it)}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ind}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 if [ "${TINY:-0}" = 1 ]; then
   SIZE=(--family sdxl --tiny --cases 64x2 --images 8 --workers 1 --steps 3 --warmup 2)
-  SDXL=("${SIZE[@]}") COMPILE=None FUSION=(--tiny) EM=(--tiny) T=1
+  SDXL=("${SIZE[@]}") HALF=("${SIZE[@]}") COMPILE=None FUSION=(--tiny) EM=(--tiny) T=1 GPUS=2
+  MULTI=(--extra trainer.accelerator=cpu) CURVES=(--family sdxl --tiny --px 64 --images 16
+    --global-batch 4 --steps 6 --window 2 --extra trainer.accelerator=cpu)
 else
   SIZE=(--cases 512x64 --images 128 --workers 6 --steps 20 --warmup 5)
+  HALF=(--cases 512x32 --images 128 --workers 6 --steps 20 --warmup 5)
   SDXL=(--family sdxl --cases 1024x4 --images 64 --workers 4 --steps 20 --warmup 10)
-  COMPILE=unet FUSION=() EM=() T=0
+  COMPILE=unet FUSION=() EM=() T=0 GPUS=${GPUS:-4} MULTI=()
+  CURVES=(--family sdxl --px 256 --images 256 --global-batch 16 --steps 200 --window 20
+    --extra model.gradient_checkpointing=true)
 fi
 BENCH=(scripts/benchmark.py --work /tmp/bench --logs "$OUT/logs")
 
@@ -39,7 +50,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, output teed to $OU
   local name=$1 secs=$2
   shift 2
   echo "== $name (at most ${secs}s)"
-  timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.log" | grep -E '^\{|^(variant|pipeline|raw_)|fused|Error|error:|passed|failed' | tail -12
+  timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.log" |
+    grep -E '^\{|^(variant|pipeline|raw_)|fused|window|band|Error|error:|passed|failed' | tail -12
 }
 
 case "$CALL" in
@@ -71,8 +83,28 @@ case "$CALL" in
     step cuda_tests 180 $PY -m pytest -q -p no:cacheprovider tests/training/test_offload.py \
       tests/models/test_cuda_graphs.py -k cuda
     ;;
+  ddp)
+    step ddp 580 $PY "${BENCH[@]}" "${SIZE[@]}" "${MULTI[@]}" --timeout 300 --out "$OUT/ddp.json" \
+      --variants "pipeline:$COMPILE@1xddp" "pipeline:$COMPILE@${GPUS}xddp"
+    ;;
+  fsdp)
+    step fsdp 580 $PY "${BENCH[@]}" "${HALF[@]}" "${MULTI[@]}" --timeout 280 --out "$OUT/fsdp.json" \
+      --variants "pipeline:None@1xddp" "pipeline:None@${GPUS}xfsdp"
+    ;;
+  sdxl_multi)
+    C=repeated
+    [ "$T" = 1 ] && C=None
+    K="model.gradient_checkpointing=true"
+    step sdxl_multi 580 $PY "${BENCH[@]}" "${SDXL[@]}" "${MULTI[@]}" --timeout 200 \
+      --out "$OUT/sdxl_multi.json" --variants "pipeline:$C@1xddp|$K" "pipeline:$C@${GPUS}xddp|$K" \
+      "pipeline:$C@${GPUS}xfsdp|$K"
+    ;;
+  sdxl_curves)
+    step sdxl_curves 580 $PY scripts/loss_curves.py --work /tmp/bench "${CURVES[@]}" \
+      --runs 1xsingle:42 1xsingle:43 "${GPUS}xddp:42" "${GPUS}xfsdp:42" --out "$OUT/sdxl-curves"
+    ;;
   *)
-    echo "unknown call $CALL: speed, graphs, sdxl or savers" >&2
+    echo "unknown call $CALL: speed, graphs, sdxl, savers, ddp, fsdp, sdxl_multi or sdxl_curves" >&2
     exit 2
     ;;
 esac

@@ -3,8 +3,10 @@
     python scripts/loss_curves.py --work /tmp/bw --px 256 --global-batch 32 --steps 200 \
         --runs 1xsingle:42 1xsingle:43 4xddp:42 4xfsdp:42 --out docs/scale/loss-curves
 
-Each run is `sdtrain.cli.train` on the SD-1.5-shaped random model and the latent cache that
-scripts/benchmark.py builds (same --work), logging train/loss every step. A run is
+Each run is `sdtrain.cli.train` on the random model of the released shapes (`--family sd`:
+SD-1.5's, `sdxl`: SDXL's) and the latent cache that scripts/benchmark.py builds (same --work),
+logging train/loss every step; `--extra` adds an override to every run (e.g.
+model.gradient_checkpointing=true, or trainer.accelerator=cpu for a `--tiny` dry run). A run is
 GPUSxSTRATEGY:SEED. The processes draw their noise and timesteps by rank (sdtrain's rule), so runs
 on different GPU counts see different draws: they agree when their curves differ no more than two
 seeds on one GPU do. Writes OUT.json (per-step losses, 20-step window means, the largest window
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import build_latent_cache, build_sd15_shaped  # noqa: E402
+from benchmark import build_latent_cache, build_shaped  # noqa: E402
 
 COLOURS = [(20, 60, 160), (200, 60, 30), (30, 150, 60), (150, 40, 170), (120, 120, 120)]
 
@@ -46,7 +48,7 @@ def run(a: argparse.Namespace, spec: str, folder: Path, cache: Path) -> list[flo
         cmd += ["trainer.enable_progress_bar=false", "logger=csv", "~callbacks.sample_images"]
         cmd += ["~callbacks.model_checkpoint", "+trainer.enable_checkpointing=false"]
         cmd += [f"seed={seed or 42}", f"model.optimizer.lr={a.lr}", "+model.optimizer.fused=true"]
-        cmd += ["model.lr_scheduler.num_warmup_steps=20", f"hydra.run.dir={out}"]
+        cmd += ["model.lr_scheduler.num_warmup_steps=20", f"hydra.run.dir={out}", *a.extra]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         print(f"{spec}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -103,14 +105,17 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", default=["1xsingle:42", "1xsingle:43", "2xddp:42"])
     p.add_argument("--out", required=True, help="path stem: OUT.json and OUT.png")
     p.add_argument("--from-log", help="rebuild from a log of these runs' progress lines instead")
+    p.add_argument("--family", default="sd", choices=["sd", "sdxl"], help="the model's shapes")
+    p.add_argument("--tiny", action="store_true", help="toy widths: a CPU dry run of the script")
+    p.add_argument("--extra", action="append", default=[], help="an override for every run")
     a = p.parse_args()
     if a.from_log:
         curves = from_log(Path(a.from_log), a.runs)
     else:
         work = Path(a.work)
-        folder = work / "sd15-shaped"
-        if not (folder / "model_index.json").is_file():
-            build_sd15_shaped(folder)
+        folder = work / (f"{a.family}-shaped" + ("-tiny" if a.tiny else ""))
+        if not (folder / "model_index.json").is_file():  # the folder benchmark.py builds
+            build_shaped(a.family, folder, a.tiny)
         cache = build_latent_cache(folder, work, a.px, a.images)
         curves = {spec: run(a, spec, folder, cache) for spec in a.runs}
     ref = next(iter(curves))
@@ -121,6 +126,7 @@ def main() -> None:
     singles = [k for k in curves if "single" in k]
     band = diff[singles[1]] if len(singles) > 1 and singles[0] == ref else None
     result = {
+        "family": a.family,
         "px": a.px,
         "global_batch": a.global_batch,
         "steps": a.steps,

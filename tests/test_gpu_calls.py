@@ -26,17 +26,19 @@ def test_it_parses_and_names_an_unknown_call(tmp_path):
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     done = _run("fast", tmp_path, 60)
     assert done.returncode == 2
-    assert "unknown call fast: speed, graphs, sdxl or savers" in done.stderr
+    assert "unknown call fast: speed, graphs, sdxl, savers, ddp, fsdp, sdxl_multi" in done.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("call", ["speed", "graphs", "sdxl"])
+@pytest.mark.parametrize("call", ["speed", "graphs", "sdxl", "ddp", "fsdp", "sdxl_multi"])
 def test_a_call_runs_its_steps_at_toy_sizes(call, tmp_path):
     done = _run(call, tmp_path, 1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / f"{call}.json").read_text())
-    want = {"speed": 2, "graphs": 2, "sdxl": 2}[call]  # speed: cold + warm
-    assert len(rows) == want, [r["variant"] for r in rows]
+    want = {"sdxl_multi": [1, 2, 2]}.get(
+        call, [1, 1] if call in ("speed", "graphs", "sdxl") else [1, 2]
+    )
+    assert [r["gpus"] for r in rows] == want, [(r["variant"], r["gpus"]) for r in rows]
     assert all(r["img_per_s"] > 0 for r in rows)
     if call == "speed":
         assert json.loads((tmp_path / "fusion.json").read_text())["groupnorm_silu"]["forward_fused"]
@@ -44,3 +46,16 @@ def test_a_call_runs_its_steps_at_toy_sizes(call, tmp_path):
     if call == "graphs":  # compiled; on the CPU the graphs fall back, and the run says why
         logs = "".join(f.read_text() for f in (tmp_path / "logs").glob("*.log"))
         assert "model.cuda_graphs: ordinary launches (device cpu" in logs
+    if call in ("fsdp", "sdxl_multi"):
+        assert rows[-1]["strategy"] == "fsdp"
+
+
+@pytest.mark.slow
+def test_the_curves_call_compares_one_and_two_processes(tmp_path):
+    done = _run("sdxl_curves", tmp_path, 1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "sdxl-curves.json").read_text())
+    assert result["family"] == "sdxl"
+    assert list(result["losses"]) == ["1xsingle:42", "1xsingle:43", "2xddp:42", "2xfsdp:42"]
+    assert all(len(v) == 6 for v in result["losses"].values())
+    assert result["seed_band"] is not None and (tmp_path / "sdxl-curves.png").is_file()
