@@ -80,7 +80,7 @@ def padded_sdpa(query, key, value, pad_heads: int | None) -> torch.Tensor:
     a multiple of `pad_heads` inside the call; the result has width d again and equal values."""
     d = query.shape[-1]
     width = d if pad_heads is None else -(-d // pad_heads) * pad_heads
-    if width == d:
+    if width == d or key.shape[-1] != d or value.shape[-1] != d:  # padded only as SD's: one width
         return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
     q, k, v = (F.pad(t, (0, width - d)) for t in (query, key, value))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=d**-0.5)
