@@ -69,6 +69,27 @@ def test_without_cuda_it_says_why_and_compiles_plain(compiled, caplog):
     assert speed.apply(unet, _hparams(cuda_graphs=False), fsdp=False, device=None) is False
 
 
+def test_a_cpu_run_with_graphs_asked_trains_and_says_why_not(
+    tiny_model, shards, tmp_path, compiled, caplog
+):
+    """Through the config and the module's configure_model: the CPU run trains, compiled without
+    graphs (compiling itself stubbed: Inductor's CPU build is the slow tests' part), and says why."""
+    from sdtrain.cli.train import train
+
+    caplog.set_level(logging.WARNING, logger="sdtrain")
+    overrides = tiny_overrides(tiny_model, shards) + ["debug=fast", "logger=none"]
+    assert train(
+        compose_cfg(tmp_path, overrides + ["model.compile=unet", "model.cuda_graphs=true"])
+    )
+    assert compiled == [{}]  # the U-Net, once, with no graph mode
+    said = [r.getMessage() for r in caplog.records if "model.cuda_graphs" in r.getMessage()]
+    assert said == [
+        "model.cuda_graphs: ordinary launches (device cpu: CUDA graphs need a CUDA device)"
+    ]
+    with pytest.raises(Exception, match="model.cuda_graphs=true needs model.compile"):
+        train(compose_cfg(tmp_path / "refused", overrides + ["model.cuda_graphs=true"]))
+
+
 def test_accumulation_and_fsdp_are_told_and_left_to_ordinary_launches():
     why = cuda_graphs.unusable(torch.device("cuda", 0), accumulate=4)
     assert why and "trainer.accumulate_grad_batches=4" in why
