@@ -14,6 +14,8 @@
 #             per kernel; the pipeline at 512 px x 64, then the same run again (the warm start:
 #             its first step with the compile cache)
 #   graphs    issue 29: the pipeline at 512 px x 64 without and with model.cuda_graphs=true
+#   graphs_small  the same at 256 px x 8, where launching (CPU time) bounds the step: the step
+#             time the graphs remove there is the per-step CPU time they remove
 #   sdxl      issues 28/29: SDXL pipeline at 1024 px x 4 with gradient checkpointing (the
 #             checkpoint-inside-compiled-layer fix; the plain loop's 9.6 images/s is in
 #             docs/benchmarks.md), and with FP8 (model.fp8=tensorwise)
@@ -26,7 +28,7 @@
 #   sdxl_curves issue 28: SDXL's 200-step loss, 1 GPU (two seeds: the noise band), GPUS DDP and
 #             FSDP, at 256 px and one global batch (scripts/loss_curves.py)
 set -uo pipefail
-CALL=${1:?name a call: speed, graphs, sdxl, savers, ddp, fsdp, sdxl_multi or sdxl_curves}
+CALL=${1:?name a call: speed, graphs, graphs_small, sdxl, savers, ddp, fsdp, sdxl_multi or sdxl_curves}
 OUT=${OUT:?set OUT (the device tool sets it)}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/ind}
 PY=${PYTHON:-python3}
@@ -67,9 +69,13 @@ case "$CALL" in
     step pipeline_warm 130 $PY "${BENCH[@]}" "${SIZE[@]}" --timeout 120 --out "$OUT/speed.json" \
       --variants "pipeline:$COMPILE"
     ;;
-  graphs)  # compiled even at toy sizes: graphs need model.compile (on a CPU they fall back)
-    step graphs 580 $PY "${BENCH[@]}" "${SIZE[@]}" --timeout 280 --out "$OUT/graphs.json" \
-      --variants "pipeline:${COMPILE/None/repeated}" "pipeline:${COMPILE/None/repeated}|model.cuda_graphs=true"
+  graphs | graphs_small)  # compiled even at toy sizes: graphs need model.compile (CPU: fall back)
+    CASE=("${SIZE[@]}")
+    [ "$CALL" = graphs_small ] && [ "$T" = 0 ] && CASE=(--cases 256x8 --images 64 --workers 4
+      --steps 50 --warmup 10)
+    C=${COMPILE/None/repeated}
+    step "$CALL" 580 $PY "${BENCH[@]}" "${CASE[@]}" --timeout 280 --out "$OUT/$CALL.json" \
+      --variants "pipeline:$C" "pipeline:$C|model.cuda_graphs=true"
     ;;
   sdxl)
     C=repeated
@@ -104,7 +110,7 @@ case "$CALL" in
       --runs 1xsingle:42 1xsingle:43 "${GPUS}xddp:42" "${GPUS}xfsdp:42" --out "$OUT/sdxl-curves"
     ;;
   *)
-    echo "unknown call $CALL: speed, graphs, sdxl, savers, ddp, fsdp, sdxl_multi or sdxl_curves" >&2
+    echo "unknown call $CALL: speed, graphs, graphs_small, sdxl, savers, ddp, fsdp, sdxl_multi or sdxl_curves" >&2
     exit 2
     ;;
 esac

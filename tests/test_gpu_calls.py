@@ -26,7 +26,7 @@ def test_it_parses_and_names_an_unknown_call(tmp_path):
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     done = _run("fast", tmp_path, 60)
     assert done.returncode == 2
-    assert "unknown call fast: speed, graphs, sdxl, savers, ddp, fsdp, sdxl_multi" in done.stderr
+    assert "unknown call fast: speed, graphs, graphs_small, sdxl, savers, ddp" in done.stderr
 
 
 @pytest.mark.slow
