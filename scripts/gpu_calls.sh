@@ -9,6 +9,13 @@
 #                                    `savers`)
 #   TINY=1 OUT=/tmp/o scripts/gpu_calls.sh CALL     the same steps at toy sizes on a CPU
 #
+# As a device-tool command (carry [".whlmem", ".clean"], .clean a git worktree of the commit to
+# measure; the symlinks give the uninstalled checkout the package layout pyproject maps):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#     --target /tmp/site .whlmem/*.whl >/dev/null 2>&1; export PYTHONPATH=$PWD/.clean:/tmp/site;
+#   cd .clean && for d in datamodules callbacks conf; do ln -sfn ../$d sdtrain/$d; done;
+#   bash scripts/gpu_calls.sh speed
+#
 # CALL (each sized for one 600 s device call, cold compiles included: a fresh machine has no cache):
 #   speed     issue 29: the fusion check on the GPU; attention processors (heads padded to 64)
 #             per kernel; the pipeline at 512 px x 64, then the same run again (the warm start:
