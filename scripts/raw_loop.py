@@ -25,11 +25,8 @@ def raw_loop(a: argparse.Namespace, fast: bool) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     from sdtrain.models.speed import set_attention
 
-    drop_copies, fuse, pad = (
-        True,
-        False,
-        None,
-    )  # model.drop_layout_copies, .fuse_projections, .attention_pad_heads
+    # model.drop_layout_copies, model.fuse_projections, model.attention_pad_heads
+    drop_copies, fuse, pad = True, False, None
     for x in a.extra:  # the pipeline overrides the plain loop takes too
         if x.startswith("model.attention="):
             set_attention(None if x.split("=", 1)[1] in ("null", "None") else x.split("=", 1)[1])

@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_calls.sh"
 
 
+# each call's rows, by the GPUs (toy runs: CPU processes) each used
+GPUS_PER_ROW = {"speed": [1, 1], "graphs": [1, 1], "sdxl": [1, 1], "ddp": [1, 2], "fsdp": [1, 2],
+                "sdxl_multi": [1, 2, 2]}  # fmt: skip
+
+
 def _run(call: str, out: Path, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, TINY="1", OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     env["TORCHINDUCTOR_CACHE_DIR"] = str(out / "ind")
@@ -35,10 +40,9 @@ def test_a_call_runs_its_steps_at_toy_sizes(call, tmp_path):
     done = _run(call, tmp_path, 1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / f"{call}.json").read_text())
-    want = {"sdxl_multi": [1, 2, 2]}.get(
-        call, [1, 1] if call in ("speed", "graphs", "sdxl") else [1, 2]
-    )
-    assert [r["gpus"] for r in rows] == want, [(r["variant"], r["gpus"]) for r in rows]
+    assert [r["gpus"] for r in rows] == GPUS_PER_ROW[call], [
+        (r["variant"], r["gpus"]) for r in rows
+    ]
     assert all(r["img_per_s"] > 0 for r in rows)
     if call == "speed":
         assert json.loads((tmp_path / "fusion.json").read_text())["groupnorm_silu"]["forward_fused"]

@@ -132,7 +132,6 @@ class FusedProjections:
 def fuse_projections(unet: nn.Module, fuse: bool = True, pad_heads: int | None = None) -> int:
     """Give every attention module of `unet` the processor (fused projections, padded heads);
     returns how many."""
-    check_pad(pad_heads)
     count = 0
     for module in unet.modules():
         if isinstance(module, Attention):

@@ -176,8 +176,9 @@ class StableDiffusionModule(
     def _start_step_state(
         self, max_bad_data_fraction: float | None, max_nonfinite_in_a_row: int
     ) -> None:
-        """The step's bookkeeping: the tally of unusable samples, the non-finite guard, and the
-        flags an optimizer step and its micro-batches share."""
+        """The step's bookkeeping: the tally of unusable samples, the non-finite guard, the flags
+        an optimizer step and its micro-batches share, and the module's once-set flags (fast
+        settings applied, CUDA graph steps, non-strict loading)."""
         self._fast = False  # compile / channels-last applied (configure_model runs once)
         self._graph_steps = None  # model.cuda_graphs in use: sdtrain.models.cuda_graphs.Steps
         self.strict_loading = False  # checkpoints hold what trains; the frozen parts reload
