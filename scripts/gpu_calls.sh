@@ -23,9 +23,9 @@
 #   graphs    issue 29: the pipeline at 512 px x 64 without and with model.cuda_graphs=true
 #   graphs_small  the same at 256 px x 8, where launching (CPU time) bounds the step: the step
 #             time the graphs remove there is the per-step CPU time they remove
-#   sdxl      issues 28/29: SDXL pipeline at 1024 px x 4 with gradient checkpointing (the
-#             checkpoint-inside-compiled-layer fix; the plain loop's 9.6 images/s is in
-#             docs/benchmarks.md), and with FP8 (model.fp8=tensorwise)
+#   sdxl      issues 28/29: SDXL pipeline at 1024 px x 4 with cuDNN attention, with PyTorch's
+#             choice, and with cuDNN + FP8 (model.fp8=tensorwise), against 15 images/s (the
+#             checkpointing fix runs in `savers`: sdxl_finetune with every saver)
 #   savers    issue 31: full fine-tunes with every memory saver (bitsandbytes: carry .whlbnb),
 #             and the CUDA tests (offload's memory, CUDA graphs)
 # On a machine of GPUS cards (default 4; TINY=1: 2 CPU processes over gloo):
@@ -87,8 +87,10 @@ case "$CALL" in
   sdxl)
     C=repeated
     [ "$T" = 1 ] && C=None
+    # cuDNN's attention first (cold), PyTorch's choice second (the ResNet layers' graphs cached),
+    # then FP8 on top of the faster attention; checkpointing runs in the `savers` call
     step sdxl 580 $PY "${BENCH[@]}" "${SDXL[@]}" --timeout 210 --out "$OUT/sdxl.json" --variants \
-      "pipeline:$C|model.gradient_checkpointing=true" "pipeline:$C|model.fp8=tensorwise"
+      "pipeline:$C|model.attention=cudnn" "pipeline:$C" "pipeline:$C|model.attention=cudnn|model.fp8=tensorwise"
     ;;
   savers)
     step savers 380 $PY scripts/experiment_memory.py "${EM[@]}" --experiments finetune_sd15 \

@@ -16,7 +16,7 @@ SCRIPT = ROOT / "scripts" / "gpu_calls.sh"
 
 
 # each call's rows, by the GPUs (toy runs: CPU processes) each used
-GPUS_PER_ROW = {"speed": [1, 1], "graphs": [1, 1], "sdxl": [1, 1], "ddp": [1, 2], "fsdp": [1, 2],
+GPUS_PER_ROW = {"speed": [1, 1], "graphs": [1, 1], "sdxl": [1, 1, 1], "ddp": [1, 2], "fsdp": [1, 2],
                 "sdxl_multi": [1, 2, 2]}  # fmt: skip
 
 
