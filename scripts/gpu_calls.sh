@@ -25,7 +25,8 @@
 #             time the graphs remove there is the per-step CPU time they remove
 #   sdxl      issues 28/29: SDXL pipeline at 1024 px x 4 with cuDNN attention, with PyTorch's
 #             choice, and with cuDNN + FP8 (model.fp8=tensorwise), against 15 images/s (the
-#             checkpointing fix runs in `savers`: sdxl_finetune with every saver)
+#             compiled checkpointing fix, compile=repeated + channels-last, is in no call now:
+#             `savers` checkpoints sdxl_finetune eagerly)
 #   savers    issue 31: full fine-tunes with every memory saver (bitsandbytes: carry .whlbnb),
 #             and the CUDA tests (offload's memory, CUDA graphs)
 # On a machine of GPUS cards (default 4; TINY=1: 2 CPU processes over gloo):
@@ -88,7 +89,7 @@ case "$CALL" in
     C=repeated
     [ "$T" = 1 ] && C=None
     # cuDNN's attention first (cold), PyTorch's choice second (the ResNet layers' graphs cached),
-    # then FP8 on top of the faster attention; checkpointing runs in the `savers` call
+    # then FP8 on top of the faster attention (compiled checkpointing is not measured here)
     step sdxl 580 $PY "${BENCH[@]}" "${SDXL[@]}" --timeout 210 --out "$OUT/sdxl.json" --variants \
       "pipeline:$C|model.attention=cudnn" "pipeline:$C" "pipeline:$C|model.attention=cudnn|model.fp8=tensorwise"
     ;;
